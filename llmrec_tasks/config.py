@@ -1,0 +1,166 @@
+"""The one typed run configuration, built from Airflow params, CLI flags or a dict."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from typing import Any
+
+from llmrec_tasks.constants import DEFAULT_NAMESPACE
+from llmrec_tasks.errors import ConfigError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+DEFAULT_ENCODER = "default"
+
+
+def validate_name(kind: str, value: str) -> str:
+    """Refuse names that would escape their folder or key prefix (``..``, ``/``, empty, odd chars)."""
+    if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
+        raise ConfigError(
+            f"invalid {kind} {value!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit, and no '..'"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Text encoder settings (stage `embed`)."""
+
+    model: str = DEFAULT_ENCODER
+    max_length: int = 128
+    batch_size: int = 64
+    backend: str = "torch"  # torch | onnx-int8
+    shards: int = 1
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """FAISS index settings (stage `index`)."""
+
+    kind: str = "auto"  # auto | flat | hnsw | ivf | ivfpq
+    memory_budget_mb: int = 2048
+    recall_floor: float = 0.95
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """Candidate generation and LightGBM LambdaRank settings (stage `train`)."""
+
+    num_candidates: int = 200
+    learning_rate: float = 0.05
+    num_leaves: int = 31
+    n_estimators: int = 500
+    min_data_in_leaf: int = 20
+    early_stopping_rounds: int = 50
+    eval_days: float = 0.0  # 0: hold out the latest 10% of the time span
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one pipeline run needs; identical params give identical version ids."""
+
+    data_uri: str = "sample"
+    store_uri: str = ""
+    namespace: str = DEFAULT_NAMESPACE
+    cutoff: datetime | None = None  # interactions after this are ignored (data interval end)
+    gate_tolerance: float = 0.02
+    promote: bool = True
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    ranker: RankerConfig = field(default_factory=RankerConfig)
+    # Lineage only: never changes results.
+    dag_id: str | None = None
+    run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_name("namespace", self.namespace)
+        if not self.store_uri:
+            raise ConfigError("store_uri is empty: give file:///path or s3://bucket/prefix")
+        if not 0 <= self.gate_tolerance <= 1:
+            raise ConfigError(f"gate_tolerance must be in [0, 1], got {self.gate_tolerance}")
+        if self.encoder.backend not in ("torch", "onnx-int8"):
+            raise ConfigError(f"encoder backend must be 'torch' or 'onnx-int8', got {self.encoder.backend!r}")
+        if not 8 <= self.encoder.max_length <= 512:
+            raise ConfigError(f"encoder max_length must be in [8, 512], got {self.encoder.max_length}")
+        if not 1 <= self.encoder.shards <= 256:
+            raise ConfigError(f"encoder shards must be in [1, 256], got {self.encoder.shards}")
+        if self.index.kind not in ("auto", "flat", "hnsw", "ivf", "ivfpq"):
+            raise ConfigError(f"index kind must be auto|flat|hnsw|ivf|ivfpq, got {self.index.kind!r}")
+        if not 0 < self.index.recall_floor <= 1:
+            raise ConfigError(f"index recall_floor must be in (0, 1], got {self.index.recall_floor}")
+        if self.ranker.num_candidates < 10:
+            raise ConfigError(f"num_candidates must be at least 10, got {self.ranker.num_candidates}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Build from a flat or nested dict (Airflow params use flat `encoder_model`-style keys)."""
+        values = dict(values)
+        nested: dict[str, Any] = {}
+        for section, section_cls in (("encoder", EncoderConfig), ("index", IndexConfig), ("ranker", RankerConfig)):
+            section_values = dict(values.pop(section, {}) or {})
+            for f in fields(section_cls):
+                flat = f"{section}_{f.name}"
+                if flat in values:
+                    section_values[f.name] = values.pop(flat)
+            unknown = set(section_values) - {f.name for f in fields(section_cls)}
+            if unknown:
+                raise ConfigError(f"unknown {section} settings: {sorted(unknown)}")
+            nested[section] = section_cls(**_coerce(section_cls, section_values))
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown settings: {sorted(unknown)}")
+        cutoff = values.get("cutoff")
+        if isinstance(cutoff, str) and cutoff:
+            try:
+                values["cutoff"] = datetime.fromisoformat(cutoff.replace("Z", "+00:00"))
+            except ValueError as exc:
+                raise ConfigError(f"cutoff {cutoff!r} is not an ISO datetime") from exc
+        elif cutoff == "":
+            values["cutoff"] = None
+        return cls(**_coerce(cls, values), **nested)
+
+    def result_params(self) -> dict[str, Any]:
+        """Settings that change results (lineage excluded): hashed into the version id."""
+        data = dataclasses.asdict(self)
+        for key in ("dag_id", "run_id", "promote", "store_uri"):
+            data.pop(key)
+        # Shard count must not change the bundle: merges are ordered.
+        data["encoder"].pop("shards")
+        data["cutoff"] = self.cutoff.isoformat() if self.cutoff else None
+        return data
+
+    def params_hash(self) -> str:
+        payload = json.dumps(self.result_params(), sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:10]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["cutoff"] = self.cutoff.isoformat() if self.cutoff else None
+        return data
+
+
+def _coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Cast JSON-ish values (strings from a form or CLI) to the field types, with a clear error."""
+    types = {f.name: f.type for f in fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        kind = str(types.get(key, ""))
+        try:
+            if kind == "int" and not isinstance(value, bool):
+                out[key] = int(value)
+            elif kind == "float":
+                out[key] = float(value)
+            elif kind == "bool" and isinstance(value, str):
+                out[key] = value.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                out[key] = value
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"setting {key!r} must be {kind}, got {value!r}") from exc
+    return out
