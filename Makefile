@@ -1,0 +1,51 @@
+# llmrec: `make demo` sets everything up and runs the daily DAG end to end; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR := $(CURDIR)/.demo
+export AIRFLOW_HOME ?= $(DEMO_DIR)/airflow
+export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+DEMO_STORE := file://$(DEMO_DIR)/store
+DEMO_DATE ?= 2026-11-01
+
+.PHONY: install demo test test-fast test-integration lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: install
+	@mkdir -p $(AIRFLOW_HOME)
+	$(BIN)/airflow db migrate > $(DEMO_DIR)/db-migrate.log 2>&1
+	$(BIN)/airflow dags test llmrec_daily $(DEMO_DATE) \
+		--conf '{"store_uri": "$(DEMO_STORE)", "namespace": "production"}' > $(DEMO_DIR)/dags-test.log 2>&1 \
+		|| { tail -n 60 $(DEMO_DIR)/dags-test.log; exit 1; }
+	@$(BIN)/llmrec summary --store $(DEMO_STORE) --namespace production
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not integration and not browser"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

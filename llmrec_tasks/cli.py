@@ -1,0 +1,154 @@
+"""The `llmrec` command: every stage and the whole pipeline without Airflow, plus bundle operations."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from llmrec_tasks.constants import DEFAULT_NAMESPACE
+from llmrec_tasks.errors import LlmrecError
+
+DEFAULT_STORE = os.environ.get("LLMREC_STORE_URI", Path("llmrec-store").resolve().as_uri())
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="sample", help="input folder/URI, MovieLens folder, or 'sample'")
+    parser.add_argument("--store", default=DEFAULT_STORE, help="file:///path or s3://bucket/prefix")
+    parser.add_argument("--namespace", default=DEFAULT_NAMESPACE)
+    parser.add_argument("--cutoff", default=None, help="ISO datetime: ignore interactions after it")
+    parser.add_argument("--no-promote", action="store_true", help="publish without moving current")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any setting by its flat name, e.g. encoder_model=/models/e5 or ranker_learning_rate=0.1",
+    )
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from llmrec_tasks.config import RunConfig
+    from llmrec_tasks.errors import ConfigError
+
+    values: dict[str, Any] = {
+        "data_uri": args.data,
+        "store_uri": args.store,
+        "namespace": args.namespace,
+        "cutoff": args.cutoff,
+        "promote": not args.no_promote,
+    }
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        values[key.strip().replace("-", "_")] = value
+    return RunConfig.from_dict(values)
+
+
+def _store_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", default=DEFAULT_STORE, help="file:///path or s3://bucket/prefix")
+    parser.add_argument("--namespace", default=DEFAULT_NAMESPACE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmrec", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _config_args(sub.add_parser("run", help="run every stage: validate, embed, index, train, publish"))
+    _config_args(sub.add_parser("validate", help="validate the input and write the run's snapshot"))
+    for stage in ("embed", "index", "train", "publish"):
+        p = sub.add_parser(stage, help=f"run the {stage} stage of a validated run")
+        p.add_argument("--work", required=True, help="the run's work folder URI (printed by validate)")
+
+    bench = sub.add_parser("benchmark", help="ranking quality benchmark (models and baselines)")
+    bench.add_argument("--data", required=True, help="input folder/URI, MovieLens folder, or 'sample'")
+    bench.add_argument("--protocol", choices=["loo", "time"], default="loo")
+    bench.add_argument("--seeds", type=int, default=5)
+    bench.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+
+    _store_args(sub.add_parser("versions", help="list published versions (current marked)"))
+    show = sub.add_parser("show", help="print a version's manifest")
+    _store_args(show)
+    show.add_argument("version")
+    promote = sub.add_parser("promote", help="move current to VERSION (after the serving check)")
+    _store_args(promote)
+    promote.add_argument("version")
+    _store_args(sub.add_parser("rollback", help="move current back to the previous current"))
+    gc = sub.add_parser("gc", help="delete old bundles, keeping the newest N and every referenced one")
+    _store_args(gc)
+    gc.add_argument("--keep", type=int, required=True)
+    serve = sub.add_parser("serve", help="HTTP recommendation service over the current bundle")
+    _store_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    sample = sub.add_parser("sample", help="write the generated demo dataset as contract CSVs")
+    sample.add_argument("folder", type=Path)
+    sample.add_argument("--seed", type=int, default=7)
+    return parser
+
+
+def dispatch(args: argparse.Namespace) -> Any:
+    """Run one command; returns what is printed as JSON (None prints nothing)."""
+    from llmrec_tasks import pipeline, publish
+
+    if args.command == "run":
+        results = pipeline.run_pipeline(_config(args))
+        return {"publish": results["publish"], "metrics": results["train"].get("metrics")}
+    if args.command == "validate":
+        return pipeline.run_stage("validate", _config(args))
+    if args.command in ("embed", "index", "train", "publish"):
+        return pipeline.run_stage(args.command, pipeline.load_run_config(args.work), args.work)
+    if args.command == "benchmark":
+        from llmrec_tasks.benchmark import print_table, run_benchmark
+
+        result = run_benchmark(args.data, protocol=args.protocol, seeds=args.seeds, out=args.out)
+        print_table(result)
+        return None
+    if args.command == "versions":
+        return publish.list_versions(args.store, args.namespace)
+    if args.command == "show":
+        return publish.show(args.store, args.namespace, args.version)
+    if args.command == "promote":
+        return publish.promote(args.store, args.namespace, args.version)
+    if args.command == "rollback":
+        return publish.rollback(args.store, args.namespace)
+    if args.command == "gc":
+        return publish.gc(args.store, args.namespace, args.keep)
+    if args.command == "serve":
+        from llmrec_tasks.api import serve
+
+        serve(args.store, args.namespace, args.host, args.port)
+        return None
+    if args.command == "sample":
+        from llmrec_tasks.sample import write_sample
+
+        return {"folder": str(write_sample(args.folder, seed=args.seed))}
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        result = dispatch(args)
+    except LlmrecError as exc:
+        print(f"llmrec {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Shared fixtures: the generated sample, a temporary local store, the MovieLens folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# CI clones the project next to shared/; a developer checkout sits at the same place.
+MOVIELENS_DIR = Path(os.environ.get("LLMREC_MOVIELENS", ROOT.parent / "shared/data/ml-latest-small"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def movielens_dir() -> Path:
+    if not (MOVIELENS_DIR / "ratings.csv").is_file():
+        pytest.skip(f"MovieLens data not found at {MOVIELENS_DIR}")
+    return MOVIELENS_DIR
+
+
+@pytest.fixture(scope="session")
+def sample_data():
+    from llmrec_tasks.data import normalize, read_raw
+
+    return normalize(read_raw("sample"))
+
+
+@pytest.fixture
+def store_uri(tmp_path: Path) -> str:
+    return (tmp_path / "store").as_uri()
