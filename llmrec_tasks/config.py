@@ -62,6 +62,32 @@ class RankerConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    """Great Expectations thresholds (stage `validate`); a `*_mostly` is the share of rows that must pass."""
+
+    ids_mostly: float = 1.0  # ids present (not null, not blank)
+    unique_mostly: float = 1.0  # item ids (and user ids of `users`) unique
+    duplicates_mostly: float = 0.99  # (user_id, item_id, timestamp) unique
+    timestamps_mostly: float = 1.0  # parse, not before min_year, not after now + future_slack_hours
+    weights_mostly: float = 1.0  # numeric and in [min_weight, max_weight]
+    orphans_mostly: float = 0.99  # interactions whose item is in the catalog
+    text_mostly: float = 1.0  # title present; title and text not oversized
+    min_year: int = 1990
+    future_slack_hours: float = 24.0
+    min_weight: float = 0.0
+    max_weight: float = 5.0
+    max_title_chars: int = 500
+    max_text_chars: int = 20_000
+    # Against the previous published run's statistics (skipped when nothing is published yet).
+    volume_min_ratio: float = 0.5  # row counts at least this share of the previous run's
+    volume_max_ratio: float = 3.0
+    top_items_fraction: float = 0.01  # "top items" = this share of the catalog, most interacted first
+    top_share_max_delta: float = 0.15  # absolute change of the share of interactions on the top items
+    category_max_kl: float = 0.25  # KL divergence of the catalog's category distribution
+    data_docs: bool = True  # render GX Data Docs HTML next to validation.json
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one pipeline run needs; identical params give identical version ids."""
 
@@ -74,6 +100,7 @@ class RunConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     # Lineage only: never changes results.
     dag_id: str | None = None
     run_id: str | None = None
@@ -96,13 +123,23 @@ class RunConfig:
             raise ConfigError(f"index recall_floor must be in (0, 1], got {self.index.recall_floor}")
         if self.ranker.num_candidates < 10:
             raise ConfigError(f"num_candidates must be at least 10, got {self.ranker.num_candidates}")
+        for f in fields(ValidationConfig):
+            value = getattr(self.validation, f.name)
+            if f.name.endswith("_mostly") and not 0 <= value <= 1:
+                raise ConfigError(f"validation {f.name} must be in [0, 1], got {value}")
+        if self.validation.min_weight > self.validation.max_weight:
+            raise ConfigError("validation min_weight must not exceed max_weight")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
         """Build from a flat or nested dict (Airflow params use flat `encoder_model`-style keys)."""
         values = dict(values)
         nested: dict[str, Any] = {}
-        for section, section_cls in (("encoder", EncoderConfig), ("index", IndexConfig), ("ranker", RankerConfig)):
+        for section, section_cls in (
+            ("encoder", EncoderConfig),
+            ("index", IndexConfig),
+            ("ranker", RankerConfig),
+        ):
             section_values = dict(values.pop(section, {}) or {})
             for f in fields(section_cls):
                 flat = f"{section}_{f.name}"
@@ -133,6 +170,8 @@ class RunConfig:
             data.pop(key)
         # Shard count must not change the bundle: merges are ordered.
         data["encoder"].pop("shards")
+        # Thresholds decide pass/fail, never what a passing run produces.
+        data.pop("validation")
         data["cutoff"] = self.cutoff.isoformat() if self.cutoff else None
         return data
 

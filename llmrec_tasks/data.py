@@ -118,7 +118,9 @@ def _read_movielens(store: ObjectStore) -> Dataset:
         tags = pd.read_csv(io.BytesIO(store.get_bytes("tags.csv")), dtype=str, keep_default_na=False)
         # Distinct tags per movie, most used first: item text, not a per-user signal.
         counts = tags.assign(tag=tags["tag"].str.strip().str.lower()).groupby(["movieId", "tag"]).size()
-        counts = counts.reset_index(name="n").sort_values(["movieId", "n", "tag"], ascending=[True, False, True])
+        counts = counts.reset_index(name="n").sort_values(
+            ["movieId", "n", "tag"], ascending=[True, False, True]
+        )
         text = counts.groupby("movieId")["tag"].apply(lambda s: ", ".join(s.head(20)))
         items[C.TEXT] = items[C.ITEM_ID].map(text).fillna("")
     interactions = pd.DataFrame(

@@ -23,74 +23,134 @@ TOPICS: dict[str, tuple[list[str], list[str], list[str]]] = {
     "Space": (
         ["Nebula", "Orbit", "Starship", "Comet", "Galaxy", "Moonbase", "Rocket", "Eclipse"],
         ["Distant", "Silent", "Cosmic", "Lunar", "Stellar"],
-        ["astronauts exploring a distant planet", "a mission to the outer moons", "life aboard a space station",
-         "the physics of black holes", "a crew stranded beyond Mars"],
+        [
+            "astronauts exploring a distant planet",
+            "a mission to the outer moons",
+            "life aboard a space station",
+            "the physics of black holes",
+            "a crew stranded beyond Mars",
+        ],
     ),
     "Cooking": (
         ["Kitchen", "Recipe", "Bread", "Feast", "Spice", "Pasta", "Harvest", "Oven"],
         ["Rustic", "Simple", "Savory", "Homemade", "Seasonal"],
-        ["weeknight recipes for the family", "baking sourdough bread at home", "street food from around the world",
-         "cooking with seasonal vegetables", "the secrets of Italian pasta"],
+        [
+            "weeknight recipes for the family",
+            "baking sourdough bread at home",
+            "street food from around the world",
+            "cooking with seasonal vegetables",
+            "the secrets of Italian pasta",
+        ],
     ),
     "Jazz": (
         ["Saxophone", "Blue Note", "Swing", "Bebop", "Trumpet", "Club", "Groove", "Ballad"],
         ["Smoky", "Late-Night", "Cool", "Improvised", "Golden"],
-        ["a history of bebop musicians", "improvisation in small jazz combos", "legendary jazz clubs of New York",
-         "the saxophone masters of the fifties", "learning to swing on the piano"],
+        [
+            "a history of bebop musicians",
+            "improvisation in small jazz combos",
+            "legendary jazz clubs of New York",
+            "the saxophone masters of the fifties",
+            "learning to swing on the piano",
+        ],
     ),
     "Gardening": (
         ["Garden", "Roses", "Seedling", "Orchard", "Greenhouse", "Soil", "Compost", "Herbs"],
         ["Green", "Blooming", "Wild", "Backyard", "Organic"],
-        ["growing vegetables in small spaces", "pruning fruit trees in winter", "building healthy compost soil",
-         "a year in a cottage flower garden", "attracting bees and butterflies"],
+        [
+            "growing vegetables in small spaces",
+            "pruning fruit trees in winter",
+            "building healthy compost soil",
+            "a year in a cottage flower garden",
+            "attracting bees and butterflies",
+        ],
     ),
     "History": (
         ["Empire", "Kingdom", "Revolution", "Dynasty", "Chronicle", "Crown", "Siege", "Republic"],
         ["Ancient", "Forgotten", "Medieval", "Imperial", "Lost"],
-        ["the rise and fall of the Roman empire", "daily life in a medieval village", "revolutions that shaped Europe",
-         "the dynasties of ancient China", "letters from soldiers of the great war"],
+        [
+            "the rise and fall of the Roman empire",
+            "daily life in a medieval village",
+            "revolutions that shaped Europe",
+            "the dynasties of ancient China",
+            "letters from soldiers of the great war",
+        ],
     ),
     "Fitness": (
         ["Workout", "Marathon", "Strength", "Cardio", "Yoga", "Sprint", "Stretch", "Core"],
         ["Daily", "Intense", "Mindful", "Functional", "Endurance"],
-        ["training plans for your first marathon", "strength routines with free weights", "yoga for flexibility and calm",
-         "high intensity interval training", "recovery and stretching for runners"],
+        [
+            "training plans for your first marathon",
+            "strength routines with free weights",
+            "yoga for flexibility and calm",
+            "high intensity interval training",
+            "recovery and stretching for runners",
+        ],
     ),
     "Detective": (
         ["Murder", "Alibi", "Detective", "Clue", "Witness", "Suspect", "Case", "Verdict"],
         ["Dark", "Twisted", "Hidden", "Cold", "Perfect"],
-        ["a detective hunting a clever killer", "an unsolved murder in a small town", "a courtroom drama with a twist",
-         "a private investigator in rainy London", "a kidnapping case gone wrong"],
+        [
+            "a detective hunting a clever killer",
+            "an unsolved murder in a small town",
+            "a courtroom drama with a twist",
+            "a private investigator in rainy London",
+            "a kidnapping case gone wrong",
+        ],
     ),
     "Finance": (
         ["Portfolio", "Market", "Dividend", "Budget", "Investor", "Wealth", "Capital", "Savings"],
         ["Smart", "Frugal", "Long-Term", "Passive", "Modern"],
-        ["investing in index funds for retirement", "budgeting and paying off debt", "how stock markets really work",
-         "building wealth with dividends", "personal finance for young professionals"],
+        [
+            "investing in index funds for retirement",
+            "budgeting and paying off debt",
+            "how stock markets really work",
+            "building wealth with dividends",
+            "personal finance for young professionals",
+        ],
     ),
     "Ocean": (
         ["Reef", "Tide", "Whale", "Voyage", "Coral", "Harbor", "Lighthouse", "Current"],
         ["Deep", "Blue", "Stormy", "Tropical", "Salty"],
-        ["diving among coral reefs", "the migration of humpback whales", "sailing across the Atlantic",
-         "life in a fishing harbor town", "the mysteries of the deep sea"],
+        [
+            "diving among coral reefs",
+            "the migration of humpback whales",
+            "sailing across the Atlantic",
+            "life in a fishing harbor town",
+            "the mysteries of the deep sea",
+        ],
     ),
     "Programming": (
         ["Algorithm", "Compiler", "Python", "Database", "Kernel", "Cloud", "Debugger", "Framework"],
         ["Practical", "Clean", "Concurrent", "Functional", "Scalable"],
-        ["writing clean and testable code", "designing scalable distributed systems", "an introduction to Python",
-         "how databases store and index data", "debugging concurrent programs"],
+        [
+            "writing clean and testable code",
+            "designing scalable distributed systems",
+            "an introduction to Python",
+            "how databases store and index data",
+            "debugging concurrent programs",
+        ],
     ),
     "Fantasy": (
         ["Dragon", "Sorcerer", "Quest", "Castle", "Sword", "Realm", "Prophecy", "Elves"],
         ["Enchanted", "Dark", "Legendary", "Mystic", "Ancient"],
-        ["a young wizard on a perilous quest", "dragons awakening in the northern realm",
-         "a prophecy that divides two kingdoms", "an enchanted forest full of elves", "a cursed sword and its heir"],
+        [
+            "a young wizard on a perilous quest",
+            "dragons awakening in the northern realm",
+            "a prophecy that divides two kingdoms",
+            "an enchanted forest full of elves",
+            "a cursed sword and its heir",
+        ],
     ),
     "Travel": (
         ["Journey", "Passport", "Road Trip", "Island", "Backpack", "Mountains", "Train", "Village"],
         ["Grand", "Hidden", "Budget", "Scenic", "Slow"],
-        ["backpacking through South East Asia", "a scenic train journey across Europe", "hidden villages in the Alps",
-         "island hopping in Greece", "travel on a shoestring budget"],
+        [
+            "backpacking through South East Asia",
+            "a scenic train journey across Europe",
+            "hidden villages in the Alps",
+            "island hopping in Greece",
+            "travel on a shoestring budget",
+        ],
     ),
 }
 
@@ -98,9 +158,7 @@ START = datetime(2026, 5, 1, tzinfo=UTC)
 DAYS = 180
 
 
-def generate_sample(
-    seed: int = 7, n_items: int = 720, n_users: int = 400, mean_events: int = 40
-) -> Dataset:
+def generate_sample(seed: int = 7, n_items: int = 720, n_users: int = 400, mean_events: int = 40) -> Dataset:
     """Generate the demo dataset in memory (raw string columns, like a CSV read)."""
     from llmrec_tasks.data import Dataset
 
@@ -111,8 +169,12 @@ def generate_sample(
     for i in range(n_items):
         t = i % len(topics)
         nouns, adjectives, phrases = TOPICS[topics[t]]
-        second = topics[(t + int(rng.integers(1, len(topics)))) % len(topics)] if rng.random() < 0.25 else None
-        title = f"{rng.choice(adjectives)} {rng.choice(nouns)} {['I', 'II', 'III', 'IV'][i // len(topics) % 4]}"
+        second = (
+            topics[(t + int(rng.integers(1, len(topics)))) % len(topics)] if rng.random() < 0.25 else None
+        )
+        title = (
+            f"{rng.choice(adjectives)} {rng.choice(nouns)} {['I', 'II', 'III', 'IV'][i // len(topics) % 4]}"
+        )
         first, second_phrase = rng.choice(phrases, size=2, replace=False)
         text = f"A story about {first}, and {second_phrase}."
         cats = topics[t] + (f"{C.CATEGORY_SEPARATOR}{second}" if second else "")
@@ -143,7 +205,9 @@ def generate_sample(
             p = popularity[pool] / popularity[pool].sum()
             item = int(rng.choice(pool, p=p))
             seen.add(item)
-            rating = float(np.clip(np.round(rng.normal(4.2 if topic in favourites else 3.0, 0.8) * 2) / 2, 0.5, 5))
+            rating = float(
+                np.clip(np.round(rng.normal(4.2 if topic in favourites else 3.0, 0.8) * 2) / 2, 0.5, 5)
+            )
             stamp = int((START + timedelta(days=float(ts))).timestamp())
             events.append((f"u{u:04d}", f"i{item:05d}", str(stamp), str(rating)))
     interactions = pd.DataFrame(events, columns=[C.USER_ID, C.ITEM_ID, C.TIMESTAMP, C.WEIGHT])

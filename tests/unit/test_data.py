@@ -46,7 +46,7 @@ def test_parquet_and_rating_alias(tmp_path):
 
 def test_missing_table_and_missing_column_are_clear(tmp_path):
     (tmp_path / "in").mkdir()
-    with pytest.raises(DataContractError, match="no items.csv or items.parquet"):
+    with pytest.raises(DataContractError, match=r"no items\.csv or items\.parquet"):
         read_raw(str(tmp_path / "in"))
     (tmp_path / "in/items.csv").write_text("id,title\n1,A\n")
     (tmp_path / "in/interactions.csv").write_text("user_id,item_id,timestamp\n1,1,5\n")
