@@ -93,9 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bundle_command(args: argparse.Namespace) -> Any:
+    from llmrec_tasks import publish
+
+    if args.command == "versions":
+        return publish.list_versions(args.store, args.namespace)
+    if args.command == "show":
+        return publish.show(args.store, args.namespace, args.version)
+    if args.command == "promote":
+        return publish.promote(args.store, args.namespace, args.version)
+    if args.command == "rollback":
+        return publish.rollback(args.store, args.namespace)
+    return publish.gc(args.store, args.namespace, args.keep)
+
+
 def dispatch(args: argparse.Namespace) -> Any:
     """Run one command; returns what is printed as JSON (None prints nothing)."""
-    from llmrec_tasks import pipeline, publish
+    from llmrec_tasks import pipeline
 
     if args.command == "run":
         results = pipeline.run_pipeline(_config(args))
@@ -110,16 +124,8 @@ def dispatch(args: argparse.Namespace) -> Any:
         result = run_benchmark(args.data, protocol=args.protocol, seeds=args.seeds, out=args.out)
         print_table(result)
         return None
-    if args.command == "versions":
-        return publish.list_versions(args.store, args.namespace)
-    if args.command == "show":
-        return publish.show(args.store, args.namespace, args.version)
-    if args.command == "promote":
-        return publish.promote(args.store, args.namespace, args.version)
-    if args.command == "rollback":
-        return publish.rollback(args.store, args.namespace)
-    if args.command == "gc":
-        return publish.gc(args.store, args.namespace, args.keep)
+    if args.command in ("versions", "show", "promote", "rollback", "gc"):
+        return _bundle_command(args)
     if args.command == "serve":
         from llmrec_tasks.api import serve
 
