@@ -36,6 +36,8 @@ class EncoderConfig:
     batch_size: int = 64
     backend: str = "torch"  # torch | onnx-int8
     shards: int = 1
+    # torch backend: auto = bf16 where the CPU has native bf16 (cosine >= 0.9999 to fp32), else fp32
+    precision: str = "auto"  # auto | fp32 | bf16
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,8 @@ class RunConfig:
             raise ConfigError(f"gate_tolerance must be in [0, 1], got {self.gate_tolerance}")
         if self.encoder.backend not in ("torch", "onnx-int8"):
             raise ConfigError(f"encoder backend must be 'torch' or 'onnx-int8', got {self.encoder.backend!r}")
+        if self.encoder.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"encoder precision must be auto|fp32|bf16, got {self.encoder.precision!r}")
         if not 8 <= self.encoder.max_length <= 512:
             raise ConfigError(f"encoder max_length must be in [8, 512], got {self.encoder.max_length}")
         if not 1 <= self.encoder.shards <= 256:
@@ -139,6 +143,7 @@ class RunConfig:
             ("encoder", EncoderConfig),
             ("index", IndexConfig),
             ("ranker", RankerConfig),
+            ("validation", ValidationConfig),
         ):
             section_values = dict(values.pop(section, {}) or {})
             for f in fields(section_cls):

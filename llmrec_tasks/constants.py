@@ -33,6 +33,7 @@ SNAPSHOT_INTERACTIONS = "snapshot/interactions.parquet"
 # Bundle artifacts (relative to a bundle version folder).
 EMBEDDINGS = "embeddings.npy"
 ITEM_IDS = "item_ids.json"
+EMBEDDING_KEYS = "embedding_keys.json"  # cache key of each embeddings row (incremental refresh)
 FAISS_INDEX = "index.faiss"
 INDEX_INFO = "index.json"
 RANKER_MODEL = "ranker.txt"
@@ -40,8 +41,18 @@ FEATURE_SPEC = "feature_spec.json"
 METRICS = "metrics.json"
 REPORT_HTML = "report.html"
 VALIDATION_SUMMARY = "validation.json"
+# Statistics the next run's volume/drift checks compare with (publish copies it into the bundle).
+VALIDATION_STATS = "validation_stats.json"
+VALIDATION_DOCS_DIR = "validation"  # Great Expectations Data Docs (HTML), index.html inside
 SERVING_STATS = "serving_stats.parquet"
+ITEM_NEIGHBORS = "item_neighbors.parquet"  # candidates.serving_frames() relations, read by serving
 MANIFEST = "manifest.json"
+# Work-folder scratch of the sharded embed stage (plan, shard inputs and outputs).
+EMBED_SHARDS_DIR = "embed_shards"
+# Derived by `publish` from the snapshot for serving: item titles/popularity, recent user histories.
+BUNDLE_ITEMS = "items.parquet"
+USER_HISTORIES = "histories.parquet"
+POPULARITY = "popularity"
 CURRENT_POINTER = "current.json"
 
 DEFAULT_NAMESPACE = "production"

@@ -27,6 +27,9 @@ from llmrec_tasks.store import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 
+# Delimiters a mis-exported CSV commonly uses instead of ','.
+DELIMITERS = {";": "semicolon", "\t": "tab", "|": "pipe"}
+
 
 @dataclass
 class Dataset:
@@ -54,6 +57,11 @@ def _read_table(store: ObjectStore, name: str, *, required: bool) -> pd.DataFram
         raw = store.get_bytes(key)
         if not raw.strip():
             raise DataContractError(f"{store.uri_for(key)} is empty: expected a header and rows")
+        if suffix == ".csv" and b"\x00" in raw[:65536]:
+            raise DataContractError(
+                f"{store.uri_for(key)} contains NUL bytes: not UTF-8 CSV text (binary, or UTF-16?); "
+                "re-export it as UTF-8 CSV"
+            )
         try:
             if suffix == ".parquet":
                 return pd.read_parquet(io.BytesIO(raw))
@@ -61,7 +69,14 @@ def _read_table(store: ObjectStore, name: str, *, required: bool) -> pd.DataFram
         except UnicodeDecodeError as exc:
             raise DataContractError(f"{store.uri_for(key)} is not UTF-8 text: re-export it as UTF-8") from exc
         except Exception as exc:  # pyarrow/pandas raise many parser types; all mean "unreadable"
-            raise DataContractError(f"{store.uri_for(key)} cannot be parsed as {suffix[1:]}: {exc}") from exc
+            if suffix == ".parquet":
+                raise DataContractError(
+                    f"{store.uri_for(key)} is not a readable Parquet file (truncated or corrupt upload?): "
+                    f"{str(exc).strip().rstrip('.')}. Re-export or re-upload it."
+                ) from exc
+            raise DataContractError(
+                f"{store.uri_for(key)} cannot be parsed as csv: {str(exc).strip()}"
+            ) from exc
     if required:
         raise DataContractError(
             f"{store.uri}: no {name}.csv or {name}.parquet found (see README 'Input contract')"
@@ -71,6 +86,13 @@ def _read_table(store: ObjectStore, name: str, *, required: bool) -> pd.DataFram
 
 def _require_columns(frame: pd.DataFrame, required: tuple[str, ...], table: str, where: str) -> None:
     missing = [c for c in required if c not in frame.columns]
+    header = [str(c) for c in frame.columns]
+    delimiter = next((name for d, name in DELIMITERS.items() if len(header) == 1 and d in header[0]), None)
+    if missing and delimiter:
+        raise DataContractError(
+            f"{where}: {table} looks {delimiter}-separated (header {header[0][:80]!r}); "
+            "re-export it comma-separated"
+        )
     if missing:
         raise DataContractError(
             f"{where}: {table} is missing column(s) {missing}; found {list(frame.columns)}. "
@@ -100,6 +122,8 @@ def read_raw(uri: str) -> Dataset:
             interactions = interactions.rename(columns={alias: C.WEIGHT})
     _require_columns(items, C.ITEM_REQUIRED, C.ITEMS, store.uri)
     _require_columns(interactions, C.INTERACTION_REQUIRED, C.INTERACTIONS, store.uri)
+    if users is not None:
+        _require_columns(users, (C.USER_ID,), C.USERS, store.uri)
     return Dataset(items=items, interactions=interactions, users=users)
 
 
