@@ -2,18 +2,40 @@
 
 Keys are ``/``-separated paths relative to the store root. Writes are atomic per object: a
 reader sees the old object or the new one, never a partial one.
+
+Conditional writes (what promotion relies on):
+
+- ``put_bytes(..., if_absent=True)`` creates only if the key does not exist;
+  ``put_bytes(..., if_match=etag)`` replaces only if the object still has that ETag (from
+  :meth:`get_with_etag`). The loser of a race gets :class:`PreconditionFailed`.
+- Local: create-if-absent is an atomic ``link()``; compare-and-swap runs under an exclusive
+  ``flock`` on a hidden lock file next to the object, then an atomic ``rename()``. Holds between
+  threads and processes on one host's local filesystem (not across hosts on NFS).
+- S3: ``IfNoneMatch: "*"`` / ``IfMatch`` headers on PutObject; atomic on AWS S3 and stores that
+  implement them (MinIO, recent moto). A store that ignores the headers gives no guarantee.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from llmrec_tasks.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+# Reading an S3 body can fail after the request succeeded (reset, truncated); botocore does
+# not retry that part, so we do.
+BODY_READ_ATTEMPTS = 4
 
 
 class ObjectStore(Protocol):
@@ -21,9 +43,15 @@ class ObjectStore(Protocol):
 
     uri: str
 
-    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None: ...
+    def put_bytes(
+        self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> str:
+        """Write atomically; returns the new ETag."""
+        ...
+
     def get_bytes(self, key: str) -> bytes: ...
-    def put_file(self, key: str, path: Path) -> None: ...
+    def get_with_etag(self, key: str) -> tuple[bytes, str]: ...
+    def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> str: ...
     def get_file(self, key: str, path: Path) -> Path: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...
@@ -39,8 +67,17 @@ def check_key(key: str) -> str:
     return key
 
 
+class ObjectNotFound(StoreError):
+    """The object does not exist."""
+
+
 class PreconditionFailed(StoreError):
     """A conditional write lost: the object already exists (or changed)."""
+
+
+def content_etag(data: bytes) -> str:
+    """ETag of a local object: the sha256 of its bytes."""
+    return hashlib.sha256(data).hexdigest()
 
 
 class LocalStore:
@@ -53,14 +90,22 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        path = self._path(key)
+    def _temp_copy(self, path: Path, write: Callable[[Any], None]) -> str:
+        """Write a hidden temp file next to ``path`` (same filesystem, so rename is atomic)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return tmp
+
+    def _commit(self, key: str, tmp: str, *, if_absent: bool, if_match: str | None) -> None:
+        path = self._path(key)
         if if_absent:
             try:
                 os.link(tmp, path)  # atomic create-if-absent
@@ -68,27 +113,58 @@ class LocalStore:
                 raise PreconditionFailed(f"{self.uri_for(key)} already exists") from exc
             finally:
                 os.unlink(tmp)
-        else:
+            return
+        if if_match is None:
             os.replace(tmp, path)
+            return
+        lock = path.parent / f".{path.name}.lock"
+        with open(lock, "a+b") as lock_fh:
+            fcntl.flock(lock_fh, fcntl.LOCK_EX)  # released when the file is closed
+            try:
+                current = content_etag(path.read_bytes()) if path.exists() else None
+                if current != if_match:
+                    raise PreconditionFailed(f"{self.uri_for(key)} changed since it was read")
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+
+    def put_bytes(
+        self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> str:
+        path = self._path(key)
+        tmp = self._temp_copy(path, lambda fh: fh.write(data))
+        self._commit(key, tmp, if_absent=if_absent, if_match=if_match)
+        return content_etag(data)
 
     def get_bytes(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError as exc:
-            raise StoreError(f"{self.uri_for(key)} does not exist") from exc
+            raise ObjectNotFound(f"{self.uri_for(key)} does not exist") from exc
 
-    def put_file(self, key: str, path: Path) -> None:
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(key)
+        return data, content_etag(data)
+
+    def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> str:
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(fd)
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, target)
+        digest = hashlib.sha256()
+
+        def copy(fh: Any) -> None:
+            with open(path, "rb") as src:
+                while chunk := src.read(1 << 20):
+                    digest.update(chunk)
+                    fh.write(chunk)
+
+        tmp = self._temp_copy(target, copy)
+        self._commit(key, tmp, if_absent=if_absent, if_match=None)
+        return digest.hexdigest()  # = content_etag of the bytes written
 
     def get_file(self, key: str, path: Path) -> Path:
         source = self._path(key)
-        if not source.exists():
-            raise StoreError(f"{self.uri_for(key)} does not exist")
+        if not source.is_file():
+            raise ObjectNotFound(f"{self.uri_for(key)} does not exist")
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, path)
         return path
@@ -116,8 +192,8 @@ class LocalStore:
 class S3Store:
     """An S3 (or S3-compatible) bucket prefix through boto3.
 
-    Credentials, region and endpoint come from the standard AWS environment (``AWS_ENDPOINT_URL``
-    included) unless a ready ``client`` is given, e.g. from Airflow's ``aws_default`` connection.
+    The client comes from :func:`llmrec_tasks.aws.s3_client` (Airflow's ``aws_default`` inside a
+    task, the standard AWS environment outside) unless a ready ``client`` is given.
     """
 
     def __init__(self, bucket: str, prefix: str = "", client: Any = None) -> None:
@@ -127,12 +203,9 @@ class S3Store:
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         if client is None:
-            import boto3
-            from botocore.config import Config
+            from llmrec_tasks.aws import s3_client
 
-            client = boto3.client(
-                "s3", config=Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=5)
-            )
+            client = s3_client()
         self.client = client
 
     def _key(self, key: str) -> str:
@@ -145,25 +218,50 @@ class S3Store:
         try:
             return fn(Bucket=self.bucket, **kwargs)
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
+            code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
                 raise PreconditionFailed(f"{self.uri_for(key)} already exists or changed") from exc
             if code in ("NoSuchKey", "404", "NotFound"):
-                raise StoreError(f"{self.uri_for(key)} does not exist") from exc
+                raise ObjectNotFound(f"{self.uri_for(key)} does not exist") from exc
+            if code == "NoSuchBucket":
+                raise StoreError(
+                    f"bucket {self.bucket!r} does not exist: create it or fix the store URI"
+                ) from exc
             raise StoreError(f"S3 {what} {self.uri_for(key)} failed: {code or exc}") from exc
         except BotoCoreError as exc:
-            raise StoreError(f"S3 {what} {self.uri_for(key)} failed: {exc}") from exc
+            raise StoreError(f"S3 {what} {self.uri_for(key)} failed after retries: {exc}") from exc
 
-    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        extra = {"IfNoneMatch": "*"} if if_absent else {}
-        self._call("put", key, self.client.put_object, Key=self._key(key), Body=data, **extra)
+    def put_bytes(
+        self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> str:
+        extra: dict[str, str] = {}
+        if if_absent:
+            extra["IfNoneMatch"] = "*"
+        if if_match is not None:
+            extra["IfMatch"] = if_match
+        response = self._call("put", key, self.client.put_object, Key=self._key(key), Body=data, **extra)
+        return str(response.get("ETag", ""))
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        from botocore.exceptions import BotoCoreError
+
+        attempt = 1
+        while True:
+            response = self._call("get", key, self.client.get_object, Key=self._key(key))
+            try:
+                return response["Body"].read(), str(response.get("ETag", ""))
+            except BotoCoreError as exc:
+                if attempt >= BODY_READ_ATTEMPTS:
+                    raise StoreError(f"S3 get {self.uri_for(key)} failed reading the body: {exc}") from exc
+                log.warning("reading %s failed (%s); retrying", self.uri_for(key), exc)
+                time.sleep(0.2 * 2**attempt)
+                attempt += 1
 
     def get_bytes(self, key: str) -> bytes:
-        response = self._call("get", key, self.client.get_object, Key=self._key(key))
-        return response["Body"].read()
+        return self.get_with_etag(key)[0]
 
-    def put_file(self, key: str, path: Path) -> None:
-        self.put_bytes(key, Path(path).read_bytes())
+    def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> str:
+        return self.put_bytes(key, Path(path).read_bytes(), if_absent=if_absent)
 
     def get_file(self, key: str, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,21 +271,17 @@ class S3Store:
     def exists(self, key: str) -> bool:
         try:
             self._call("head", key, self.client.head_object, Key=self._key(key))
-        except PreconditionFailed:
-            raise
-        except StoreError as exc:
-            if "does not exist" in str(exc):
-                return False
-            raise
+        except ObjectNotFound:
+            return False
         return True
 
     def list(self, prefix: str) -> list[str]:
         full = self._key(prefix.rstrip("/")) + "/" if prefix else (f"{self.prefix}/" if self.prefix else "")
         keys: list[str] = []
         token: dict[str, str] = {}
+        strip = len(self.prefix) + 1 if self.prefix else 0
         while True:
             page = self._call("list", prefix or ".", self.client.list_objects_v2, Prefix=full, **token)
-            strip = len(self.prefix) + 1 if self.prefix else 0
             keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
             if not page.get("IsTruncated"):
                 return sorted(keys)
@@ -198,6 +292,15 @@ class S3Store:
 
     def uri_for(self, key: str) -> str:
         return f"{self.uri}/{key}"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def open_store(uri: str, *, s3_client: Any = None) -> ObjectStore:

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# The moto S3 server fixtures (moto_server, s3_env, s3_store_uri, flaky_proxy).
+pytest_plugins = ["tests.s3server"]
+
 ROOT = Path(__file__).resolve().parents[1]
 # CI clones the project next to shared/; a developer checkout sits at the same place.
 MOVIELENS_DIR = Path(os.environ.get("LLMREC_MOVIELENS", ROOT.parent / "shared/data/ml-latest-small"))

@@ -1,0 +1,236 @@
+"""Small real run artifacts for publish/serving tests, independent of the upstream stages.
+
+`make_run()` writes what validate/embed/index/train would leave in a run's work folder (snapshot,
+embeddings, a FAISS IndexFlatIP, a tiny LightGBM ranker trained on random features, feature spec,
+metrics, ...) and returns the stage result dicts `run_publish` takes. `toy_scorer` gives
+that ranker its candidates and features (the real scorer is `serving.ranker_scorer`).
+`race()` runs conditional writes at the same instant and reports the winners.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from llmrec_tasks import constants as C
+from llmrec_tasks.config import RunConfig
+from llmrec_tasks.paths import make_version, run_prefix
+from llmrec_tasks.store import PreconditionFailed, open_store
+
+FEATURES = ["profile_sim", "log_popularity", "last_item_sim"]
+N_ITEMS = 60
+N_USERS = 20
+DIM = 16
+
+
+def toy_scorer(bundle: Any) -> Callable[[Any, float], tuple[np.ndarray, np.ndarray]]:
+    """FAISS candidates around the mean history vector, with the three features of the toy ranker."""
+
+    def score(history: Any, now: float) -> tuple[np.ndarray, np.ndarray]:
+        profile = bundle.embeddings[history.items[-20:]].mean(axis=0)
+        profile /= max(float(np.linalg.norm(profile)), 1e-9)
+        sims, rows = bundle.index.search(profile[None, :].astype(np.float32), bundle.index.ntotal)
+        seen = set(history.items.tolist())
+        keep = [(r, s) for r, s in zip(rows[0], sims[0], strict=True) if r >= 0 and r not in seen][:30]
+        candidates = np.array([r for r, _ in keep], dtype=np.int64)
+        similarity = np.array([s for _, s in keep], dtype=np.float32)
+        last = bundle.embeddings[history.items[-1]]
+        features = np.column_stack(
+            [similarity, np.log1p(bundle.popularity[candidates]), bundle.embeddings[candidates] @ last]
+        )
+        return candidates, features.astype(np.float32)
+
+    return score
+
+
+def toy_dataset(seed: int) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+    """Items in 3 topics with clustered embeddings; users who mostly stay on one topic."""
+    rng = np.random.default_rng(seed)
+    topics = np.arange(N_ITEMS) % 3
+    centers = rng.normal(size=(3, DIM))
+    vectors = centers[topics] + 0.3 * rng.normal(size=(N_ITEMS, DIM))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    items = pd.DataFrame(
+        {
+            C.ITEM_ID: [f"i{n}" for n in range(N_ITEMS)],
+            C.TITLE: [f"Item {n} (topic {t})" for n, t in enumerate(topics)],
+            C.TEXT: "",
+            C.CATEGORIES: [f"topic{t}" for t in topics],
+        }
+    )
+    rows = []
+    start = datetime(2024, 1, 1, tzinfo=UTC).timestamp()
+    for u in range(N_USERS):
+        topic = u % 3
+        pool = np.flatnonzero(topics == topic)
+        for step, item in enumerate(rng.choice(pool, size=8, replace=False)):
+            rows.append(
+                (f"u{u}", f"i{item}", pd.Timestamp(start + 3600 * (u * 10 + step), unit="s", tz="UTC"), 1.0)
+            )
+    inter = pd.DataFrame(rows, columns=[C.USER_ID, C.ITEM_ID, C.TIMESTAMP, C.WEIGHT])
+    return items, inter, vectors
+
+
+def toy_ranker(seed: int) -> str:
+    """LightGBM model text (native format) over FEATURES, trained on random data."""
+    import lightgbm
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(400, len(FEATURES)))
+    y = (x[:, 0] + 0.3 * x[:, 1] + 0.5 * x[:, 2] + 0.2 * rng.normal(size=400) > 0).astype(int)
+    params = {"objective": "binary", "num_leaves": 7, "verbose": -1, "seed": seed, "num_threads": 1}
+    booster = lightgbm.train(params, lightgbm.Dataset(x, y, feature_name=FEATURES), num_boost_round=15)
+    return booster.model_to_string()
+
+
+def real_ranker(items: pd.DataFrame, inter: pd.DataFrame, vectors: np.ndarray, seed: int) -> dict[str, bytes]:
+    """Ranker, feature spec, serving stats and neighbours from the ranking stage's own code."""
+    import dataclasses
+
+    import lightgbm
+
+    from llmrec_tasks import candidates, features
+
+    item_index = pd.Index(items[C.ITEM_ID])
+    events, users = candidates.encode_events(inter, item_index)
+    params = candidates.ContextParams(neighbors_k=20, ease_max_items=100, pop_windows=(10, 50))
+    ctx = candidates.build_context(events, len(users), vectors, items, params)
+    stats, neighbours = candidates.serving_frames(ctx, item_index.tolist())
+    cand_params = candidates.CandidateParams(num_candidates=30, per_source=10, rank_depth=20)
+    hist = candidates.Histories.from_events(events, len(users))
+    cands = candidates.generate_candidates(ctx, hist, cand_params)
+    x = features.build_features(ctx, hist, cands)
+    y = np.random.default_rng(seed).random(len(x)) < 0.2
+    train_params = {"objective": "binary", "num_leaves": 7, "verbose": -1, "seed": seed, "num_threads": 1}
+    dataset = lightgbm.Dataset(x, y.astype(int), feature_name=features.FEATURE_NAMES)
+    booster = lightgbm.train(train_params, dataset, num_boost_round=10)
+    spec = {
+        "features": features.FEATURE_NAMES,
+        "context": params.to_dict(),
+        "stats_end": ctx.stats_end,
+        "candidates": dataclasses.asdict(cand_params),
+    }
+    return {
+        C.RANKER_MODEL: booster.model_to_string().encode(),
+        C.FEATURE_SPEC: json.dumps(spec).encode(),
+        C.SERVING_STATS: parquet(stats),
+        C.ITEM_NEIGHBORS: parquet(neighbours),
+    }
+
+
+def parquet(frame: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def make_run(
+    store_uri: str,
+    *,
+    namespace: str = C.DEFAULT_NAMESPACE,
+    cutoff: datetime = datetime(2024, 2, 1, tzinfo=UTC),
+    seed: int = 0,
+    ndcg: float = 0.30,
+    real_features: bool = False,
+    **cfg_values: Any,
+) -> tuple[RunConfig, dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Write a run's artifacts; returns ``(cfg, validated, embedded, indexed, trained)``."""
+    import faiss
+
+    cfg = RunConfig(
+        store_uri=store_uri,
+        namespace=namespace,
+        cutoff=cutoff,
+        dag_id="llmrec_daily",
+        run_id=f"scheduled__{cutoff.isoformat()}",
+        **cfg_values,
+    )
+    items, inter, vectors = toy_dataset(seed)
+    fingerprint = hashlib.sha256(f"toy-{seed}".encode()).hexdigest()[:16]
+    version = make_version(cutoff, fingerprint, cfg.params_hash())
+    store = open_store(store_uri)
+    work = run_prefix(namespace, version)
+
+    def put(name: str, data: bytes) -> str:
+        store.put_bytes(f"{work}/{name}", data)
+        return store.uri_for(f"{work}/{name}")
+
+    put(C.SNAPSHOT_ITEMS, parquet(items))
+    put(C.SNAPSHOT_INTERACTIONS, parquet(inter))
+    npy = io.BytesIO()
+    np.save(npy, vectors, allow_pickle=False)
+    index = faiss.IndexFlatIP(DIM)
+    index.add(vectors)
+    metrics = {"ranker": {"ndcg@10": ndcg, "recall@10": ndcg + 0.1}, "popularity": {"ndcg@10": 0.1}}
+    validated = {
+        "version": version,
+        "work_uri": store.uri_for(work),
+        "snapshot_uri": store.uri_for(f"{work}/{C.SNAPSHOT_DIR}"),
+        "fingerprint": fingerprint,
+        "validation_uri": put(C.VALIDATION_SUMMARY, json.dumps({"success": True}).encode()),
+        "counts": {"items": N_ITEMS, "interactions": len(inter)},
+        "cutoff": cutoff.isoformat(),
+        "data_docs_uri": put(f"{C.VALIDATION_DOCS_DIR}/index.html", b"<html>docs</html>").rsplit("/", 1)[0],
+    }
+    put(f"{C.VALIDATION_DOCS_DIR}/static/style.css", b"body {}")
+    embedded = {
+        "embeddings_uri": put(C.EMBEDDINGS, npy.getvalue()),
+        "item_ids_uri": put(C.ITEM_IDS, json.dumps(items[C.ITEM_ID].tolist()).encode()),
+        "encoder": {"model": "toy", "identity": "toy:16"},
+        "n_items": N_ITEMS,
+    }
+    indexed = {
+        "index_uri": put(C.FAISS_INDEX, faiss.serialize_index(index).tobytes()),
+        "index_info_uri": put(C.INDEX_INFO, json.dumps({"kind": "flat"}).encode()),
+        "kind": "flat",
+        "n_items": N_ITEMS,
+        "dim": DIM,
+    }
+    if real_features:
+        ranker = real_ranker(items, inter, vectors, seed)
+    else:
+        ranker = {
+            C.RANKER_MODEL: toy_ranker(seed).encode(),
+            C.FEATURE_SPEC: json.dumps({"features": FEATURES}).encode(),
+            C.SERVING_STATS: parquet(inter.groupby(C.ITEM_ID).size().rename("count").reset_index()),
+        }
+    trained = {
+        "model_uri": put(C.RANKER_MODEL, ranker[C.RANKER_MODEL]),
+        "feature_spec_uri": put(C.FEATURE_SPEC, ranker[C.FEATURE_SPEC]),
+        "metrics_uri": put(C.METRICS, json.dumps(metrics).encode()),
+        "report_uri": put(C.REPORT_HTML, b"<html><body>toy report</body></html>"),
+        "serving_stats_uri": put(C.SERVING_STATS, ranker[C.SERVING_STATS]),
+        "metrics": metrics,
+    }
+    if C.ITEM_NEIGHBORS in ranker:
+        trained["item_neighbors_uri"] = put(C.ITEM_NEIGHBORS, ranker[C.ITEM_NEIGHBORS])
+    return cfg, validated, embedded, indexed, trained
+
+
+def race(attempts: list[Callable[[], object]]) -> list[int]:
+    """Start every attempt at once (one thread each); indices of those not refused by PreconditionFailed."""
+    barrier = threading.Barrier(len(attempts))
+    winners: list[int] = []
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            attempts[i]()
+        except PreconditionFailed:
+            return
+        winners.append(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(attempts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return winners

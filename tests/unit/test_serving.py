@@ -1,0 +1,205 @@
+"""Serving: verified loading (partial/corrupt bundles refused), recommend(), hot reload."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from llmrec_tasks import constants as C
+from llmrec_tasks import publish, serving
+from llmrec_tasks.errors import BundleError
+from llmrec_tasks.paths import bundle_prefix, manifest_key
+from llmrec_tasks.store import open_store
+from tests.bundle_factory import make_run, toy_scorer
+
+NS = C.DEFAULT_NAMESPACE
+
+
+@pytest.fixture(autouse=True)
+def toy_ranker_features(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serving, "ranker_scorer", toy_scorer)
+
+
+@pytest.fixture
+def published(store_uri: str) -> dict:
+    return publish.run_publish(*make_run(store_uri))
+
+
+def rewrite(store_uri: str, version: str, name: str, data: bytes, *, fix_manifest: bool = False) -> None:
+    """Replace one bundle file (simulating corruption, or a consistent but bad publish)."""
+    store = open_store(store_uri)
+    store.put_bytes(f"{bundle_prefix(NS, version)}/{name}", data)
+    if fix_manifest:
+        key = manifest_key(NS, version)
+        manifest = json.loads(store.get_bytes(key))
+        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        store.put_bytes(key, json.dumps(manifest).encode())
+
+
+def test_load_current_and_by_version(store_uri: str, published: dict) -> None:
+    bundle = serving.load_bundle(store_uri, NS)
+    assert bundle.version == published["version"]
+    assert bundle.index.ntotal == len(bundle.item_ids) == bundle.embeddings.shape[0]
+    assert bundle.feature_names == ["profile_sim", "log_popularity", "last_item_sim"]
+    assert len(bundle.user_row) == 20 and bundle.history("u0").items.size == 8
+    assert serving.load_bundle(store_uri, NS, published["version"]).version == published["version"]
+
+
+@pytest.mark.parametrize(
+    "name", [C.RANKER_MODEL, C.FAISS_INDEX, C.EMBEDDINGS, C.ITEM_IDS, C.USER_HISTORIES, C.REPORT_HTML]
+)
+def test_a_flipped_byte_is_refused(store_uri: str, published: dict, name: str) -> None:
+    store = open_store(store_uri)
+    data = bytearray(store.get_bytes(f"{bundle_prefix(NS, published['version'])}/{name}"))
+    data[len(data) // 2] ^= 0x01
+    rewrite(store_uri, published["version"], name, bytes(data))
+    with pytest.raises(BundleError, match=f"corrupt: sha256 of {name}"):
+        serving.load_bundle(store_uri, NS)
+
+
+def test_a_truncated_file_is_refused(store_uri: str, published: dict) -> None:
+    rewrite(store_uri, published["version"], C.RANKER_MODEL, b"tree\n")
+    with pytest.raises(BundleError, match=r"corrupt: ranker.txt has 5 bytes"):
+        serving.load_bundle(store_uri, NS)
+
+
+def test_a_missing_file_is_refused(store_uri: str, published: dict) -> None:
+    open_store(store_uri).delete(f"{bundle_prefix(NS, published['version'])}/{C.FAISS_INDEX}")
+    with pytest.raises(BundleError, match=r"partial: index\.faiss cannot be read"):
+        serving.load_bundle(store_uri, NS)
+
+
+def test_a_bundle_without_manifest_or_current_is_refused(store_uri: str) -> None:
+    with pytest.raises(BundleError, match="no current bundle"):
+        serving.load_bundle(store_uri, NS)
+    with pytest.raises(BundleError, match="not published"):
+        serving.load_bundle(store_uri, NS, "20240101T000000Z-00000000-000000")
+
+
+def test_a_manifest_missing_a_required_file_is_refused(store_uri: str, published: dict) -> None:
+    store = open_store(store_uri)
+    key = manifest_key(NS, published["version"])
+    manifest = json.loads(store.get_bytes(key))
+    del manifest["files"][C.RANKER_MODEL]
+    store.put_bytes(key, json.dumps(manifest).encode())
+    with pytest.raises(BundleError, match="manifest lacks"):
+        serving.load_bundle(store_uri, NS)
+
+
+def test_pickled_arrays_are_never_loaded(store_uri: str, published: dict) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"evil": 1}] * 60, dtype=object), allow_pickle=True)
+    rewrite(store_uri, published["version"], C.EMBEDDINGS, buf.getvalue(), fix_manifest=True)
+    with pytest.raises(BundleError, match=r"embeddings\.npy passed its checksum but cannot be loaded"):
+        serving.load_bundle(store_uri, NS)
+
+
+def test_inconsistent_artifacts_are_refused(store_uri: str, published: dict) -> None:
+    ids = [f"i{n}" for n in range(10)]
+    rewrite(store_uri, published["version"], C.ITEM_IDS, json.dumps(ids).encode(), fix_manifest=True)
+    with pytest.raises(BundleError, match="must agree"):
+        serving.load_bundle(store_uri, NS)
+
+
+@pytest.fixture
+def recommender(store_uri: str, published: dict) -> serving.Recommender:
+    return serving.Recommender(serving.load_bundle(store_uri, NS))
+
+
+def test_known_user_gets_personalized_items_with_reasons(recommender: serving.Recommender) -> None:
+    result = recommender.recommend(user_id="u1", k=5)
+    assert result.strategy == "personalized" and result.history_length == 8
+    assert len(result.items) == 5
+    scores = [i.score for i in result.items]
+    assert scores == sorted(scores, reverse=True)
+    seen = {recommender.bundle.item_ids[r] for r in recommender.bundle.history("u1").items}
+    assert not seen & {i.item_id for i in result.items}
+    assert all(i.reason.startswith('similar to "Item ') for i in result.items)
+    # u1 watched topic-1 items: recommendations stay on topic 1 (clustered embeddings).
+    assert all("(topic 1)" in i.title for i in result.items)
+
+
+def test_recent_events_personalise_the_request(recommender: serving.Recommender) -> None:
+    topic2 = ["i2", "i5", "i8"]
+    anonymous = recommender.recommend(recent=topic2, k=5)
+    assert anonymous.strategy == "personalized" and anonymous.history_length == 3
+    assert all("(topic 2)" in i.title for i in anonymous.items)
+    assert not set(topic2) & {i.item_id for i in anonymous.items}
+    # A topic-1 user who just interacted with topic-2 items gets topic-2 items in the mix.
+    before = recommender.recommend(user_id="u1", k=10)
+    after = recommender.recommend(user_id="u1", recent=[serving.Event(i, 5.0) for i in topic2], k=10)
+    assert after.history_length == 11
+    assert [i.item_id for i in after.items] != [i.item_id for i in before.items]
+
+
+def test_unknown_users_and_items_fall_back_to_popular(recommender: serving.Recommender) -> None:
+    result = recommender.recommend(user_id="nobody", k=4)
+    assert result.strategy == "popular" and result.history_length == 0
+    assert len(result.items) == 4 and all(i.reason.startswith("popular: ") for i in result.items)
+    counts = [i.score for i in result.items]
+    assert counts == sorted(counts, reverse=True)
+    mixed = recommender.recommend(recent=["not-an-item", "i3"], k=3)
+    assert mixed.ignored_item_ids == ["not-an-item"] and mixed.strategy == "personalized"
+    only_unknown = recommender.recommend(recent=["not-an-item"], k=3)
+    assert only_unknown.strategy == "popular" and only_unknown.ignored_item_ids == ["not-an-item"]
+
+
+def test_k_is_clamped_to_the_catalog(recommender: serving.Recommender) -> None:
+    result = recommender.recommend(user_id="nobody", k=1000)
+    assert len(result.items) == len(recommender.bundle.item_ids)
+
+
+def test_smoke_check_answers_sample_queries(recommender: serving.Recommender) -> None:
+    summary = serving.smoke_check(recommender)
+    assert summary["queries"] == 5 and summary["max_ms"] >= 0
+
+
+def test_holder_picks_up_a_new_current_and_survives_a_bad_one(store_uri: str, published: dict) -> None:
+    holder = serving.BundleHolder(store_uri, NS, poll_seconds=3600)
+    assert holder.refresh() is True and holder.recommender.bundle.version == published["version"]
+    assert holder.refresh() is False
+    second = publish.run_publish(*make_run(store_uri, cutoff=datetime(2024, 2, 2, tzinfo=UTC), seed=1))
+    assert holder.refresh() is True and holder.recommender.bundle.version == second["version"]
+    # A corrupt third bundle, promoted without the check: the holder keeps serving the second.
+    third = publish.run_publish(
+        *make_run(store_uri, cutoff=datetime(2024, 2, 3, tzinfo=UTC), seed=2, promote=False)
+    )
+    rewrite(store_uri, third["version"], C.RANKER_MODEL, b"garbage")
+    publish.promote(store_uri, NS, third["version"], check=False)
+    assert holder.refresh() is False
+    assert holder.recommender.bundle.version == second["version"]
+    assert holder.pointer_version == third["version"] and "corrupt" in holder.last_error
+
+
+def test_real_ranker_scorer_serves_the_ranking_stage_features(
+    store_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default scorer: candidates + features from llmrec_tasks.candidates/features."""
+    monkeypatch.undo()  # the real scorer, not the toy one
+    from llmrec_tasks.features import FEATURE_NAMES
+
+    result = publish.run_publish(*make_run(store_uri, real_features=True))
+    assert result["promoted"]
+    bundle = serving.load_bundle(store_uri, NS)
+    assert bundle.feature_names == FEATURE_NAMES
+    rec = serving.Recommender(bundle).recommend(user_id="u4", recent=["i7"], k=5)
+    assert rec.strategy == "personalized" and len(rec.items) == 5
+    seen = {bundle.item_ids[r] for r in bundle.history("u4").items} | {"i7"}
+    assert not seen & {i.item_id for i in rec.items}
+
+
+def test_path_contributions_add_up_to_the_score(recommender: serving.Recommender) -> None:
+    bundle = recommender.bundle
+    x = np.random.default_rng(0).normal(size=(25, len(bundle.feature_names)))
+    leaves = bundle.booster.predict(x, pred_leaf=True)
+    contrib = bundle.path_contrib[np.arange(leaves.shape[1])[None, :], leaves].sum(axis=1)
+    roots = [t["tree_structure"] for t in bundle.booster.dump_model()["tree_info"]]
+    bias = sum(r.get("internal_value", r.get("leaf_value", 0.0)) for r in roots)
+    raw = bundle.booster.predict(x, raw_score=True)
+    np.testing.assert_allclose(contrib.sum(axis=1) + bias, raw, rtol=1e-4, atol=1e-4)
+    assert np.abs(contrib).sum() > 0
