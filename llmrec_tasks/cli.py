@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc = sub.add_parser("gc", help="delete old bundles, keeping the newest N and every referenced one")
     _store_args(gc)
     gc.add_argument("--keep", type=int, required=True)
+    _store_args(sub.add_parser("summary", help="the newest bundle: manifest URI, promotion, metrics table"))
     serve = sub.add_parser("serve", help="HTTP recommendation service over the current bundle")
     _store_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
@@ -107,6 +108,32 @@ def _bundle_command(args: argparse.Namespace) -> Any:
     return publish.gc(args.store, args.namespace, args.keep)
 
 
+def summary_text(store_uri: str, namespace: str) -> str:
+    """Human summary of the newest published version: where it is, whether it is current, metrics."""
+    from llmrec_tasks import publish
+    from llmrec_tasks.errors import BundleError
+    from llmrec_tasks.paths import bundle_prefix, manifest_key
+    from llmrec_tasks.store import open_store
+
+    versions = [v for v in publish.list_versions(store_uri, namespace) if v["complete"]]
+    if not versions:
+        raise BundleError(f"no complete bundle in {store_uri} namespace {namespace!r}")
+    newest = max(versions, key=lambda v: (v["logical_date"], v["created_at"]))
+    store = open_store(store_uri)
+    manifest = publish.read_manifest(store, namespace, newest["version"])
+    lines = [
+        f"bundle:   {store.uri_for(bundle_prefix(namespace, newest['version']))}",
+        f"manifest: {store.uri_for(manifest_key(namespace, newest['version']))}",
+        f"current:  {'yes' if newest['current'] else 'no'} (namespace {namespace})",
+        "",
+        f"{'model':<24}{'NDCG@10':>10}{'Recall@10':>11}",
+    ]
+    for model, values in manifest.get("metrics", {}).items():
+        if isinstance(values, dict) and "ndcg@10" in values:
+            lines.append(f"{model:<24}{values['ndcg@10']:>10.4f}{values['recall@10']:>11.4f}")
+    return "\n".join(lines)
+
+
 def dispatch(args: argparse.Namespace) -> Any:
     """Run one command; returns what is printed as JSON (None prints nothing)."""
     from llmrec_tasks import pipeline
@@ -126,6 +153,9 @@ def dispatch(args: argparse.Namespace) -> Any:
         return None
     if args.command in ("versions", "show", "promote", "rollback", "gc"):
         return _bundle_command(args)
+    if args.command == "summary":
+        print(summary_text(args.store, args.namespace))
+        return None
     if args.command == "serve":
         from llmrec_tasks.api import serve
 

@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.airflow_env import use_test_airflow_home
+
+# Before anything imports Airflow: tests never touch ~/airflow.
+use_test_airflow_home()
+
 # The moto S3 server fixtures (moto_server, s3_env, s3_store_uri, flaky_proxy).
 pytest_plugins = ["tests.s3server"]
 

@@ -1,0 +1,378 @@
+"""The small functions the Airflow tasks call around the stages: no stage logic lives here.
+
+- building the run's :class:`RunConfig` from the DAG ``params``, the run's data interval and its
+  ids (the cutoff comes from the run, never from the wall clock);
+- resolving the deployment's default store (Airflow Variable, then ``LLMREC_STORE_URI``, then a
+  folder under ``$AIRFLOW_HOME``) at run time, never at parse time;
+- the bundle Asset (one per namespace) and the metadata of its events.
+
+Importing this module is cheap (standard library and ``llmrec_tasks.config`` only): DAG files
+import it at parse time. Airflow itself is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from llmrec_tasks.config import RunConfig
+from llmrec_tasks.constants import DEFAULT_NAMESPACE
+from llmrec_tasks.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DAG_ID = "llmrec_daily"
+SERVING_DAG_ID = "llmrec_serving_refresh"
+AWS_CONN_ID = "aws_default"
+STORE_VARIABLE = "llmrec_store_uri"
+STORE_ENV = "LLMREC_STORE_URI"
+STORE_FOLDER = "llmrec-store"
+SERVING_URL_VARIABLE = "llmrec_serving_url"
+SERVING_URL_ENV = "LLMREC_SERVING_URL"
+# The asset alias the publish task emits through; the concrete asset is chosen at run time
+# (one per namespace) and only when the bundle was promoted.
+BUNDLE_ALIAS = "llmrec_promoted_bundles"
+BUNDLE_ASSET_SCHEME = "llmrec"
+# Params that are not RunConfig fields (none today; kept for forward compatibility).
+NON_CONFIG_PARAMS: frozenset[str] = frozenset()
+# Retrying cannot fix these: the run fails at once with the stage's message.
+NON_RETRYABLE_ERRORS = (
+    "llmrec_tasks.errors.ConfigError",
+    "llmrec_tasks.errors.DataContractError",
+    "llmrec_tasks.errors.ValidationFailedError",
+    "llmrec_tasks.errors.ModelLoadError",
+    "llmrec_tasks.errors.IndexRecallError",
+    "llmrec_tasks.errors.QualityGateError",
+)
+
+
+# --- store ---------------------------------------------------------------------------------------
+
+
+def airflow_home(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(env.get("AIRFLOW_HOME") or Path.home() / "airflow")
+
+
+def default_store_uri(env: Mapping[str, str] | None = None) -> str:
+    """The zero-setup store: ``file://$AIRFLOW_HOME/llmrec-store``."""
+    return (airflow_home(env) / STORE_FOLDER).resolve().as_uri()
+
+
+def resolve_store_uri(
+    explicit: str | None,
+    *,
+    variable_get: Callable[[str], str | None] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> str:
+    """The run's store: the ``store_uri`` param, else Variable ``llmrec_store_uri``, else
+    ``$LLMREC_STORE_URI``, else ``file://$AIRFLOW_HOME/llmrec-store``. Called at run time."""
+    env = os.environ if env is None else env
+    if explicit and explicit.strip():
+        return explicit.strip()
+    if variable_get is not None:
+        value = variable_get(STORE_VARIABLE)
+        if value and value.strip():
+            return value.strip()
+    value = env.get(STORE_ENV, "")
+    if value.strip():
+        return value.strip()
+    return default_store_uri(env)
+
+
+def airflow_variable(key: str) -> str | None:
+    """An Airflow Variable inside a task, None when it is not set.
+
+    Errors (metadata DB or secrets backend unreachable) propagate: silently falling back to
+    another store would write the run somewhere else.
+    """
+    from airflow.sdk import Variable
+
+    return Variable.get(key, default=None)
+
+
+def plugin_store_uri() -> str:
+    """The store the UI plugin reads (api-server side: same resolution, no param)."""
+
+    def core_variable(key: str) -> str | None:
+        from airflow.models.variable import Variable
+
+        return Variable.get(key, default_var=None)
+
+    return resolve_store_uri(None, variable_get=core_variable)
+
+
+def s3_client_from_connection(store_uri: str, conn_id: str = AWS_CONN_ID) -> Any:
+    """A boto3 S3 client from the Airflow connection for ``s3://`` stores, else None.
+
+    Tasks do not need it (``llmrec_tasks.aws`` uses ``aws_default`` inside tasks on its own); the
+    UI plugin runs in the api-server and passes this client to ``open_store``.
+    """
+    if not store_uri.startswith("s3://"):
+        return None
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    from llmrec_tasks.aws import botocore_config
+
+    return S3Hook(aws_conn_id=conn_id).get_client_type(config=botocore_config())
+
+
+# --- the run's configuration ---------------------------------------------------------------------
+
+
+def run_cutoff(
+    data_interval_end: datetime | None,
+    logical_date: datetime | None = None,
+    run_after: datetime | None = None,
+) -> datetime:
+    """The snapshot cutoff of a run, in UTC: the data interval's end, else the logical date
+    (manual runs), else the run's ``run_after`` (manual runs without a logical date). It is a
+    property of the run, so a rerun or a cleared task reads the same data."""
+    for value in (data_interval_end, logical_date, run_after):
+        if value is not None:
+            if value.tzinfo is None:
+                raise ConfigError(f"run date {value!r} has no time zone")
+            # A plain datetime (pendulum's is a subclass) keeps XCom and hashing simple.
+            return datetime.fromtimestamp(value.timestamp(), tz=UTC)
+    raise ConfigError("the run has no data interval, logical date or run_after: cannot pick a cutoff")
+
+
+def build_run_config(
+    params: Mapping[str, Any],
+    *,
+    cutoff: datetime,
+    dag_id: str | None,
+    run_id: str | None,
+    run_type: str | None = None,
+    variable_get: Callable[[str], str | None] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> RunConfig:
+    """``RunConfig`` of one run: the flat params, the resolved store, the run's cutoff and ids.
+
+    Backfills must name an experiment namespace: they never write to production.
+    """
+    values = {k: v for k, v in dict(params).items() if k not in NON_CONFIG_PARAMS}
+    values["store_uri"] = resolve_store_uri(values.get("store_uri"), variable_get=variable_get, env=env)
+    values.setdefault("namespace", DEFAULT_NAMESPACE)
+    if run_type and str(run_type).lower().endswith("backfill") and values["namespace"] == DEFAULT_NAMESPACE:
+        raise ConfigError(
+            "backfills never write to the production namespace: pass an experiment namespace, e.g. "
+            """--dag-run-conf '{"namespace": "exp-my-test"}'"""
+        )
+    values["cutoff"] = cutoff
+    values["dag_id"] = dag_id
+    values["run_id"] = run_id
+    return RunConfig.from_dict(values)
+
+
+def config_from_context(context: Mapping[str, Any]) -> dict[str, Any]:
+    """Task side: the run's config as a JSON-able dict (it travels through XCom)."""
+    dag_run = context.get("dag_run")
+    cutoff = run_cutoff(
+        context.get("data_interval_end"),
+        context.get("logical_date"),
+        getattr(dag_run, "run_after", None),
+    )
+    run_type = getattr(dag_run, "run_type", None)
+    cfg = build_run_config(
+        context.get("params") or {},
+        cutoff=cutoff,
+        dag_id=getattr(dag_run, "dag_id", None) or DAG_ID,
+        run_id=context.get("run_id") or getattr(dag_run, "run_id", None),
+        run_type=getattr(run_type, "value", run_type),
+        variable_get=airflow_variable,
+    )
+    log.info(
+        "run config: namespace=%s store=%s data=%s cutoff=%s params_hash=%s",
+        cfg.namespace,
+        cfg.store_uri,
+        cfg.data_uri,
+        cfg.cutoff.isoformat() if cfg.cutoff else None,
+        cfg.params_hash(),
+    )
+    return cfg.to_dict()
+
+
+def task_config(config: Mapping[str, Any]) -> RunConfig:
+    """The ``RunConfig`` a downstream task receives as the dict the config task returned."""
+    return RunConfig.from_dict(dict(config))
+
+
+# --- the bundle asset ----------------------------------------------------------------------------
+
+
+def bundle_asset_uri(namespace: str = DEFAULT_NAMESPACE) -> str:
+    return f"{BUNDLE_ASSET_SCHEME}://bundles/{namespace}"
+
+
+def bundle_asset_name(namespace: str = DEFAULT_NAMESPACE) -> str:
+    return f"llmrec_bundle_{namespace}"
+
+
+def bundle_asset(namespace: str = DEFAULT_NAMESPACE) -> Any:
+    """The Asset a namespace's promoted bundles update (``llmrec://bundles/<namespace>``)."""
+    from airflow.sdk import Asset
+
+    return Asset(name=bundle_asset_name(namespace), uri=bundle_asset_uri(namespace), group="llmrec")
+
+
+def bundle_alias() -> Any:
+    from airflow.sdk import AssetAlias
+
+    return AssetAlias(name=BUNDLE_ALIAS, group="llmrec")
+
+
+def bundle_event_extra(
+    cfg: RunConfig, published: Mapping[str, Any], trained: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """Metadata of the asset event for a promoted bundle; None when the bundle was not promoted
+    (failed gate, ``promote=false``): no event is emitted then."""
+    if not published.get("promoted"):
+        return None
+    metrics = published.get("metrics")
+    if metrics is None and trained is not None:
+        metrics = trained.get("metrics")
+    extra = {
+        "version": published["version"],
+        "namespace": published.get("namespace") or cfg.namespace,
+        "bundle_uri": published.get("bundle_uri"),
+        "manifest_uri": published.get("manifest_uri"),
+        "store_uri": cfg.store_uri,
+        "promoted": True,
+        "reason": published.get("reason"),
+        "metrics": metric_summary(metrics or {}),
+        "cutoff": cfg.cutoff.isoformat() if cfg.cutoff else None,
+        "dag_id": cfg.dag_id,
+        "run_id": cfg.run_id,
+    }
+    return extra
+
+
+def emit_bundle_event(
+    outlet_events: Any, cfg: RunConfig, published: Mapping[str, Any], trained: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """Add the asset event for a promoted bundle through the task's alias outlet."""
+    extra = bundle_event_extra(cfg, published, trained)
+    if extra is None:
+        log.info(
+            "bundle %s not promoted (%s): no asset event", published.get("version"), published.get("reason")
+        )
+        return None
+    outlet_events[bundle_alias()].add(bundle_asset(extra["namespace"]), extra=extra)
+    log.info("asset event %s: version %s", bundle_asset_uri(extra["namespace"]), extra["version"])
+    return extra
+
+
+def after_publish(
+    outlet_events: Any,
+    cfg: RunConfig,
+    validated: Mapping[str, Any],
+    published: Mapping[str, Any],
+    trained: Mapping[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """Record the publish result in the run's work folder (``stages/publish.json``, as the CLI
+    pipeline does: the UI plugin reads the gate outcome there), then emit the asset event when
+    the bundle was promoted."""
+    from llmrec_tasks.pipeline import load_stage, save_stage
+    from llmrec_tasks.store import open_store
+
+    work_uri = str(validated["work_uri"])
+    previous = load_stage(work_uri, "publish") if open_store(work_uri).exists("stages/publish.json") else None
+    unchanged = (
+        previous is not None
+        and published.get("status") == "already published"
+        and bool(previous.get("promoted")) == bool(published.get("promoted"))
+    )
+    if unchanged:
+        # A rerun of an already published version: keep the record of the decision that was made
+        # (its gate reason), not "already current".
+        log.info("publish record of %s kept: this rerun changed nothing", published.get("version"))
+    else:
+        save_stage(work_uri, "publish", dict(published))
+    return emit_bundle_event(outlet_events, cfg, published, trained)
+
+
+def triggering_bundle_event(
+    triggering_asset_events: Any, namespace: str = DEFAULT_NAMESPACE
+) -> dict[str, Any]:
+    """The latest bundle event that triggered a serving refresh run (its metadata)."""
+    events = list(triggering_asset_events[bundle_asset(namespace)]) if triggering_asset_events else []
+    if not events:
+        raise ConfigError(
+            f"this run was not triggered by a {bundle_asset_uri(namespace)} event: trigger "
+            f"{SERVING_DAG_ID} through the asset (or pass version in the run conf)"
+        )
+    latest = max(events, key=lambda e: e.timestamp)
+    return dict(latest.extra or {})
+
+
+def metric_summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Small, JSON-able metrics for event metadata: ``{model: {metric: number}}`` (ranker and
+    baselines), numbers only (no intervals, no slices)."""
+
+    def is_number(v: Any) -> bool:
+        if isinstance(v, bool):
+            return False
+        return isinstance(v, int | float) or (hasattr(v, "item") and getattr(v, "ndim", None) == 0)
+
+    def numbers(block: Mapping[str, Any]) -> dict[str, float]:
+        return {str(k): float(v) for k, v in block.items() if is_number(v)}
+
+    out: dict[str, Any] = {str(k): numbers(v) for k, v in metrics.items() if isinstance(v, Mapping)}
+    out.update(numbers({k: v for k, v in metrics.items() if not isinstance(v, Mapping)}))
+    return out
+
+
+def refresh_serving(
+    event: Mapping[str, Any], *, wait_s: float = 300.0, poll_s: float = 5.0
+) -> dict[str, Any]:
+    """Serving side of a promoted bundle: load it (every checksum against its manifest) and answer
+    sample queries; then, when ``LLMREC_SERVING_URL`` (or Variable ``llmrec_serving_url``) names
+    the serving API, wait until its ``GET /version`` serves this version (the API follows
+    ``current.json`` by itself)."""
+    from llmrec_tasks.publish import serving_check
+
+    for key in ("store_uri", "namespace", "version"):
+        if not event.get(key):
+            raise ConfigError(f"bundle event metadata lacks {key!r}: {dict(event)}")
+    version = str(event["version"])
+    check = serving_check(str(event["store_uri"]), str(event["namespace"]), version)
+    result: dict[str, Any] = {"version": version, "namespace": event["namespace"], "check": check}
+    url = (airflow_variable(SERVING_URL_VARIABLE) or os.environ.get(SERVING_URL_ENV, "")).strip()
+    if not url:
+        log.info("no %s / Variable %s: not waiting for a serving API", SERVING_URL_ENV, SERVING_URL_VARIABLE)
+        result["serving"] = None
+        return result
+    result["serving"] = wait_for_serving(url, version, wait_s=wait_s, poll_s=poll_s)
+    return result
+
+
+def wait_for_serving(base_url: str, version: str, *, wait_s: float, poll_s: float) -> dict[str, Any]:
+    """Poll ``GET <base_url>/version`` until it serves ``version`` (or ``current`` moved past it)."""
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    url = base_url.rstrip("/") + "/version"
+    deadline = time.monotonic() + wait_s
+    last: Any = None
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:  # an operator-set URL
+                last = json.loads(response.read().decode() or "{}")
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            last = {"error": str(exc)}
+        if last.get("version") == version:
+            log.info("serving at %s serves %s", base_url, version)
+            return {"url": url, "state": "serving", "answer": last}
+        if last.get("current") not in (None, version):
+            log.warning("current moved on to %s before %s was served", last.get("current"), version)
+            return {"url": url, "state": "superseded", "answer": last}
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{url} did not serve {version} within {wait_s:.0f}s; last answer: {last}")
+        time.sleep(poll_s)

@@ -1,0 +1,365 @@
+"""llmrec runs in the Airflow UI: a FastAPI app mounted by the api-server at ``/llmrec`` and a
+"llmrec runs" entry in the UI's navigation that shows it.
+
+Per namespace and version: the ranker's metrics against the baselines, the quality gate's outcome,
+the promotion status (current / promoted before / rolled back / not promoted) and a link to the
+bundle's HTML report (served by this app too). Everything is read from the object store (bundle
+manifests, ``current.json`` and the run's ``stages/publish.json`` that the DAG's publish task
+records), so the page also shows bundles published from the CLI.
+
+Pages and the JSON API require the Airflow login (the UI's JWT cookie or a bearer token) and read
+permission on the ``llmrec_daily`` DAG's runs. The store is the deployment default (Variable
+``llmrec_store_uri``, env ``LLMREC_STORE_URI``, else ``$AIRFLOW_HOME/llmrec-store``); an ``s3://``
+store is read with the ``aws_default`` connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from airflow.plugins_manager import AirflowPlugin
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+log = logging.getLogger(__name__)
+
+URL_PREFIX = "/llmrec"
+DAG_ID = "llmrec_daily"
+DEFAULT_NAMESPACE = "production"
+PRIMARY_METRIC = "ndcg@10"
+METRIC_COLUMNS = ("ndcg@10", "recall@10", "mrr", "ndcg@50", "recall@50", "coverage@10")
+MAX_VERSIONS = 200
+NAMESPACE_TTL_S = 30.0
+TEMPLATES = Path(__file__).resolve().parent / "llmrec_templates"
+# The report is generated HTML: render it without scripts, forms or same-origin access, so nothing
+# in it can act with the viewer's Airflow session.
+REPORT_HEADERS = {
+    "Content-Security-Policy": "sandbox; default-src 'none'; img-src data: blob:; style-src 'unsafe-inline'; "
+    "font-src data:",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+_NAMESPACE_KEY = re.compile(r"^([^/]+)/(?:current\.json|bundles/[^/]+/manifest\.json)$")
+
+
+# --- reading the store ---------------------------------------------------------------------------
+
+
+def open_plugin_store(store_uri: str | None = None) -> Any:
+    """The deployment's store, through the ``aws_default`` connection for ``s3://``."""
+    from llmrec_tasks.airflow_glue import plugin_store_uri, s3_client_from_connection
+    from llmrec_tasks.store import open_store
+
+    uri = store_uri or plugin_store_uri()
+    client = None
+    if uri.startswith("s3://"):
+        try:
+            client = s3_client_from_connection(uri)
+        except Exception as exc:  # no connection defined: the standard AWS environment applies
+            log.warning("aws_default connection not usable (%s): using the AWS environment", exc)
+    return open_store(uri, s3_client=client)
+
+
+def list_namespaces(store: Any) -> list[str]:
+    """Namespaces that have a bundle or a current pointer (production first)."""
+    found = {m.group(1) for key in store.list("") if (m := _NAMESPACE_KEY.match(key))}
+    return sorted(found, key=lambda ns: (ns != DEFAULT_NAMESPACE, ns))
+
+
+def _read_json(store: Any, key: str) -> dict[str, Any] | None:
+    from llmrec_tasks.store import ObjectNotFound
+
+    try:
+        return json.loads(store.get_bytes(key))
+    except ObjectNotFound:
+        return None
+    except (ValueError, UnicodeDecodeError) as exc:
+        log.warning("%s is not valid JSON: %s", store.uri_for(key), exc)
+        return None
+
+
+def _models(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``{"ranker": {...}, "popularity": {...}, ...}`` -> model -> scalar metrics."""
+    out: dict[str, dict[str, float]] = {}
+    for model, block in (metrics or {}).items():
+        if isinstance(block, dict):
+            out[model] = {
+                k: float(v)
+                for k, v in block.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+    if not out and metrics:  # a flat metrics dict: the ranker alone
+        out["ranker"] = {
+            k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+    return out
+
+
+def metric_columns(models: dict[str, dict[str, float]]) -> list[str]:
+    """The metrics present in any model: the usual ones first, then the rest alphabetically."""
+    present = {name for values in models.values() for name in values}
+    known = [c for c in METRIC_COLUMNS if c in present]
+    return known + sorted(present - set(known))
+
+
+def gate_outcome(published: dict[str, Any] | None) -> dict[str, Any]:
+    """The quality gate's outcome from the publish stage's recorded result."""
+    if not published:
+        return {"status": "unknown", "reason": "no publish record for this version"}
+    gate = published.get("gate")
+    if isinstance(gate, dict) and "passed" in gate:  # recorded explicitly
+        return {"status": "passed" if gate["passed"] else "failed", "reason": gate.get("reason", "")}
+    reason = str(published.get("reason") or "")
+    if published.get("promoted"):
+        return {"status": "passed", "reason": reason}
+    if reason.startswith("quality gate"):
+        return {"status": "failed", "reason": reason}
+    return {"status": "not evaluated", "reason": reason}
+
+
+def version_rows(store: Any, namespace: str, *, limit: int = MAX_VERSIONS) -> dict[str, Any]:
+    """Every version of a namespace (newest first) with metrics, gate and promotion status."""
+    from llmrec_tasks.config import validate_name
+    from llmrec_tasks.paths import bundles_prefix, current_key, manifest_key, run_prefix
+
+    validate_name("namespace", namespace)
+    pointer = _read_json(store, current_key(namespace)) or {}
+    current = pointer.get("version")
+    promoted_before = {entry.get("version") for entry in pointer.get("history", [])}
+    rolled_back = set(pointer.get("rolled_back", []))
+
+    base = bundles_prefix(namespace) + "/"
+    versions: dict[str, set[str]] = {}
+    for key in store.list(bundles_prefix(namespace)):
+        version, _, rest = key[len(base) :].partition("/")
+        versions.setdefault(version, set()).add(rest)
+
+    rows = []
+    for version in sorted(versions, reverse=True)[:limit]:
+        files = versions[version]
+        row: dict[str, Any] = {
+            "version": version,
+            "namespace": namespace,
+            "complete": "manifest.json" in files,
+        }
+        if not row["complete"]:
+            row.update(status="incomplete", gate={"status": "unknown", "reason": "publishing or crashed"})
+            rows.append(row)
+            continue
+        manifest = _read_json(store, manifest_key(namespace, version)) or {}
+        lineage = manifest.get("lineage") or {}
+        published = _read_json(store, f"{run_prefix(namespace, version)}/stages/publish.json")
+        models = _models(manifest.get("metrics") or {})
+        ranker = models.get("ranker", {})
+        # Baselines: every other model except the ranker's own variants (e.g. ranker_no_llm).
+        baselines = {name: m for name, m in models.items() if not name.startswith("ranker")}
+        best = max(baselines.items(), key=lambda kv: kv[1].get(PRIMARY_METRIC, float("-inf")), default=None)
+        if version == current:
+            status = "current"
+        elif version in rolled_back:
+            status = "rolled back"
+        elif version in promoted_before:
+            status = "promoted before"
+        else:
+            status = "not promoted"
+        row.update(
+            status=status,
+            current=version == current,
+            logical_date=lineage.get("logical_date"),
+            created_at=manifest.get("created_at"),
+            dag_id=lineage.get("dag_id"),
+            run_id=lineage.get("run_id"),
+            params_hash=lineage.get("params_hash"),
+            models=models,
+            primary=ranker.get(PRIMARY_METRIC),
+            best_baseline=best[0] if best else None,
+            best_baseline_primary=best[1].get(PRIMARY_METRIC) if best else None,
+            gate=gate_outcome(published),
+            has_report="report.html" in (manifest.get("files") or {}),
+        )
+        if row["primary"] is not None and row["best_baseline_primary"] is not None:
+            row["lift"] = row["primary"] - row["best_baseline_primary"]
+        rows.append(row)
+    warning = None
+    if current and current not in versions:
+        warning = (
+            f"current.json names {current}, whose bundle is missing: roll back or promote another version"
+        )
+    return {
+        "namespace": namespace,
+        "current": current,
+        "pointer": pointer,
+        "versions": rows,
+        "warning": warning,
+    }
+
+
+# --- the app -------------------------------------------------------------------------------------
+
+
+async def require_dag_runs_read(request: Request) -> None:
+    """Airflow login + read access to the llmrec DAG's runs (the api-server's auth manager)."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.base_auth_manager import COOKIE_NAME_JWT_TOKEN
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+    from airflow.api_fastapi.core_api.security import resolve_user_from_token
+
+    header = request.headers.get("authorization", "")
+    token = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(COOKIE_NAME_JWT_TOKEN)
+    user = await resolve_user_from_token(token)  # 401 / 403 on a missing or bad token
+    allowed = get_auth_manager().is_authorized_dag(
+        method="GET", access_entity=DagAccessEntity.RUN, details=DagDetails(id=DAG_ID), user=user
+    )
+    if not allowed:
+        raise HTTPException(status_code=403, detail=f"Forbidden: needs read access to {DAG_ID} runs")
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def create_app(
+    store_factory: Callable[[], Any] = open_plugin_store,
+    *,
+    authorize: Callable[..., Any] = require_dag_runs_read,
+) -> FastAPI:
+    """The plugin's app; tests pass their own store factory and authorization."""
+    app = FastAPI(title="llmrec runs", docs_url=None, redoc_url=None, openapi_url=None)
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
+    env.filters["fmt"] = _fmt
+    cache: dict[str, tuple[float, list[str]]] = {}
+    lock = threading.Lock()
+    guard = [Depends(authorize)]
+
+    def namespaces(store: Any) -> list[str]:
+        with lock:
+            hit = cache.get(store.uri)
+            if hit and time.monotonic() - hit[0] < NAMESPACE_TTL_S:
+                return hit[1]
+        found = list_namespaces(store)
+        with lock:
+            cache[store.uri] = (time.monotonic(), found)
+        return found
+
+    def checked_name(kind: str, value: str) -> str:
+        from llmrec_tasks.config import validate_name
+        from llmrec_tasks.errors import ConfigError
+
+        try:
+            return validate_name(kind, value)
+        except ConfigError as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from exc
+
+    def store_or_503() -> Any:
+        from llmrec_tasks.errors import LlmrecError
+
+        try:
+            return store_factory()
+        except LlmrecError as exc:
+            raise HTTPException(status_code=503, detail=f"llmrec store not available: {exc}") from exc
+
+    def airflow_base(request: Request) -> str:
+        """Airflow's base path as seen by the browser (the app is mounted under it at /llmrec)."""
+        root = request.scope.get("root_path", "")
+        return root[: -len(URL_PREFIX)] if root.endswith(URL_PREFIX) else root
+
+    @app.get("/health", include_in_schema=False)
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/", response_class=HTMLResponse, dependencies=guard)
+    def index(request: Request, namespace: str = Query(DEFAULT_NAMESPACE)) -> HTMLResponse:
+        namespace = checked_name("namespace", namespace)
+        store = store_or_503()
+        known = namespaces(store)
+        data = version_rows(store, namespace)
+        html = env.get_template("index.html").render(
+            store_uri=store.uri,
+            namespaces=known if namespace in known else [*known, namespace],
+            namespace=namespace,
+            data=data,
+            metric=PRIMARY_METRIC,
+            airflow_base=airflow_base(request),
+            request_root=request.scope.get("root_path", ""),
+        )
+        return HTMLResponse(html)
+
+    @app.get("/versions/{namespace}/{version}", response_class=HTMLResponse, dependencies=guard)
+    def version_page(request: Request, namespace: str, version: str) -> HTMLResponse:
+        from llmrec_tasks.paths import manifest_key
+
+        namespace, version = checked_name("namespace", namespace), checked_name("version", version)
+        store = store_or_503()
+        row = next((r for r in version_rows(store, namespace)["versions"] if r["version"] == version), None)
+        manifest = _read_json(store, manifest_key(namespace, version))
+        if row is None or manifest is None:
+            raise HTTPException(status_code=404, detail=f"no published version {version!r} in {namespace!r}")
+        html = env.get_template("version.html").render(
+            row=row,
+            manifest=manifest,
+            columns=metric_columns(row.get("models") or {}),
+            namespace=namespace,
+            airflow_base=airflow_base(request),
+            request_root=request.scope.get("root_path", ""),
+        )
+        return HTMLResponse(html)
+
+    @app.get("/report/{namespace}/{version}", dependencies=guard)
+    def report(namespace: str, version: str) -> Response:
+        from llmrec_tasks.paths import bundle_prefix, manifest_key
+        from llmrec_tasks.store import ObjectNotFound
+
+        namespace, version = checked_name("namespace", namespace), checked_name("version", version)
+        store = store_or_503()
+        if not store.exists(manifest_key(namespace, version)):  # unfinished bundles are not shown
+            raise HTTPException(status_code=404, detail=f"no published version {version!r} in {namespace!r}")
+        try:
+            body = store.get_bytes(f"{bundle_prefix(namespace, version)}/report.html")
+        except ObjectNotFound as exc:
+            raise HTTPException(status_code=404, detail=f"version {version} has no report.html") from exc
+        return Response(body, media_type="text/html; charset=utf-8", headers=REPORT_HEADERS)
+
+    @app.get("/api/namespaces", dependencies=guard)
+    def api_namespaces() -> JSONResponse:
+        store = store_or_503()
+        return JSONResponse({"store_uri": store.uri, "namespaces": namespaces(store)})
+
+    @app.get("/api/versions", dependencies=guard)
+    def api_versions(namespace: str = Query(DEFAULT_NAMESPACE)) -> JSONResponse:
+        namespace = checked_name("namespace", namespace)
+        return JSONResponse(version_rows(store_or_503(), namespace))
+
+    return app
+
+
+app = create_app()
+
+
+class LlmrecPlugin(AirflowPlugin):
+    """Mounts the app and adds "llmrec runs" to the UI's Browse menu."""
+
+    name = "llmrec"
+    fastapi_apps: ClassVar[list[dict[str, Any]]] = [
+        {"app": app, "url_prefix": URL_PREFIX, "name": "llmrec runs"}
+    ]
+    external_views: ClassVar[list[dict[str, Any]]] = [
+        {
+            "name": "llmrec runs",
+            "href": URL_PREFIX.lstrip("/") + "/",
+            "url_route": "llmrec",
+            "destination": "nav",
+            "category": "browse",
+        }
+    ]

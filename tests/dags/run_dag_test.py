@@ -1,0 +1,139 @@
+"""Run ``llmrec_daily`` with ``dag.test()`` (tasks in this process, SQLite metadata DB) and print
+what the end-to-end test checks, as one JSON line prefixed ``RESULT``.
+
+    python tests/dags/run_dag_test.py '{"logical_date": "2026-11-01T00:00:00+00:00",
+                                        "conf": {...}, "runs": 2}'
+
+``"confs": [{...}, {...}]`` runs once per conf instead; ``"stub_stages": true`` swaps the stage
+functions for instant fakes (wiring only).
+
+Each run is a fresh DAG run of the same logical date (``dag.test`` replaces the previous one), like
+clearing and rerunning it. The metadata DB must be migrated (``airflow db migrate``) first.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+DAGS = Path(__file__).resolve().parents[2] / "dags"
+
+
+def _value(raw):
+    if isinstance(raw, bytes | str):
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw
+    return raw
+
+
+def summarize(dag_run, started: float) -> dict:
+    from airflow.models.asset import AssetEvent
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        tis = session.scalars(
+            select(TaskInstance).where(
+                TaskInstance.dag_id == dag_run.dag_id, TaskInstance.run_id == dag_run.run_id
+            )
+        ).all()
+        xcoms = session.scalars(
+            select(XComModel).where(
+                XComModel.dag_id == dag_run.dag_id,
+                XComModel.run_id == dag_run.run_id,
+                XComModel.key == "return_value",
+            )
+        ).all()
+        events = session.scalars(
+            select(AssetEvent).where(
+                AssetEvent.source_dag_id == dag_run.dag_id, AssetEvent.source_run_id == dag_run.run_id
+            )
+        ).all()
+        return {
+            "run_id": dag_run.run_id,
+            "state": str(dag_run.state),
+            "seconds": round(time.monotonic() - started, 1),
+            "tasks": {f"{ti.task_id}[{ti.map_index}]": str(ti.state) for ti in tis},
+            "xcom": {f"{x.task_id}[{x.map_index}]": _value(x.value) for x in xcoms},
+            "xcom_bytes": {f"{x.task_id}[{x.map_index}]": len(json.dumps(_value(x.value))) for x in xcoms},
+            "events": [{"uri": e.asset.uri, "name": e.asset.name, "extra": e.extra} for e in events],
+        }
+
+
+def install_stub_stages() -> None:
+    """Replace the stage functions by instant fakes (wiring tests): same signatures, small dicts.
+
+    The fake publish promotes unless the run conf says ``promote: false``.
+    """
+    import types
+
+    import llmrec_tasks
+    from llmrec_tasks import embed, index
+
+    def fake(name, **functions):
+        module = types.ModuleType(f"llmrec_tasks.{name}")
+        module.__dict__.update(functions)
+        sys.modules[module.__name__] = module
+        setattr(llmrec_tasks, name, module)
+
+    def run_validate(cfg):
+        version = f"{cfg.cutoff:%Y%m%dT%H%M%SZ}-stub0000-{cfg.params_hash()[:6]}"
+        work = f"{cfg.store_uri}/{cfg.namespace}/runs/{version}"
+        return {"version": version, "work_uri": work, "cutoff": cfg.cutoff.isoformat()}
+
+    fake("validate", run_validate=run_validate)
+    embed.plan_shards = lambda cfg, v: [
+        {"shard": s, "shards": cfg.encoder.shards} for s in range(cfg.encoder.shards)
+    ]
+    embed.run_embed_shard = lambda cfg, v, shard: {"shard": shard["shard"], "count": 1}
+    embed.merge_shards = lambda cfg, v, results: {"shards": sorted(r["shard"] for r in results)}
+    index.run_index = lambda cfg, v, e: {"kind": "flat"}
+    fake(
+        "train",
+        run_train=lambda cfg, v, e: {"metrics": {"ranker": {"ndcg@10": 0.3}, "popularity": {"ndcg@10": 0.1}}},
+    )
+
+    def run_publish(cfg, validated, embedded, indexed, trained):
+        return {
+            "version": validated["version"],
+            "namespace": cfg.namespace,
+            "bundle_uri": f"{cfg.store_uri}/{cfg.namespace}/bundles/{validated['version']}",
+            "manifest_uri": f"{cfg.store_uri}/{cfg.namespace}/bundles/{validated['version']}/manifest.json",
+            "metrics": trained["metrics"],
+            "promoted": cfg.promote,
+            "reason": "stub gate passed"
+            if cfg.promote
+            else "promote=False: published without moving current",
+        }
+
+    fake("publish", run_publish=run_publish)
+
+
+def main(spec: dict) -> list[dict]:
+    from airflow.dag_processing.dagbag import DagBag
+
+    if spec.get("stub_stages"):
+        install_stub_stages()
+
+    bag = DagBag(dag_folder=str(DAGS))
+    assert not bag.import_errors, bag.import_errors
+    dag = bag.dags[spec.get("dag_id", "llmrec_daily")]
+    logical_date = datetime.fromisoformat(spec["logical_date"])
+    results = []
+    confs = spec.get("confs") or [spec.get("conf") or {}] * int(spec.get("runs", 1))
+    for conf in confs:
+        started = time.monotonic()
+        dag_run = dag.test(logical_date=logical_date, run_conf=conf)
+        results.append(summarize(dag_run, started))
+    return results
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(main(json.loads(sys.argv[1])), default=str))

@@ -1,0 +1,188 @@
+"""``dag.test()`` runs of ``llmrec_daily`` in a child process with its own AIRFLOW_HOME and SQLite
+metadata DB (``tests/dags/run_dag_test.py``).
+
+- wiring: the stage functions replaced by instant fakes; checks the mapping, XComs, the cutoff and
+  the asset events (only for promoted bundles);
+- end to end: every stage for real on the generated sample into a temporary store, the published
+  bundle checked file by file against its manifest, the asset event, the UI plugin's view of the
+  run; then the same logical date again: same version, nothing published is rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.airflow_env import ROOT, airflow_env, use_test_airflow_home
+
+use_test_airflow_home()
+
+RUNNER = Path(__file__).with_name("run_dag_test.py")
+LOGICAL_DATE = "2026-11-01T00:00:00+00:00"  # after the sample's last interaction
+VERSION_PREFIX = "20261101T000000Z-"
+
+pytestmark = pytest.mark.slow
+
+
+def run_dag(tmp_path: Path, spec: dict, timeout: int) -> list[dict]:
+    home = tmp_path / "airflow-home"
+    home.mkdir(exist_ok=True)
+    env = airflow_env(home)
+    migrate = subprocess.run(
+        [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert migrate.returncode == 0, migrate.stderr[-3000:]
+    out = subprocess.run(
+        [sys.executable, str(RUNNER), json.dumps(spec)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    (tmp_path / "dag-test.log").write_text(out.stdout + out.stderr)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, (
+        f"dag.test failed (log: {tmp_path / 'dag-test.log'}):\n" + (out.stdout + out.stderr)[-5000:]
+    )
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def assert_all_success(run: dict, expected_tasks: set[str]) -> None:
+    assert run["state"] == "success", run["tasks"]
+    assert {key.split("[")[0] for key in run["tasks"]} == expected_tasks
+    failed = {k: v for k, v in run["tasks"].items() if v != "success"}
+    assert not failed, failed
+
+
+TASKS = {"config", "validate", "plan_shards", "embed_shard", "merge_shards", "index", "train", "publish"}
+
+
+def test_wiring_with_stub_stages(tmp_path):
+    """Fast check of the DAG's plumbing, independent of the ML stages."""
+    store = (tmp_path / "store").as_uri()
+    conf = {"store_uri": store, "namespace": "wiring", "encoder_shards": 3}
+    runs = run_dag(
+        tmp_path,
+        {
+            "logical_date": LOGICAL_DATE,
+            "stub_stages": True,
+            "confs": [conf, {**conf, "promote": False}],
+        },
+        timeout=300,
+    )
+    promoted, not_promoted = runs
+    for run in runs:
+        assert_all_success(run, TASKS)
+    assert sum(key.startswith("embed_shard[") for key in promoted["tasks"]) == 3
+    xcom = promoted["xcom"]
+    assert xcom["config[-1]"]["cutoff"] == LOGICAL_DATE  # the run's data interval end, not "now"
+    assert xcom["config[-1]"]["store_uri"] == store and xcom["config[-1]"]["namespace"] == "wiring"
+    assert xcom["merge_shards[-1]"] == {"shards": [0, 1, 2]}
+    version = xcom["publish[-1]"]["version"]
+    assert version.startswith(VERSION_PREFIX)
+    assert not_promoted["xcom"]["publish[-1]"]["version"] == version  # same date + params, same id
+
+    (event,) = promoted["events"]
+    assert event["uri"] == "llmrec://bundles/wiring" and event["name"] == "llmrec_bundle_wiring"
+    assert event["extra"]["version"] == version and event["extra"]["promoted"] is True
+    assert event["extra"]["metrics"] == {"ranker": {"ndcg@10": 0.3}, "popularity": {"ndcg@10": 0.1}}
+    assert not_promoted["events"] == []  # not promoted: no event
+
+    # The publish result is recorded next to the run for the UI plugin and the CLI.
+    record = tmp_path / "store" / "wiring" / "runs" / version / "stages" / "publish.json"
+    assert json.loads(record.read_text())["promoted"] is False  # the latest run's result
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def store_path(uri: str) -> Path:
+    assert uri.startswith("file://"), uri
+    return Path(uri[len("file://") :])
+
+
+def test_daily_dag_end_to_end_on_the_sample(tmp_path):
+    store_root = tmp_path / "store"
+    conf = {
+        "data_uri": "sample",
+        "store_uri": store_root.as_uri(),
+        "namespace": "e2e",
+        "encoder_shards": 2,
+        # Real training, kept short: the sample's ranker beats popularity by far either way.
+        "ranker_n_estimators": 120,
+        "ranker_train_windows": 2,
+    }
+    first, rerun = run_dag(tmp_path, {"logical_date": LOGICAL_DATE, "conf": conf, "runs": 2}, timeout=1500)
+
+    # --- first run: every stage ran and published a complete bundle ------------------------------
+    assert_all_success(first, TASKS)
+    assert sum(key.startswith("embed_shard[") for key in first["tasks"]) == 2
+    xcom = first["xcom"]
+    assert xcom["config[-1]"]["cutoff"] == LOGICAL_DATE
+    published = xcom["publish[-1]"]
+    version = published["version"]
+    assert version.startswith(VERSION_PREFIX) and xcom["validate[-1]"]["version"] == version
+    assert published["namespace"] == "e2e" and published["promoted"] is True, published["reason"]
+    # Only URIs and small dicts travel through XCom.
+    assert max(first["xcom_bytes"].values()) < 64_000, first["xcom_bytes"]
+
+    manifest_path = store_path(published["manifest_uri"])
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["version"] == version and manifest["namespace"] == "e2e"
+    bundle_dir = manifest_path.parent
+    on_disk = {p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*") if p.is_file()}
+    assert on_disk - {"manifest.json"} == set(manifest["files"])  # nothing unlisted, nothing missing
+    for name, entry in manifest["files"].items():
+        path = bundle_dir / name
+        assert path.stat().st_size == entry["size"], name
+        assert sha256(path) == entry["sha256"], name
+    for required in ("embeddings.npy", "index.faiss", "ranker.txt", "metrics.json", "report.html"):
+        assert required in manifest["files"]
+    lineage = manifest["lineage"]
+    assert lineage["dag_id"] == "llmrec_daily" and lineage["run_id"] == first["run_id"]
+    assert lineage["logical_date"].startswith("2026-11-01T00:00:00")
+    current = json.loads((store_root / "e2e" / "current.json").read_text())
+    assert current["version"] == version
+
+    # The promoted bundle is an asset event with its version, URIs and metrics.
+    (event,) = first["events"]
+    assert event["uri"] == "llmrec://bundles/e2e"
+    extra = event["extra"]
+    assert extra["version"] == version and extra["manifest_uri"] == published["manifest_uri"]
+    assert extra["metrics"]["ranker"]["ndcg@10"] == pytest.approx(manifest["metrics"]["ranker"]["ndcg@10"])
+
+    # The UI plugin shows it (after the rerun too): current, gate passed with the reason of the run
+    # that promoted it, with its report.
+    import importlib.util
+
+    from llmrec_tasks.store import open_store
+
+    spec = importlib.util.spec_from_file_location("llmrec_plugin_e2e", ROOT / "plugins" / "llmrec_plugin.py")
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    rows = plugin.version_rows(open_store(store_root.as_uri()), "e2e")["versions"]
+    (row,) = rows
+    assert row["version"] == version and row["status"] == "current"
+    assert row["gate"]["status"] == "passed" and row["has_report"]
+    assert "beats popularity" in row["gate"]["reason"], row["gate"]
+
+    # --- the same logical date again: same version, nothing published is rewritten ---------------
+    assert_all_success(rerun, TASKS)
+    again = rerun["xcom"]["publish[-1]"]
+    assert again["version"] == version
+    assert again["status"] == "already published"
+    assert json.loads(manifest_path.read_text()) == manifest
+    for name, entry in manifest["files"].items():
+        assert sha256(bundle_dir / name) == entry["sha256"], name
+    assert sorted(p.name for p in (store_root / "e2e" / "bundles").iterdir()) == [version]

@@ -1,0 +1,356 @@
+"""The Airflow glue: run config from params + run dates, store resolution, bundle asset events."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import UTC, datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from llmrec_tasks import airflow_glue as glue
+from llmrec_tasks.config import RunConfig
+from llmrec_tasks.errors import ConfigError
+from tests.airflow_env import use_test_airflow_home
+
+use_test_airflow_home()
+
+CUTOFF = datetime(2026, 10, 2, tzinfo=UTC)
+
+
+# --- store ---------------------------------------------------------------------------------------
+
+
+def test_store_param_wins_over_variable_and_env():
+    env = {glue.STORE_ENV: "s3://env/x", "AIRFLOW_HOME": "/opt/airflow"}
+    assert glue.resolve_store_uri(" file:///p ", variable_get=lambda k: "s3://var/x", env=env) == "file:///p"
+
+
+def test_store_variable_then_env_then_airflow_home(tmp_path):
+    env = {glue.STORE_ENV: "s3://env/x", "AIRFLOW_HOME": str(tmp_path)}
+    seen = []
+
+    def variable(key):
+        seen.append(key)
+        return "s3://var/x"
+
+    assert glue.resolve_store_uri("", variable_get=variable, env=env) == "s3://var/x"
+    assert seen == [glue.STORE_VARIABLE]
+    assert glue.resolve_store_uri(None, variable_get=lambda k: None, env=env) == "s3://env/x"
+    assert glue.resolve_store_uri("", variable_get=lambda k: "  ", env={"AIRFLOW_HOME": str(tmp_path)}) == (
+        (tmp_path / "llmrec-store").as_uri()
+    )
+
+
+def test_default_store_without_airflow_home_is_under_home():
+    assert glue.default_store_uri({}) == (Path.home() / "airflow" / "llmrec-store").resolve().as_uri()
+
+
+def test_s3_client_only_for_s3_stores():
+    assert glue.s3_client_from_connection("file:///tmp/x") is None
+
+
+# --- cutoff --------------------------------------------------------------------------------------
+
+
+def test_cutoff_prefers_data_interval_end():
+    end = datetime(2026, 10, 2, 0, 0, tzinfo=UTC)
+    logical = datetime(2026, 10, 1, tzinfo=UTC)
+    assert glue.run_cutoff(end, logical, datetime(2030, 1, 1, tzinfo=UTC)) == end
+
+
+def test_cutoff_falls_back_to_logical_date_then_run_after():
+    logical = datetime(2026, 10, 1, 12, tzinfo=UTC)
+    run_after = datetime(2026, 10, 3, 8, 30, tzinfo=UTC)
+    assert glue.run_cutoff(None, logical, run_after) == logical
+    assert glue.run_cutoff(None, None, run_after) == run_after
+
+
+def test_cutoff_is_plain_utc_datetime():
+    import pendulum
+
+    local = pendulum.datetime(2026, 10, 2, 2, 0, tz="Europe/Berlin")
+    cutoff = glue.run_cutoff(local)
+    assert type(cutoff) is datetime and cutoff.tzinfo == UTC
+    assert cutoff == datetime(2026, 10, 2, 0, 0, tzinfo=UTC)
+    assert glue.run_cutoff(datetime(2026, 1, 1, tzinfo=timezone(timedelta(hours=-5)))).hour == 5
+
+
+def test_cutoff_refuses_naive_or_missing_dates():
+    with pytest.raises(ConfigError, match="time zone"):
+        glue.run_cutoff(datetime(2026, 1, 1))
+    with pytest.raises(ConfigError, match="no data interval"):
+        glue.run_cutoff(None, None, None)
+
+
+# --- run config ----------------------------------------------------------------------------------
+
+
+def build(params, **kw):
+    kw.setdefault("cutoff", CUTOFF)
+    kw.setdefault("dag_id", glue.DAG_ID)
+    kw.setdefault("run_id", "scheduled__2026-10-02T00:00:00+00:00")
+    kw.setdefault("env", {"AIRFLOW_HOME": "/opt/airflow"})
+    return glue.build_run_config(params, **kw)
+
+
+def test_build_run_config_from_flat_params():
+    cfg = build(
+        {
+            "data_uri": "sample",
+            "store_uri": "",
+            "namespace": "exp-a",
+            "encoder_shards": 3,
+            "index_kind": "flat",
+            "ranker_learning_rate": 0.1,
+            "validation": {"duplicates_mostly": 0.9},
+            "promote": False,
+        }
+    )
+    assert cfg.store_uri == "file:///opt/airflow/llmrec-store"
+    assert cfg.cutoff == CUTOFF and cfg.namespace == "exp-a"
+    assert cfg.encoder.shards == 3 and cfg.index.kind == "flat" and cfg.ranker.learning_rate == 0.1
+    assert cfg.validation.duplicates_mostly == 0.9 and cfg.promote is False
+    assert cfg.dag_id == glue.DAG_ID and cfg.run_id.startswith("scheduled__")
+
+
+def test_same_run_dates_and_params_give_the_same_version_params():
+    """Reruns (other run id, other trigger time) hash the same: same version id."""
+    a = build({"namespace": "exp-a"}, run_id="scheduled__1")
+    b = build({"namespace": "exp-a"}, run_id="manual__2", dag_id="other")
+    assert a.params_hash() == b.params_hash()
+    later = build({"namespace": "exp-a"}, cutoff=CUTOFF + timedelta(days=1))
+    assert later.params_hash() != a.params_hash()
+
+
+def test_config_round_trips_through_xcom_json():
+    cfg = build({"namespace": "exp-a", "encoder_shards": 2})
+    restored = glue.task_config(json.loads(json.dumps(cfg.to_dict())))
+    assert restored == cfg
+
+
+def test_unknown_param_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown settings"):
+        build({"ranker_learnig_rate": 0.1})
+
+
+def test_backfill_into_production_is_refused():
+    with pytest.raises(ConfigError, match="experiment namespace"):
+        build({}, run_type="backfill")
+    with pytest.raises(ConfigError, match="experiment namespace"):
+        build({"namespace": "production"}, run_type="BACKFILL")
+    assert build({"namespace": "exp-bf"}, run_type="backfill").namespace == "exp-bf"
+    assert build({}, run_type="scheduled").namespace == "production"
+
+
+def test_config_from_context(monkeypatch, tmp_path):
+    monkeypatch.setenv(glue.STORE_ENV, (tmp_path / "store").as_uri())
+    monkeypatch.setattr(glue, "airflow_variable", lambda key: None)
+    dag_run = SimpleNamespace(
+        dag_id=glue.DAG_ID,
+        run_id="manual__x",
+        run_after=datetime(2026, 11, 1, 9, tzinfo=UTC),
+        run_type=SimpleNamespace(value="manual"),
+    )
+    context = {
+        "params": {"namespace": "exp-ctx", "store_uri": ""},
+        "data_interval_end": None,
+        "logical_date": None,
+        "dag_run": dag_run,
+        "run_id": "manual__x",
+    }
+    config = glue.config_from_context(context)
+    assert config["cutoff"] == "2026-11-01T09:00:00+00:00"
+    assert config["store_uri"] == (tmp_path / "store").as_uri()
+    assert config["run_id"] == "manual__x" and config["namespace"] == "exp-ctx"
+    json.dumps(config)  # XCom-able
+
+    dag_run.run_type = SimpleNamespace(value="backfill")
+    context["params"] = {}
+    with pytest.raises(ConfigError, match="experiment namespace"):
+        glue.config_from_context(context)
+
+
+# --- asset events --------------------------------------------------------------------------------
+
+
+def published(promoted=True, **extra):
+    return {
+        "version": "20261002T000000Z-abcdef12-123456",
+        "namespace": "production",
+        "bundle_uri": "file:///s/production/bundles/v",
+        "manifest_uri": "file:///s/production/bundles/v/manifest.json",
+        "promoted": promoted,
+        "reason": "ok" if promoted else "quality gate: ranker ndcg@10 0.1 does not beat popularity 0.2",
+        "metrics": {
+            "ranker": {"ndcg@10": 0.31, "ndcg@10_ci95": [0.3, 0.32], "users": 50, "slices": {"cold": {}}},
+            "popularity": {"ndcg@10": 0.12},
+        },
+        **extra,
+    }
+
+
+class FakeAccessor:
+    def __init__(self):
+        self.added = []
+
+    def add(self, asset, extra=None):
+        self.added.append((asset, extra))
+
+
+class FakeOutletEvents(dict):
+    def __missing__(self, key):
+        self[key] = FakeAccessor()
+        return self[key]
+
+
+def test_event_extra_for_a_promoted_bundle():
+    cfg = build({})
+    extra = glue.bundle_event_extra(cfg, published())
+    assert extra["version"] == "20261002T000000Z-abcdef12-123456"
+    assert extra["promoted"] is True and extra["namespace"] == "production"
+    assert extra["manifest_uri"].endswith("manifest.json") and extra["store_uri"] == cfg.store_uri
+    assert extra["metrics"] == {"ranker": {"ndcg@10": 0.31, "users": 50.0}, "popularity": {"ndcg@10": 0.12}}
+    assert extra["cutoff"] == "2026-10-02T00:00:00+00:00"
+    json.dumps(extra)
+
+
+def test_metric_summary_keeps_numbers_only():
+    np = pytest.importorskip("numpy")
+    summary = glue.metric_summary({"ranker": {"a": np.float32(0.5), "b": "x", "c": True}, "n": np.int64(3)})
+    assert summary == {"ranker": {"a": 0.5}, "n": 3.0}
+
+
+def test_no_event_when_the_gate_fails_or_promotion_is_off():
+    events = FakeOutletEvents()
+    cfg = build({})
+    assert glue.emit_bundle_event(events, cfg, published(promoted=False)) is None
+    assert glue.emit_bundle_event(events, build({"promote": False}), published(promoted=False)) is None
+    assert events == {}
+
+
+def test_event_goes_to_the_namespace_asset_through_the_alias():
+    from airflow.sdk import Asset, AssetAlias
+
+    events = FakeOutletEvents()
+    cfg = build({"namespace": "exp-a"})
+    extra = glue.emit_bundle_event(events, cfg, published(namespace="exp-a"))
+    ((alias, accessor),) = events.items()
+    assert alias == AssetAlias(name=glue.BUNDLE_ALIAS, group="llmrec")
+    ((asset, sent),) = accessor.added
+    assert isinstance(asset, Asset)
+    assert (asset.name, asset.uri) == ("llmrec_bundle_exp-a", "llmrec://bundles/exp-a")
+    assert sent == extra and sent["namespace"] == "exp-a"
+
+
+def test_after_publish_records_the_result_in_the_work_folder(tmp_path):
+    from llmrec_tasks.pipeline import load_stage
+
+    work = (tmp_path / "store" / "production" / "runs" / "v").as_uri()
+    events = FakeOutletEvents()
+    result = published(promoted=False)
+    assert glue.after_publish(events, build({}), {"work_uri": work}, result) is None
+    assert load_stage(work, "publish") == result
+
+
+def test_a_rerun_that_changed_nothing_keeps_the_publish_record(tmp_path):
+    """The record keeps the decision that was made (its gate reason), not "already current"."""
+    from llmrec_tasks.pipeline import load_stage
+
+    work = (tmp_path / "store" / "production" / "runs" / "v").as_uri()
+    first = published(status="published", reason="ranker ndcg@10 0.31 beats popularity 0.12")
+    glue.after_publish(FakeOutletEvents(), build({}), {"work_uri": work}, first)
+    rerun = published(status="already published", reason="v is already current")
+    events = FakeOutletEvents()
+    assert glue.after_publish(events, build({}), {"work_uri": work}, rerun)["version"] == first["version"]
+    assert load_stage(work, "publish")["reason"] == first["reason"]
+    assert len(next(iter(events.values())).added) == 1  # the event is emitted again (at least once)
+    # A rerun that changes the outcome (now promoted) replaces the record.
+    failed = published(promoted=False, status="published")
+    glue.after_publish(FakeOutletEvents(), build({}), {"work_uri": work}, failed)
+    later = published(status="already published", reason="now within tolerance")
+    glue.after_publish(FakeOutletEvents(), build({}), {"work_uri": work}, later)
+    assert load_stage(work, "publish")["reason"] == "now within tolerance"
+
+
+def test_triggering_event_is_the_latest_one():
+    from airflow.sdk import Asset
+
+    asset = glue.bundle_asset("production")
+    old = SimpleNamespace(timestamp=datetime(2026, 10, 1, tzinfo=UTC), extra={"version": "old"})
+    new = SimpleNamespace(timestamp=datetime(2026, 10, 2, tzinfo=UTC), extra={"version": "new"})
+    assert glue.triggering_bundle_event({asset: [new, old]}) == {"version": "new"}
+    with pytest.raises(ConfigError, match="not triggered"):
+        glue.triggering_bundle_event({})
+    assert asset == Asset(name="llmrec_bundle_production", uri="llmrec://bundles/production", group="llmrec")
+
+
+# --- serving refresh -----------------------------------------------------------------------------
+
+
+class _VersionServer:
+    """GET /version gives the answers in turn, then repeats the last one."""
+
+    def __init__(self, answers):
+        answers = list(answers)
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = json.dumps(answers.pop(0) if len(answers) > 1 else answers[0]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_refresh_serving_checks_the_bundle_and_waits_for_the_api(monkeypatch):
+    calls = []
+    monkeypatch.setattr("llmrec_tasks.publish.serving_check", lambda *a: calls.append(a) or {"ok": True})
+    monkeypatch.setattr(glue, "airflow_variable", lambda key: None)
+    server = _VersionServer([{"version": "v1", "current": None}, {"version": "v2", "current": "v2"}])
+    try:
+        monkeypatch.setenv(glue.SERVING_URL_ENV, server.url)
+        event = {"store_uri": "file:///s", "namespace": "production", "version": "v2"}
+        result = glue.refresh_serving(event, wait_s=5, poll_s=0.01)
+    finally:
+        server.close()
+    assert calls == [("file:///s", "production", "v2")]
+    assert result["check"] == {"ok": True} and result["serving"]["state"] == "serving"
+
+
+def test_refresh_serving_without_api_only_checks(monkeypatch):
+    monkeypatch.setattr("llmrec_tasks.publish.serving_check", lambda *a: {"ok": True})
+    monkeypatch.setattr(glue, "airflow_variable", lambda key: None)
+    monkeypatch.delenv(glue.SERVING_URL_ENV, raising=False)
+    result = glue.refresh_serving({"store_uri": "file:///s", "namespace": "production", "version": "v"})
+    assert result["serving"] is None
+    with pytest.raises(ConfigError, match="version"):
+        glue.refresh_serving({"store_uri": "file:///s", "namespace": "production"})
+
+
+def test_wait_for_serving_times_out():
+    server = _VersionServer([{"version": "old", "current": None}])
+    try:
+        with pytest.raises(TimeoutError, match="did not serve"):
+            glue.wait_for_serving(server.url, "new", wait_s=0.05, poll_s=0.01)
+    finally:
+        server.close()
+
+
+def test_run_config_defaults_match_dataclass():
+    """Guard for the DAG params' defaults: RunConfig defaults are what the form shows."""
+    assert build({}).encoder == RunConfig(store_uri="file:///x").encoder
