@@ -1,0 +1,207 @@
+"""Ranker features for (user, candidate) pairs: the same function in training, benchmark and serving.
+
+Serving (per request), from a published bundle::
+
+    ctx = candidates.context_from_artifacts(item_ids, embeddings, serving_stats, item_neighbors,
+                                            spec["context"], spec["stats_end"])
+    hist = candidates.Histories.from_lists([history_item_indices], [history_unix_seconds], [now])
+    cands = candidates.generate_candidates(ctx, hist, candidates.CandidateParams(**spec["candidates"]))
+    X = features.build_features(ctx, hist, cands)          # columns = spec["features"]
+    scores = booster.predict(X)                             # LightGBM from ranker.txt
+
+``build_features(ctx, hist, cands) -> np.ndarray`` returns a float32 matrix with one row per
+candidate (in ``cands`` order) and the columns :data:`FEATURE_NAMES`; NaN marks "not available"
+(LightGBM's missing value). It is pure and vectorised over users.
+
+Feature groups: candidate-source scores and ranks (FAISS semantic neighbours, co-visitation,
+item-kNN, EASE, popularity); LLM features (similarity of the item to the recency-weighted and
+long-term profile of the user's history, to each of the last k items, to the user's favourite
+categories, text-side item attributes); collaborative item features (popularity in recent windows,
+trend, age, mean weight) and user features (activity, recency). :data:`LLM_FEATURES` lists the
+columns the "no LLM features" ablation drops.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from llmrec_tasks.candidates import (
+    DAY,
+    SOURCES,
+    CandidateSet,
+    Histories,
+    RankContext,
+    user_profiles,
+)
+
+LAST_K = 5  # similarity to each of the last k items
+RECENT_N = 20  # max / mean similarity over the last n items
+
+SOURCE_FEATURES = [f"{s}_score" for s in SOURCES] + [f"{s}_rank" for s in SOURCES]
+LLM_FEATURES = [
+    "faiss_profile_score",
+    "faiss_last_score",
+    "faiss_profile_rank",
+    "faiss_last_rank",
+    "sem_longterm",
+    *[f"sem_last_{k + 1}" for k in range(LAST_K)],
+    "sem_recent_max",
+    "sem_recent_mean",
+    "sem_category",
+    "item_centrality",
+    "item_text_len",
+]
+OTHER_FEATURES = [
+    "next_last1",
+    "prev_last1",
+    "cooc_last1",
+    "next_support",
+    "cooc_recent",
+    "cat_affinity",
+    "cat_affinity_recent",
+    "item_n_categories",
+    "item_pop_log",
+    "item_pop_before",
+    *["item_pop_w0", "item_pop_w1"],
+    "item_trend",
+    "item_age_days",
+    "item_idle_days",
+    "item_weight_mean",
+    "user_hist_len",
+    "user_span_days",
+    "user_idle_days",
+    "user_last_gap_days",
+    "user_burst",
+    "user_pop_log_mean",
+    "pop_vs_user",
+]
+FEATURE_NAMES = list(dict.fromkeys(SOURCE_FEATURES + LLM_FEATURES + OTHER_FEATURES))
+
+
+def build_features(ctx: RankContext, hist: Histories, cands: CandidateSet) -> np.ndarray:
+    """Feature matrix ``(len(cands.items), len(FEATURE_NAMES))`` float32 (see module docstring)."""
+    n_rows = len(cands.items)
+    cols: dict[str, np.ndarray] = {}
+    for j, source in enumerate(SOURCES):
+        cols[f"{source}_score"] = cands.scores[:, j]
+        cols[f"{source}_rank"] = cands.ranks[:, j]
+    user_of = cands.user_of
+    items = cands.items
+    ref = hist.ref_ts[user_of]
+    cols.update(_semantic(ctx, hist, cands))
+    cols.update(_categories(ctx, hist, cands))
+
+    cols.update(_item_links(ctx, hist, cands))
+    cols["item_n_categories"] = np.diff(ctx.categories.indptr)[items]
+    cols["item_text_len"] = ctx.item_text_len[items]
+    cols["item_pop_log"] = np.log1p(ctx.item_pop[items])
+    cols["item_pop_before"] = np.log1p(ctx.pop_before(items, ref))
+    w0, w1 = ctx.params.pop_windows[0], ctx.params.pop_windows[-1]
+    pop_w0 = ctx.window_counts(items, ref, w0)
+    pop_w1 = ctx.window_counts(items, ref, w1)
+    cols["item_pop_w0"] = pop_w0
+    cols["item_pop_w1"] = pop_w1
+    cols["item_trend"] = (pop_w0 + 1.0) / (pop_w1 * (w0 / w1) + 1.0)
+    cols["item_age_days"] = (ref - ctx.first_before(items, ref)) / DAY
+    cols["item_idle_days"] = (ref - ctx.last_before(items, ref)) / DAY
+    cols["item_weight_mean"] = ctx.item_weight[items]
+
+    lengths = hist.lengths
+    first_ts = np.where(lengths > 0, hist.ts[np.minimum(hist.indptr[:-1], max(len(hist.ts) - 1, 0))], np.nan)
+    last_idx = np.maximum(hist.indptr[1:] - 1, 0)
+    last_ts = np.where(lengths > 0, hist.ts[last_idx] if len(hist.ts) else np.nan, np.nan)
+    prev_ts = np.where(lengths > 1, hist.ts[np.maximum(last_idx - 1, 0)] if len(hist.ts) else np.nan, np.nan)
+    user_of_hist = np.repeat(np.arange(hist.n_users), lengths)
+    burst = np.bincount(
+        user_of_hist, weights=(hist.ts >= last_ts[user_of_hist] - 60.0), minlength=hist.n_users
+    )
+    pop_log = np.log1p(ctx.item_pop[hist.items])
+    user_pop = np.bincount(user_of_hist, weights=pop_log, minlength=hist.n_users) / np.maximum(lengths, 1)
+    cols["user_hist_len"] = lengths[user_of]
+    cols["user_span_days"] = ((last_ts - first_ts) / DAY)[user_of]
+    cols["user_idle_days"] = ((hist.ref_ts - last_ts) / DAY)[user_of]
+    cols["user_last_gap_days"] = ((last_ts - prev_ts) / DAY)[user_of]
+    cols["user_burst"] = burst[user_of]
+    cols["user_pop_log_mean"] = user_pop[user_of]
+    cols["pop_vs_user"] = cols["item_pop_log"] - user_pop[user_of]
+
+    out = np.empty((n_rows, len(FEATURE_NAMES)), dtype=np.float32)
+    for j, name in enumerate(FEATURE_NAMES):
+        out[:, j] = cols[name]
+    return out
+
+
+def _item_links(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[str, np.ndarray]:
+    """Relation values between each candidate and the user's most recent items."""
+    user_of = cands.user_of
+    last = hist.last(ctx.params.recent_items)[user_of]
+    out = {}
+    for name in ("next", "prev", "cooc"):
+        rel = ctx.relations[name]
+        values = np.zeros((len(cands.items), last.shape[1]), dtype=np.float32)
+        for p in range(last.shape[1]):
+            ok = last[:, p] >= 0
+            values[ok, p] = np.asarray(rel[last[ok, p], cands.items[ok]]).ravel()
+        out[f"{name}_last1"] = values[:, 0]
+        if name == "next":
+            out["next_support"] = (values > 0).sum(axis=1).astype(np.float32)
+        if name == "cooc":
+            out["cooc_recent"] = values.mean(axis=1)
+    return out
+
+
+def _semantic(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[str, np.ndarray]:
+    """Similarities of each candidate to the user's long-term profile and recent items."""
+    n_rows = len(cands.items)
+    emb = ctx.embeddings
+    _, longterm = user_profiles(ctx, hist)
+    user_of = cands.user_of
+    cand_emb = emb[cands.items]
+    out = {"sem_longterm": np.einsum("nd,nd->n", cand_emb, longterm[user_of])}
+    recent = hist.last(RECENT_N)
+    sims = np.full((n_rows, RECENT_N), np.nan, dtype=np.float32)
+    for u in range(cands.n_users):
+        lo, hi = cands.indptr[u], cands.indptr[u + 1]
+        valid = recent[u][recent[u] >= 0]
+        if hi > lo and valid.size:
+            sims[lo:hi, : valid.size] = cand_emb[lo:hi] @ emb[valid].T
+    for k in range(LAST_K):
+        out[f"sem_last_{k + 1}"] = sims[:, k]
+    any_recent = ~np.isnan(sims).all(axis=1)
+    filled = np.where(np.isnan(sims), -np.inf, sims)
+    out["sem_recent_max"] = np.where(any_recent, filled.max(axis=1), np.nan)
+    counts = (~np.isnan(sims)).sum(axis=1)
+    out["sem_recent_mean"] = np.where(any_recent, np.nansum(sims, axis=1) / np.maximum(counts, 1), np.nan)
+    centroid = emb.mean(axis=0)
+    centroid /= max(float(np.linalg.norm(centroid)), 1e-9)
+    out["item_centrality"] = (emb @ centroid)[cands.items]
+    return out
+
+
+def _categories(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[str, np.ndarray]:
+    """Category affinity (share of the user's recency-weighted history in the item's categories)
+    and semantic similarity of the item to the centroid of the user's favourite categories."""
+    user_of = cands.user_of
+    n_rows = len(cands.items)
+    cats = ctx.categories
+    if cats.shape[1] == 0:
+        zeros = np.zeros(n_rows, dtype=np.float32)
+        return {"cat_affinity": zeros, "cat_affinity_recent": zeros, "sem_category": zeros}
+    pos = hist.position_from_end()
+    out = {}
+    for name, weights in (
+        ("cat_affinity", np.power(0.5, pos / ctx.params.profile_half_life)),
+        ("cat_affinity_recent", (pos < ctx.params.recent_items).astype(float)),
+    ):
+        share = hist.weight_matrix(ctx.n_items, weights) @ cats
+        totals = np.asarray(share.sum(axis=1)).ravel()
+        share = sp.csr_matrix(sp.diags(1.0 / np.maximum(totals, 1e-9)) @ share)
+        out[name] = np.asarray(cats[cands.items].multiply(share[user_of]).sum(axis=1)).ravel()
+        if name == "cat_affinity":
+            cat_emb = np.asarray(cats.T @ ctx.embeddings)
+            cat_emb /= np.maximum(np.linalg.norm(cat_emb, axis=1, keepdims=True), 1e-9)
+            user_vec = np.asarray(share @ cat_emb)
+            user_vec /= np.maximum(np.linalg.norm(user_vec, axis=1, keepdims=True), 1e-9)
+            out["sem_category"] = np.einsum("nd,nd->n", ctx.embeddings[cands.items], user_vec[user_of])
+    return out

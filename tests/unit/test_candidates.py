@@ -1,0 +1,130 @@
+"""Candidate generation: relations, histories, popularity windows, serving round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from llmrec_tasks import constants as C
+from llmrec_tasks.candidates import (
+    SOURCES,
+    CandidateParams,
+    Histories,
+    ItemTimes,
+    context_from_artifacts,
+    encode_events,
+    generate_candidates,
+    item_order,
+    serving_frames,
+)
+from llmrec_tasks.evaluate import Targets
+from llmrec_tasks.features import build_features
+from tests.unit.ranking_data import N_ITEMS, N_USERS, chain_context, chain_events, embeddings, items_frame
+
+PARAMS = CandidateParams(num_candidates=12, per_source=5, rank_depth=20)
+
+
+@pytest.fixture(scope="module")
+def chain():
+    events, users = chain_events()
+    ctx = chain_context(events, len(users))
+    return events, users, ctx
+
+
+def test_next_item_is_a_top_candidate(chain):
+    events, users, ctx = chain
+    hist = Histories.from_events(events, len(users))
+    last = hist.last(1)[:, 0]
+    expected = (last + 1) % N_ITEMS
+    cands = generate_candidates(ctx, hist, PARAMS, targets=Targets.single(expected))
+    next_col = SOURCES.index("next")
+    for u in range(hist.n_users):
+        lo, hi = cands.indptr[u], cands.indptr[u + 1]
+        row = np.flatnonzero(cands.items[lo:hi] == expected[u])
+        assert row.size == 1, f"user {u}: next item {expected[u]} missing from candidates"
+        assert cands.ranks[lo + row[0], next_col] == 1
+    assert cands.source_recall["next"] == 1.0
+    assert cands.source_recall["all"] == 1.0
+
+
+def test_candidates_exclude_history_and_respect_cap(chain):
+    events, users, ctx = chain
+    hist = Histories.from_events(events, len(users))
+    cands = generate_candidates(ctx, hist, PARAMS)
+    sizes = np.diff(cands.indptr)
+    assert sizes.max() <= PARAMS.num_candidates
+    for u in range(hist.n_users):
+        seen = set(hist.items[hist.indptr[u] : hist.indptr[u + 1]].tolist())
+        assert not seen & set(cands.items[cands.indptr[u] : cands.indptr[u + 1]].tolist())
+    assert cands.scores.shape == cands.ranks.shape == (len(cands.items), len(SOURCES))
+    assert cands.ranks.min() >= 1 and cands.ranks.max() <= PARAMS.rank_depth + 1
+
+
+def test_user_without_history_gets_popular_items(chain):
+    _, _, ctx = chain
+    hist = Histories.from_lists([np.zeros(0, np.int64)], [np.zeros(0)], np.array([ctx.stats_end]))
+    cands = generate_candidates(ctx, hist, PARAMS)
+    assert 0 < len(cands.items) <= PARAMS.per_source
+    assert np.all(cands.ranks[:, SOURCES.index("pop")] <= PARAMS.per_source)
+
+
+def test_histories_last_and_positions():
+    hist = Histories.from_lists(
+        [np.array([4, 5, 6]), np.array([], dtype=np.int64), np.array([9])],
+        [np.array([1.0, 2.0, 3.0]), np.array([]), np.array([5.0])],
+        np.array([3.0, 0.0, 5.0]),
+    )
+    assert hist.last(2).tolist() == [[6, 5], [-1, -1], [9, -1]]
+    assert hist.position_from_end().tolist() == [2, 1, 0, 0]
+    assert hist.subset(np.array([2, 0])).items.tolist() == [9, 4, 5, 6]
+
+
+def test_item_times_windows():
+    times = ItemTimes.build(np.array([0, 0, 1, 1, 1]), np.array([10.0, 20.0, 15.0, 30.0, 40.0]))
+    items = np.array([0, 1, 1])
+    assert times.count(items, np.array([0.0, 0.0, 20.0]), np.array([20.0, 20.0, 40.0])).tolist() == [2, 1, 2]
+    # The 2 events before t=30 (inclusive) start after t=15 (events at 20 and 30).
+    assert times.window_start(np.array([30.0]), 2).tolist() == [15.0]
+    assert times.first_before(np.array([0, 1, 1]), np.array([5.0, 20.0, 40.0]))[1:].tolist() == [15.0, 15.0]
+    assert np.isnan(times.first_before(np.array([0]), np.array([5.0]))[0])
+    assert times.last_before(np.array([1]), np.array([35.0])).tolist() == [30.0]
+
+
+def test_ties_are_broken_by_natural_item_order():
+    frame = pd.DataFrame(
+        {
+            C.USER_ID: ["u", "u", "u"],
+            C.ITEM_ID: ["10", "9", "2"],
+            C.TIMESTAMP: pd.to_datetime([5, 5, 1], unit="s", utc=True),
+            C.WEIGHT: 1.0,
+        }
+    )
+    index = pd.Index(["10", "9", "2"])
+    events, _ = encode_events(frame, index)
+    assert index[events.item].tolist() == ["2", "9", "10"]  # numeric order, not "10" < "9"
+    assert item_order(["b", "a", "c"]).tolist() == [1, 0, 2]
+
+
+def test_serving_context_reproduces_training_features(chain):
+    """Candidates and features from published artifacts equal those of the training context."""
+    events, users, ctx = chain
+    item_ids = items_frame()[C.ITEM_ID].tolist()
+    stats, neighbours = serving_frames(ctx, item_ids)
+    served = context_from_artifacts(item_ids, embeddings(), stats, neighbours, ctx.params.to_dict(), ctx.stats_end)
+    hist = Histories.from_events(events, N_USERS, ref_ts=np.full(N_USERS, ctx.stats_end))
+    a = generate_candidates(ctx, hist, PARAMS)
+    b = generate_candidates(served, hist, PARAMS)
+    np.testing.assert_array_equal(a.items, b.items)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
+    np.testing.assert_allclose(build_features(ctx, hist, a), build_features(served, hist, b), rtol=1e-5)
+
+
+def test_serving_context_rejects_mismatched_items(chain):
+    from llmrec_tasks.errors import DataContractError
+
+    _, _, ctx = chain
+    item_ids = items_frame()[C.ITEM_ID].tolist()
+    stats, neighbours = serving_frames(ctx, item_ids)
+    with pytest.raises(DataContractError, match="inconsistent"):
+        context_from_artifacts(item_ids[::-1], embeddings(), stats, neighbours, ctx.params.to_dict(), 0.0)
