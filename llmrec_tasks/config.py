@@ -44,7 +44,7 @@ class EncoderConfig:
 class IndexConfig:
     """FAISS index settings (stage `index`)."""
 
-    kind: str = "auto"  # auto | flat | hnsw | ivf | ivfpq
+    kind: str = "auto"  # auto | flat | hnsw | ivf | ivfsq8 | ivfpq
     memory_budget_mb: int = 2048
     recall_floor: float = 0.95
 
@@ -55,12 +55,19 @@ class RankerConfig:
 
     num_candidates: int = 200
     learning_rate: float = 0.05
-    num_leaves: int = 31
+    num_leaves: int = 15
     n_estimators: int = 500
-    min_data_in_leaf: int = 20
+    min_data_in_leaf: int = 100
     early_stopping_rounds: int = 50
     eval_days: float = 0.0  # 0: hold out the latest 10% of the time span
     seed: int = 42
+    per_source: int = 60  # candidates each source (FAISS, co-visitation, EASE, ...) contributes
+    train_windows: int = 8  # training groups: this many earlier windows (LOO: positions) per user
+    negative_fraction: float = 0.3  # share of non-target candidates kept in training groups (speed)
+    truncation_level: int = 12  # lambdarank_truncation_level, a little above the NDCG cutoff 10
+    feature_fraction: float = 0.8
+    bagging_fraction: float = 0.8
+    num_threads: int = 1  # fixed for reproducibility; 1 is fastest on a shared 2-core machine
 
 
 @dataclass(frozen=True)
@@ -121,12 +128,19 @@ class RunConfig:
             raise ConfigError(f"encoder max_length must be in [8, 512], got {self.encoder.max_length}")
         if not 1 <= self.encoder.shards <= 256:
             raise ConfigError(f"encoder shards must be in [1, 256], got {self.encoder.shards}")
-        if self.index.kind not in ("auto", "flat", "hnsw", "ivf", "ivfpq"):
-            raise ConfigError(f"index kind must be auto|flat|hnsw|ivf|ivfpq, got {self.index.kind!r}")
+        if self.index.kind not in ("auto", "flat", "hnsw", "ivf", "ivfsq8", "ivfpq"):
+            raise ConfigError(f"index kind must be auto|flat|hnsw|ivf|ivfsq8|ivfpq, got {self.index.kind!r}")
         if not 0 < self.index.recall_floor <= 1:
             raise ConfigError(f"index recall_floor must be in (0, 1], got {self.index.recall_floor}")
         if self.ranker.num_candidates < 10:
             raise ConfigError(f"num_candidates must be at least 10, got {self.ranker.num_candidates}")
+        if not 1 <= self.ranker.per_source <= self.ranker.num_candidates:
+            raise ConfigError(f"ranker per_source must be in [1, num_candidates], got {self.ranker.per_source}")
+        if self.ranker.train_windows < 1:
+            raise ConfigError(f"ranker train_windows must be at least 1, got {self.ranker.train_windows}")
+        fractions = (self.ranker.feature_fraction, self.ranker.bagging_fraction, self.ranker.negative_fraction)
+        if not all(0 < f <= 1 for f in fractions):
+            raise ConfigError("ranker feature_fraction, bagging_fraction and negative_fraction must be in (0, 1]")
         for f in fields(ValidationConfig):
             value = getattr(self.validation, f.name)
             if f.name.endswith("_mostly") and not 0 <= value <= 1:
