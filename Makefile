@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 DEMO_STORE := file://$(DEMO_DIR)/store
 DEMO_DATE ?= 2026-11-01
 
-.PHONY: install demo test test-fast test-integration lint format bench clean
+.PHONY: install system-deps demo test test-fast lint format clean
 
 install: $(STAMP)
 
@@ -33,7 +33,13 @@ demo: install
 		|| { tail -n 60 $(DEMO_DIR)/dags-test.log; exit 1; }
 	@$(BIN)/llmrec summary --store $(DEMO_STORE) --namespace production
 
-test: install
+# The browser tests drive Debian's Chromium (Playwright cannot download its own browser here).
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium for the browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: install system-deps lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: install
