@@ -1,0 +1,175 @@
+"""Encoder correctness, incremental refresh and shard-count independence of the embed stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmrec_tasks import constants as C
+from llmrec_tasks import embed, paths
+from llmrec_tasks.config import EncoderConfig, RunConfig
+from llmrec_tasks.data import Dataset, write_snapshot
+from llmrec_tasks.errors import StoreError
+from llmrec_tasks.store import open_store
+
+TEXTS = [
+    "Distant Nebula I. A story about astronauts exploring a distant planet. Categories: Space",
+    "Pasta",
+    "Smoky Saxophone II. Legendary jazz clubs of New York, and improvisation in small jazz combos.",
+    "x",
+    "Backyard Garden. Growing vegetables in small spaces. Categories: Gardening, Cooking",
+    "Ancient Empire IV. The rise and fall of the Roman empire, and letters from soldiers of the great war, "
+    "and the dynasties of ancient China, told through the daily life of a medieval village. " * 3,
+    "Pasta",
+]
+
+
+def test_plan_batches_sorts_by_length_and_respects_budgets():
+    lengths = np.array([5, 50, 3, 50, 7, 100, 4])
+    batches = embed.plan_batches(lengths, batch_size=3, token_budget=120)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    for rows in batches:
+        assert len(rows) <= 3
+        assert len(rows) == 1 or len(rows) * lengths[rows].max() <= 120
+    flat = np.concatenate(batches)
+    assert (np.diff(lengths[flat]) >= 0).all()
+
+
+def test_cache_keys_change_with_text_and_encoder_identity():
+    a = embed.cache_keys(["one", "two", "one"], "enc-a")
+    b = embed.cache_keys(["one"], "enc-b")
+    assert a[0] == a[2] != a[1]
+    assert a[0] != b[0]
+    assert len(a[0]) == 64
+
+
+@pytest.mark.slow
+def test_length_sorted_batches_equal_one_by_one_encoding():
+    cfg = EncoderConfig(precision="fp32", batch_size=4)
+    together = embed.encode_texts(TEXTS, cfg)
+    alone = np.vstack([embed.encode_texts([t], cfg) for t in TEXTS])
+    np.testing.assert_allclose(together, alone, atol=2e-5)
+    np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_embeddings_match_sentence_transformers(precision):
+    from sentence_transformers import SentenceTransformer
+
+    cfg = EncoderConfig(precision=precision, max_length=128)
+    ours = embed.encode_texts(TEXTS, cfg)
+    st = SentenceTransformer(str(embed.resolve_model_path("default")), device="cpu")
+    st.max_seq_length = cfg.max_length
+    reference = st.encode(TEXTS, normalize_embeddings=True, convert_to_numpy=True)
+    assert (ours * reference).sum(1).min() >= 0.999
+
+
+@pytest.mark.slow
+def test_onnx_int8_agrees_with_fp32(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMREC_ONNX_CACHE", str(tmp_path / "onnx"))
+    fp32 = embed.encode_texts(TEXTS, EncoderConfig(precision="fp32"))
+    int8 = embed.encode_texts(TEXTS, EncoderConfig(backend="onnx-int8"))
+    assert (fp32 * int8).sum(1).min() >= 0.98
+    assert any((tmp_path / "onnx").rglob("model.int8.onnx"))
+
+
+# --- stage: incremental refresh and shards -----------------------------------------------------
+
+
+def _items(
+    n: int, changed: dict[int, str] | None = None, drop: tuple[int, ...] = (), copies: tuple[int, ...] = ()
+) -> Dataset:
+    """First ``n`` sample items; ``changed`` texts, ``drop``ped rows, rows made ``copies`` of row 0."""
+    import pandas as pd
+
+    from llmrec_tasks.sample import generate_sample
+
+    items = generate_sample().items.head(n).copy()
+    for i, text in (changed or {}).items():
+        items.loc[i, C.TEXT] = text
+    for i in copies:
+        items.loc[i, [C.TITLE, C.TEXT, C.CATEGORIES]] = items.loc[
+            0, [C.TITLE, C.TEXT, C.CATEGORIES]
+        ].to_numpy()
+    items = items.drop(index=list(drop)).reset_index(drop=True)
+    inter = pd.DataFrame(
+        {C.USER_ID: ["u1"], C.ITEM_ID: [items[C.ITEM_ID].iloc[0]], C.TIMESTAMP: [0], C.WEIGHT: [1.0]}
+    )
+    return Dataset(items=items, interactions=inter)
+
+
+def _run(store_uri: str, version: str, data: Dataset, **encoder: object) -> tuple[RunConfig, dict, dict]:
+    cfg = RunConfig.from_dict({"store_uri": store_uri, "encoder": {"precision": "fp32", **encoder}})
+    store = open_store(store_uri)
+    prefix = paths.run_prefix(cfg.namespace, version)
+    write_snapshot(data, store, prefix)
+    validated = {"version": version, "work_uri": store.uri_for(prefix)}
+    return cfg, validated, embed.run_embed(cfg, validated)
+
+
+def _publish(store_uri: str, version: str, result: dict) -> None:
+    """What the publish stage does with our outputs: copy every *_uri artifact, move current."""
+    from llmrec_tasks.store import split_uri
+
+    root = open_store(store_uri)
+    for key, uri in result.items():
+        if key.endswith("_uri"):
+            src, name = split_uri(uri)
+            root.put_bytes(f"{paths.bundle_prefix('production', version)}/{name}", src.get_bytes(name))
+    root.put_bytes(paths.current_key("production"), json.dumps({"version": version}).encode())
+
+
+@pytest.mark.slow
+def test_incremental_refresh_encodes_only_changed_items(store_uri):
+    _, _, first = _run(store_uri, "v1", _items(30))
+    assert (first["reused"], first["encoded"], first["n_items"]) == (0, 30, 30)
+    assert first["encoder"]["backend"] == "torch" and first["encoder"]["quantized"] is False
+    _publish(store_uri, "v1", first)
+
+    # Two texts change, one item is removed, one is added (item 30 is new).
+    changed = {3: "A brand new description about deep sea diving.", 7: "Another rewrite about chess."}
+    new = _items(31, changed=changed, drop=(5,))
+    _, _, second = _run(store_uri, "v2", new)
+    assert second["reused"] == 27 and second["encoded"] == 3 and second["n_items"] == 30
+    assert second["reused_from"] == "v1"
+
+    ids, vectors = embed.read_embeddings(second)
+    assert ids == new.items[C.ITEM_ID].tolist()
+    assert "i00005" not in ids
+    # Same as a full refresh of the same snapshot.
+    full_store = (Path(store_uri.removeprefix("file://")).parent / "full").as_uri()
+    _, _, full = _run(full_store, "v2", new)
+    assert full["reused"] == 0
+    full_ids, full_vectors = embed.read_embeddings(full)
+    assert full_ids == ids
+    np.testing.assert_allclose(vectors, full_vectors, atol=2e-5)
+    keys = json.loads(open_store(store_uri).get_bytes(f"production/runs/v2/{C.EMBEDDING_KEYS}"))["keys"]
+    assert len(keys) == len(ids)
+
+
+@pytest.mark.slow
+def test_shard_count_does_not_change_the_bytes(tmp_path):
+    data = _items(40, copies=(1, 2))  # identical texts are encoded once
+    one_uri = (tmp_path / "one").as_uri()
+    three_uri = (tmp_path / "three").as_uri()
+    _, _, one = _run(one_uri, "v1", data, batch_size=4, shards=1)
+    cfg, validated, _ = _run(three_uri, "v1", data, batch_size=4, shards=3)
+
+    # The mapped-task path: plan, shards in any order, merge.
+    shards = embed.plan_shards(cfg, validated)
+    assert [s["shard"] for s in shards] == [0, 1, 2] and all(s["count"] > 0 for s in shards)
+    results = [embed.run_embed_shard(cfg, validated, s) for s in reversed(shards)]
+    three = embed.merge_shards(cfg, validated, results)
+    assert three["texts_encoded"] == 38 and three["encoded"] == 40
+
+    def raw(result: dict) -> bytes:
+        store = open_store(result["embeddings_uri"].rsplit("/", 1)[0])
+        return store.get_bytes(C.EMBEDDINGS)
+
+    assert raw(one) == raw(three)
+    with pytest.raises(StoreError, match=r"expected 0\.\.2"):
+        embed.merge_shards(cfg, validated, results[:2])

@@ -1,0 +1,133 @@
+"""Index kind choice, recall tuning against exact search, and the recall floor."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from llmrec_tasks import constants as C
+from llmrec_tasks import index as ix
+from llmrec_tasks.config import RunConfig
+from llmrec_tasks.errors import ConfigError, IndexRecallError
+from llmrec_tasks.store import open_store
+
+
+@pytest.mark.parametrize(
+    "n, budget_mb, kind",
+    [
+        (1_000, 2048, "flat"),
+        (50_000, 2048, "flat"),
+        (200_000, 2048, "ivf"),
+        (1_000_000, 2048, "ivf"),
+        (1_000_000, 1400, "ivfsq8"),  # float32 vectors (1465 MB) do not fit, 8-bit ones do
+        (1_000_000, 300, "ivfpq"),
+        (1_000_000, 300, "ivfpq"),
+        (10_000, 3, "ivfpq"),  # even a small catalog goes compressed under a tiny budget
+    ],
+)
+def test_auto_kind_follows_size_and_memory_budget(n, budget_mb, kind):
+    choice = ix.choose_kind(n, 384, budget_mb)
+    assert choice["kind"] == kind
+    assert choice["estimated_mb"] <= budget_mb
+    if kind == "ivfpq":
+        assert 384 % choice["pq_m"] == 0 and choice["pq_m"] <= 192
+
+
+def test_explicit_kind_wins_and_impossible_budget_is_refused():
+    assert ix.choose_kind(1_000, 384, 2048, "hnsw")["kind"] == "hnsw"
+    with pytest.raises(ConfigError, match="memory_budget"):
+        ix.choose_kind(10_000_000, 384, 10)
+
+
+def test_recall_counts_ties_with_the_kth_exact_score_as_found():
+    vectors = np.eye(4, dtype=np.float32)[[0, 0, 1, 2]]  # items 0 and 1 are identical
+    queries = np.eye(4, dtype=np.float32)[:1]
+    exact_ids = np.array([[0]])
+    exact_scores = np.array([[1.0]], dtype=np.float32)
+    assert ix.recall_at_k(vectors, queries, np.array([[1]]), exact_ids, exact_scores) == 1.0
+    assert ix.recall_at_k(vectors, queries, np.array([[2]]), exact_ids, exact_scores) == 0.0
+    assert ix.recall_at_k(vectors, queries, np.array([[-1]]), exact_ids, exact_scores) == 0.0
+
+
+def clustered(n: int, d: int, clusters: int, seed: int = 0) -> np.ndarray:
+    """Unit vectors around random centres: the structure real text embeddings have."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, d))
+    x = centres[rng.integers(clusters, size=n)] + 0.6 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _work(store_uri: str, vectors: np.ndarray, users: int = 300) -> tuple[dict, dict]:
+    store = open_store(store_uri)
+    work = "production/runs/v1"
+    buf = io.BytesIO()
+    np.save(buf, vectors)
+    store.put_bytes(f"{work}/{C.EMBEDDINGS}", buf.getvalue())
+    ids = [f"i{i}" for i in range(len(vectors))]
+    store.put_bytes(f"{work}/{C.ITEM_IDS}", json.dumps(ids).encode())
+    rng = np.random.default_rng(1)
+    inter = pd.DataFrame(
+        {C.USER_ID: [f"u{u}" for u in range(users) for _ in range(5)], C.ITEM_ID: rng.choice(ids, users * 5)}
+    )
+    buf = io.BytesIO()
+    inter.to_parquet(buf, index=False)
+    store.put_bytes(f"{work}/{C.SNAPSHOT_INTERACTIONS}", buf.getvalue())
+    embedded = {
+        "embeddings_uri": store.uri_for(f"{work}/{C.EMBEDDINGS}"),
+        "item_ids_uri": store.uri_for(f"{work}/{C.ITEM_IDS}"),
+    }
+    return {"version": "v1", "work_uri": store.uri_for(work)}, embedded
+
+
+def test_user_profile_queries_are_normalised_means_of_their_items(store_uri):
+    vectors = clustered(50, 8, 3)
+    validated, _ = _work(store_uri, vectors, users=4)
+    queries, source = ix.profile_queries(validated["work_uri"], [f"i{i}" for i in range(50)], vectors)
+    assert source == "user_profiles" and queries.shape == (4, 8)
+    np.testing.assert_allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfsq8"])
+def test_approximate_index_is_tuned_to_the_recall_floor(store_uri, kind):
+    import faiss
+
+    vectors = clustered(4000, 32, 20)
+    validated, embedded = _work(store_uri, vectors)
+    cfg = RunConfig.from_dict({"store_uri": store_uri, "index_kind": kind, "index_recall_floor": 0.95})
+    result = ix.run_index(cfg, validated, embedded)
+    assert result["kind"] == kind and result["recall_at_10"] >= 0.95
+    assert result["recall_query_source"] == "user_profiles" and result["recall_queries"] == 300
+    assert result["search_param"] is not None and result["memory_mb"] > 0 and result["build_seconds"] >= 0
+    info = json.loads(open_store(validated["work_uri"]).get_bytes(C.INDEX_INFO))
+    assert info["recall_at_10"] == result["recall_at_10"]
+    # The tuned parameter travels inside the FAISS file: plain faiss.read_index serves at the floor.
+    loaded = faiss.read_index(result["index_uri"].removeprefix("file://"))
+    if kind == "hnsw":
+        assert faiss.downcast_index(loaded).hnsw.efSearch == result["search_param"]
+    else:
+        assert faiss.extract_index_ivf(loaded).nprobe == result["search_param"]
+
+
+def test_flat_index_is_exact(store_uri):
+    vectors = clustered(500, 16, 5)
+    validated, embedded = _work(store_uri, vectors)
+    result = ix.run_index(RunConfig.from_dict({"store_uri": store_uri}), validated, embedded)
+    assert result["kind"] == "flat" and result["recall_at_10"] == 1.0
+    index = ix.load_index(open_store(validated["work_uri"]).get_bytes(C.FAISS_INDEX), result)
+    _, ids = index.search(vectors[:3], 1)
+    assert ids[:, 0].tolist() == [0, 1, 2]
+
+
+def test_missing_the_recall_floor_fails_the_build(store_uri):
+    vectors = clustered(3000, 32, 20)
+    validated, embedded = _work(store_uri, vectors)
+    cfg = RunConfig.from_dict({"store_uri": store_uri, "index_kind": "ivfpq", "index_recall_floor": 1.0})
+    with pytest.raises(IndexRecallError, match="recall@10"):
+        ix.run_index(cfg, validated, embedded)
+    store = open_store(validated["work_uri"])
+    assert not store.exists(C.FAISS_INDEX)
+    assert json.loads(store.get_bytes(C.INDEX_INFO))["recall_at_10"] < 1.0
