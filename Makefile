@@ -11,6 +11,8 @@ export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# Idle OpenMP threads must not spin: LightGBM is several times slower beside busy-waiting torch threads.
+export OMP_WAIT_POLICY := PASSIVE
 DEMO_STORE := file://$(DEMO_DIR)/store
 DEMO_DATE ?= 2026-11-01
 

@@ -85,8 +85,8 @@ PARAMS = {
         section=DATA,
     ),
     "store_uri": Param(
-        "",
-        type="string",
+        None,
+        type=["null", "string"],
         pattern=r"^$|^(file://|s3://|/).+",
         title="Object store",
         description="Where runs and bundles are written (file:///path or s3://bucket/prefix). Empty: the "
@@ -278,6 +278,15 @@ PARAMS = {
         maximum=1,
         title="Bagging fraction",
         description="Share of the training rows each boosting round sees.",
+        section=RANKER,
+    ),
+    "ranker_negative_fraction": Param(
+        _RNK.negative_fraction,
+        type="number",
+        exclusiveMinimum=0,
+        maximum=1,
+        title="Negative sampling fraction",
+        description="Share of non-target candidates kept in each training group (lower trains faster).",
         section=RANKER,
     ),
     "ranker_num_threads": Param(
