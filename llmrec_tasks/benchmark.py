@@ -29,7 +29,15 @@ from llmrec_tasks.config import EncoderConfig, RankerConfig
 from llmrec_tasks.data import Dataset, item_texts, normalize, read_raw
 from llmrec_tasks.errors import ConfigError, DataContractError
 from llmrec_tasks.evaluate import Targets
-from llmrec_tasks.train import RANKER, Stage, json_default, evaluate_stages, make_stage, time_windows, window_stage
+from llmrec_tasks.train import (
+    RANKER,
+    Stage,
+    evaluate_stages,
+    json_default,
+    make_stage,
+    time_windows,
+    window_stage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +80,9 @@ def loo_split(data: Dataset, min_count: int = 5) -> LooData:
     """Apply the leave-one-out protocol's filtering and ordering (see the module docstring)."""
     items = data.items[data.items[C.TITLE].fillna("").str.strip() != ""]
     inter = data.interactions[data.interactions[C.ITEM_ID].isin(items[C.ITEM_ID])]
-    inter = inter.sort_values([C.TIMESTAMP], kind="stable").drop_duplicates([C.USER_ID, C.ITEM_ID], keep="first")
+    inter = inter.sort_values([C.TIMESTAMP], kind="stable").drop_duplicates(
+        [C.USER_ID, C.ITEM_ID], keep="first"
+    )
     inter = k_core(inter, min_count)
     if inter.empty:
         raise DataContractError(
@@ -120,9 +130,7 @@ def cached_embeddings(items: pd.DataFrame, encoder: EncoderConfig, cache_dir: Pa
     return vectors
 
 
-def loo_stages(
-    loo: LooData, embeddings: np.ndarray, rcfg: RankerConfig
-) -> tuple[list[Stage], Stage, Stage]:
+def loo_stages(loo: LooData, embeddings: np.ndarray, rcfg: RankerConfig) -> tuple[list[Stage], Stage, Stage]:
     """Stages by position from each user's end: 0 = test, 1 = validation, 2.. = training groups.
 
     Stage ``s`` predicts the item at position ``s`` from the items before it; its statistics come
@@ -212,11 +220,19 @@ TABLE_COLUMNS = (
 )
 
 
+def print_table(result: dict[str, Any]) -> None:
+    """Print :func:`format_table` (the CLI's output)."""
+    print(format_table(result))
+
+
 def format_table(result: dict[str, Any]) -> str:
     """Plain-text table: mean over seeds, spread (std over seeds), bootstrap 95% interval, cold slice."""
     header = f"{'model':<15}" + "".join(f"{title:>11}" for _, title in TABLE_COLUMNS)
     header += f"{'±seeds':>9}{'NDCG@10 95% CI':>18}{'R@10 95% CI':>18}{'cold N@10':>11}"
-    lines = [f"protocol: {result['protocol']}  data: {result.get('data', '')}  {result.get('dataset', '')}", header]
+    lines = [
+        f"protocol: {result['protocol']}  data: {result.get('data', '')}  {result.get('dataset', '')}",
+        header,
+    ]
     models = result["models"]
     for name in sorted(models, key=lambda n: -models[n]["ndcg@10"]):
         m = models[name]
@@ -231,5 +247,7 @@ def format_table(result: dict[str, Any]) -> str:
     if recall:
         lines.append("candidate recall (test): " + ", ".join(f"{k} {v:.3f}" for k, v in recall.items()))
     runs = models.get(RANKER, {}).get("runs", 1)
-    lines.append(f"ranker: mean over {runs} seed(s); ±seeds = std of NDCG@10 over seeds; CI = bootstrap over users")
+    lines.append(
+        f"ranker: mean over {runs} seed(s); ±seeds = std of NDCG@10 over seeds; CI = bootstrap over users"
+    )
     return "\n".join(lines)

@@ -20,6 +20,7 @@ at serving time (where the context is rebuilt from published artifacts, see
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -48,14 +49,14 @@ class ContextParams:
     covis_norm_power: float = 0.5
     neighbors_k: int = 100
     ease_lambda: float = 100.0
-    ease_max_items: int = 6000
+    ease_max_items: int = 4000
     recent_items: int = 5  # last items whose neighbours feed `next`, `prev` and `faiss_last`
     recent_decay: float = 0.6  # weight of the p-th most recent item: recent_decay ** p
     profile_half_life: float = 10.0  # in history positions, for the recency-weighted profile
     pop_windows: tuple[int, ...] = (1000, 10000)  # popularity over the last N events before the ref time
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "pop_windows": list(self.pop_windows)}
+        return {**dataclasses.asdict(self), "pop_windows": list(self.pop_windows)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ContextParams:
@@ -72,7 +73,9 @@ class CandidateParams:
 
     def __post_init__(self) -> None:
         if self.per_source > self.rank_depth:
-            raise ConfigError(f"per_source ({self.per_source}) must not exceed rank_depth ({self.rank_depth})")
+            raise ConfigError(
+                f"per_source ({self.per_source}) must not exceed rank_depth ({self.rank_depth})"
+            )
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,9 @@ def encode_events(
     user = user_index.get_indexer(frame[C.USER_ID]).astype(np.int64)
     item = item_index.get_indexer(frame[C.ITEM_ID]).astype(np.int64)
     ts = frame[C.TIMESTAMP].to_numpy(dtype="datetime64[ns]").astype(np.int64) / 1e9
-    weight = frame[C.WEIGHT].to_numpy(dtype=np.float32) if C.WEIGHT in frame else np.ones(len(frame), np.float32)
+    weight = (
+        frame[C.WEIGHT].to_numpy(dtype=np.float32) if C.WEIGHT in frame else np.ones(len(frame), np.float32)
+    )
     tie = item_order(item_index.to_numpy())[item]
     order = np.lexsort((tie, ts, user))
     return Events(user[order], item[order], ts[order], weight[order]), user_index
@@ -145,7 +150,9 @@ class Histories:
         if ref_ts is None:
             last = np.where(counts > 0, events.ts[np.maximum(indptr[1:] - 1, 0)], np.nan)
             ref_ts = last
-        return cls(indptr, events.item.astype(np.int64), events.ts.astype(np.float64), np.asarray(ref_ts, float))
+        return cls(
+            indptr, events.item.astype(np.int64), events.ts.astype(np.float64), np.asarray(ref_ts, float)
+        )
 
     @classmethod
     def from_lists(
@@ -154,13 +161,17 @@ class Histories:
         """Build from per-user arrays (serving: one request = one user), each oldest first."""
         counts = np.array([len(x) for x in items], dtype=np.int64)
         indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        flat_items = np.concatenate([np.asarray(x, np.int64) for x in items]) if items else np.zeros(0, np.int64)
+        flat_items = (
+            np.concatenate([np.asarray(x, np.int64) for x in items]) if items else np.zeros(0, np.int64)
+        )
         flat_ts = np.concatenate([np.asarray(x, float) for x in timestamps]) if items else np.zeros(0)
         return cls(indptr, flat_items, flat_ts, np.asarray(ref_ts, float))
 
     def subset(self, rows: np.ndarray) -> Histories:
         starts, ends = self.indptr[rows], self.indptr[rows + 1]
-        take = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends, strict=True)] or [[]]).astype(int)
+        take = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends, strict=True)] or [[]]).astype(
+            int
+        )
         indptr = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
         return Histories(indptr, self.items[take], self.ts[take], self.ref_ts[rows])
 
@@ -204,28 +215,35 @@ class ItemTimes:
     def count(self, items: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
         """Interactions of ``items`` with ``start < ts <= end`` (arrays broadcast together)."""
         base = items * self.span - self.t0
-        lo = np.searchsorted(self.keys, base + np.clip(start, self.t0 - DAY, self.t0 + self.span - DAY), "right")
-        hi = np.searchsorted(self.keys, base + np.clip(end, self.t0 - DAY, self.t0 + self.span - DAY), "right")
+        lo = np.searchsorted(
+            self.keys, base + np.clip(start, self.t0 - DAY, self.t0 + self.span - DAY), "right"
+        )
+        hi = np.searchsorted(
+            self.keys, base + np.clip(end, self.t0 - DAY, self.t0 + self.span - DAY), "right"
+        )
         return (hi - lo).astype(np.float32)
 
     def window_start(self, ref: np.ndarray, n_events: int) -> np.ndarray:
-        """Time of the ``n_events``-th event before ``ref`` (scale-free popularity windows)."""
-        pos = np.searchsorted(self.all_ts, ref, "right") - n_events
-        return np.where(pos > 0, self.all_ts[np.clip(pos, 0, len(self.all_ts) - 1)], -np.inf)
+        """Exclusive start of the window ``(start, ref]`` holding the last ``n_events`` events up to
+        ``ref`` (scale-free popularity windows); -inf when there are fewer events."""
+        pos = np.searchsorted(self.all_ts, ref, "right") - n_events - 1
+        return np.where(pos >= 0, self.all_ts[np.clip(pos, 0, len(self.all_ts) - 1)], -np.inf)
 
     def first_before(self, items: np.ndarray, ref: np.ndarray) -> np.ndarray:
         """Earliest interaction time of each item, if it is at or before ``ref`` (else NaN)."""
-        base = items * self.span - self.t0
-        first = np.searchsorted(self.keys, base - DAY, "right")
-        ok = (first < len(self.keys)) & (self.keys[np.minimum(first, len(self.keys) - 1)] <= base + ref)
-        return np.where(ok, self.keys[np.minimum(first, len(self.keys) - 1)] - base, np.nan)
+        block = items * self.span  # keys of an item lie in [block, block + span - 2 days]
+        first = np.minimum(np.searchsorted(self.keys, block, "left"), len(self.keys) - 1)
+        found = self.keys[first] - block + self.t0
+        ok = (self.keys[first] >= block) & (self.keys[first] < block + self.span) & (found <= ref)
+        return np.where(ok, found, np.nan)
 
     def last_before(self, items: np.ndarray, ref: np.ndarray) -> np.ndarray:
         """Latest interaction time of each item at or before ``ref`` (NaN if none)."""
-        base = items * self.span - self.t0
-        idx = np.searchsorted(self.keys, base + ref, "right") - 1
-        ok = (idx >= 0) & (self.keys[np.maximum(idx, 0)] >= base - DAY)
-        return np.where(ok, self.keys[np.maximum(idx, 0)] - base, np.nan)
+        block = items * self.span
+        end = block + np.clip(ref - self.t0, -DAY, self.span - DAY)
+        idx = np.maximum(np.searchsorted(self.keys, end, "right") - 1, 0)
+        ok = (self.keys[idx] >= block) & (self.keys[idx] <= end)
+        return np.where(ok, self.keys[idx] - block + self.t0, np.nan)
 
 
 @dataclass
@@ -352,13 +370,21 @@ def _user_item(events: Events, n_users: int, n_items: int) -> sp.csr_matrix:
     return matrix
 
 
-def _cooc_cosine(x: sp.csr_matrix, k: int) -> sp.csr_matrix:
-    gram = (x.T @ x).tocsr().astype(np.float32)
-    norms = np.sqrt(gram.diagonal())
-    gram.setdiag(0)
-    gram.eliminate_zeros()
-    inv = sp.diags(1.0 / np.maximum(norms, 1e-9))
-    return _topk_rows(sp.csr_matrix(inv @ gram @ inv), k)
+def _cooc_cosine(x: sp.csr_matrix, k: int, block_cells: int = 4_000_000) -> sp.csr_matrix:
+    """Item-kNN: cosine of item columns of ``x``, top ``k`` per item, computed in row blocks so
+    memory stays at ``block_cells`` dense cells whatever the catalog size."""
+    n_items = x.shape[1]
+    xt = sp.csr_matrix(x.T, dtype=np.float32)
+    inv_norm = 1.0 / np.sqrt(np.maximum(np.asarray(x.sum(axis=0)).ravel(), 1.0)).astype(np.float32)
+    step = max(1, block_cells // max(n_items, 1))
+    parts = []
+    for start in range(0, n_items, step):
+        stop = min(start + step, n_items)
+        block = (xt[start:stop] @ x).toarray()
+        block[np.arange(stop - start), np.arange(start, stop)] = 0.0
+        block *= inv_norm[start:stop, None] * inv_norm[None, :]
+        parts.append(_topk_rows(block, k))
+    return sp.csr_matrix(sp.vstack(parts))
 
 
 def _ease(x: sp.csr_matrix, pop: np.ndarray, lam: float, max_items: int, k: int) -> sp.csr_matrix:
@@ -497,7 +523,9 @@ def context_from_artifacts(
 ) -> RankContext:
     """Rebuild a serving :class:`RankContext` from published artifacts (no interactions needed)."""
     if stats[C.ITEM_ID].astype(str).tolist() != list(item_ids):
-        raise DataContractError("serving stats and item_ids.json list different items: the bundle is inconsistent")
+        raise DataContractError(
+            "serving stats and item_ids.json list different items: the bundle is inconsistent"
+        )
     n_items = len(item_ids)
     relations = {}
     for name in RELATIONS:
@@ -555,6 +583,7 @@ class _Batch:
 
     scores: dict[str, np.ndarray]
     lists: dict[str, np.ndarray]  # (B, rank_depth) item indices, -1 padded
+    profile: np.ndarray  # (B, dim) recency-weighted profile
 
 
 def user_profiles(ctx: RankContext, hist: Histories) -> tuple[np.ndarray, np.ndarray]:
@@ -602,7 +631,9 @@ def _top_lists(scores: np.ndarray, depth: int) -> np.ndarray:
     return np.where(vals > 0, part, -1)
 
 
-def _faiss_lists(ctx: RankContext, queries: np.ndarray, hist: Histories, depth: int) -> tuple[np.ndarray, ...]:
+def _faiss_lists(
+    ctx: RankContext, queries: np.ndarray, hist: Histories, depth: int
+) -> tuple[np.ndarray, ...]:
     """FAISS top lists for one query vector per user, history removed; returns (items, scores)."""
     extra = int(hist.lengths.max(initial=0))
     k = min(ctx.n_items, depth + extra)
@@ -623,7 +654,9 @@ def _batch_scores(ctx: RankContext, hist: Histories, params: CandidateParams) ->
     scores = collaborative_scores(ctx, hist)
     all_items = np.arange(ctx.n_items)
     refs, ref_of_user = np.unique(hist.ref_ts, return_inverse=True)
-    by_ref = [ctx.window_counts(all_items, np.full(ctx.n_items, ref), ctx.params.pop_windows[0]) for ref in refs]
+    by_ref = [
+        ctx.window_counts(all_items, np.full(ctx.n_items, ref), ctx.params.pop_windows[0]) for ref in refs
+    ]
     scores["pop"] = np.stack(by_ref)[ref_of_user] if n_users else np.zeros((0, ctx.n_items), np.float32)
     # Tiny popularity prior breaks ties among items without evidence deterministically.
     scores["pop"] = scores["pop"] + ctx.item_pop / (ctx.item_pop.max(initial=0) + 1) * 1e-3
@@ -640,13 +673,15 @@ def _batch_scores(ctx: RankContext, hist: Histories, params: CandidateParams) ->
     merged = np.full((n_users, ctx.n_items), -np.inf, dtype=np.float32)
     rows = np.arange(n_users)
     for p in range(min(3, last.shape[1])):
-        items_p, sims_p = _faiss_lists(ctx, ctx.embeddings[np.maximum(last[:, p], 0)], hist, params.rank_depth)
+        items_p, sims_p = _faiss_lists(
+            ctx, ctx.embeddings[np.maximum(last[:, p], 0)], hist, params.rank_depth
+        )
         ok = (items_p >= 0) & (last[:, p : p + 1] >= 0)
         weight = ctx.params.recent_decay**p
         r = np.broadcast_to(rows[:, None], items_p.shape)[ok]
         merged[r, items_p[ok]] = np.maximum(merged[r, items_p[ok]], weight * sims_p[ok])
     lists["faiss_last"] = _top_lists(np.where(np.isfinite(merged), merged + 2.0, 0.0), params.rank_depth)
-    return _Batch(scores=scores, lists=lists)
+    return _Batch(scores=scores, lists=lists, profile=profile)
 
 
 def generate_candidates(
@@ -667,7 +702,6 @@ def generate_candidates(
     batch_size = batch_size or int(max(16, min(1024, 4_000_000 // max(ctx.n_items, 1))))
     parts_items, parts_scores, parts_ranks, counts = [], [], [], []
     source_found = dict.fromkeys(SOURCES, 0)
-    profile_all, _ = user_profiles(ctx, hist)
     for start in range(0, hist.n_users, batch_size):
         rows = np.arange(start, min(start + batch_size, hist.n_users))
         sub = hist.subset(rows)
@@ -688,17 +722,25 @@ def generate_candidates(
             counts.append(pool.size)
             parts_items.append(pool)
             parts_ranks.append(np.stack([rank_of[name][i, pool] for name in SOURCES], axis=1))
-            semantic = ctx.embeddings[pool] @ profile_all[rows[i]]
+            semantic = ctx.embeddings[pool] @ batch.profile[i]
             sc = [semantic]
             last = last3[i][last3[i] >= 0]
-            sc.append((ctx.embeddings[pool] @ ctx.embeddings[last].T).max(axis=1) if last.size else np.zeros(pool.size))
+            sc.append(
+                (ctx.embeddings[pool] @ ctx.embeddings[last].T).max(axis=1)
+                if last.size
+                else np.zeros(pool.size)
+            )
             sc.extend(batch.scores[name][i, pool] for name in ("next", "prev", "cooc", "ease", "pop"))
             parts_scores.append(np.stack(sc, axis=1).astype(np.float32))
         if targets is not None:
             tgt_rows = np.repeat(rows, targets.counts[rows])
-            tgt_items = np.concatenate([targets.items[targets.indptr[u] : targets.indptr[u + 1]] for u in rows])
+            tgt_items = np.concatenate(
+                [targets.items[targets.indptr[u] : targets.indptr[u + 1]] for u in rows]
+            )
             for name in SOURCES:
-                source_found[name] += int((rank_of[name][tgt_rows - start, tgt_items] <= params.per_source).sum())
+                source_found[name] += int(
+                    (rank_of[name][tgt_rows - start, tgt_items] <= params.per_source).sum()
+                )
         if hist.n_users > batch_size:
             log.info("candidates: %d/%d users", rows[-1] + 1, hist.n_users)
     indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -713,7 +755,7 @@ def generate_candidates(
     if targets is not None:
         total = max(len(targets.items), 1)
         cands.source_recall = {name: source_found[name] / total for name in SOURCES}
-        cands.source_recall["all"] = candidate_hits(cands, targets).sum() / total
+        cands.source_recall["all"] = float(candidate_hits(cands, targets).sum() / total)
     log.info(
         "candidates for %d users: %.0f per user (%.1fs)",
         hist.n_users,

@@ -134,13 +134,13 @@ class RunConfig:
             raise ConfigError(f"index recall_floor must be in (0, 1], got {self.index.recall_floor}")
         if self.ranker.num_candidates < 10:
             raise ConfigError(f"num_candidates must be at least 10, got {self.ranker.num_candidates}")
-        if not 1 <= self.ranker.per_source <= self.ranker.num_candidates:
-            raise ConfigError(f"ranker per_source must be in [1, num_candidates], got {self.ranker.per_source}")
-        if self.ranker.train_windows < 1:
-            raise ConfigError(f"ranker train_windows must be at least 1, got {self.ranker.train_windows}")
-        fractions = (self.ranker.feature_fraction, self.ranker.bagging_fraction, self.ranker.negative_fraction)
-        if not all(0 < f <= 1 for f in fractions):
-            raise ConfigError("ranker feature_fraction, bagging_fraction and negative_fraction must be in (0, 1]")
+        rk = self.ranker
+        if not 1 <= rk.per_source <= rk.num_candidates:
+            raise ConfigError(f"ranker per_source must be in [1, num_candidates], got {rk.per_source}")
+        if rk.train_windows < 1:
+            raise ConfigError(f"ranker train_windows must be at least 1, got {rk.train_windows}")
+        if not all(0 < f <= 1 for f in (rk.feature_fraction, rk.bagging_fraction, rk.negative_fraction)):
+            raise ConfigError("ranker feature, bagging and negative fractions must be in (0, 1]")
         for f in fields(ValidationConfig):
             value = getattr(self.validation, f.name)
             if f.name.endswith("_mostly") and not 0 <= value <= 1:

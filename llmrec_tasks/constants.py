@@ -46,6 +46,8 @@ VALIDATION_STATS = "validation_stats.json"
 VALIDATION_DOCS_DIR = "validation"  # Great Expectations Data Docs (HTML), index.html inside
 SERVING_STATS = "serving_stats.parquet"
 ITEM_NEIGHBORS = "item_neighbors.parquet"  # candidates.serving_frames() relations, read by serving
+# Work folder only (not published): the train stage's test features, to score another ranker on them.
+RANKER_EVAL = "ranker_eval.npz"
 MANIFEST = "manifest.json"
 # Work-folder scratch of the sharded embed stage (plan, shard inputs and outputs).
 EMBED_SHARDS_DIR = "embed_shards"

@@ -17,14 +17,11 @@ The quality gate used before publishing lives here too (:func:`quality_gate`).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 KS = (10, 50)
 PRIMARY = "ndcg@10"
@@ -50,12 +47,6 @@ class Targets:
         """One relevant item per user (leave-one-out)."""
         items = np.asarray(items, dtype=np.int64)
         return cls(np.arange(len(items) + 1, dtype=np.int64), items)
-
-    def subset(self, rows: np.ndarray) -> Targets:
-        counts = self.counts[rows]
-        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        take = np.concatenate([np.arange(self.indptr[r], self.indptr[r + 1]) for r in rows] or [[]])
-        return Targets(indptr, self.items[take.astype(np.int64)])
 
 
 def hit_matrix(ranked: np.ndarray, targets: Targets) -> np.ndarray:
@@ -126,7 +117,11 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, n_boot: int = 1000, seed: 
         return {"diff": 0.0, "ci95": [0.0, 0.0], "p_not_better": 1.0}
     boots = _boot_means(diff, n_boot, seed)
     lo, hi = np.quantile(boots, [0.025, 0.975])
-    return {"diff": float(diff.mean()), "ci95": [float(lo), float(hi)], "p_not_better": float((boots <= 0).mean())}
+    return {
+        "diff": float(diff.mean()),
+        "ci95": [float(lo), float(hi)],
+        "p_not_better": float((boots <= 0).mean()),
+    }
 
 
 def per_user_metrics(ranked: np.ndarray, targets: Targets, ks: tuple[int, ...] = KS) -> dict[str, np.ndarray]:

@@ -6,12 +6,12 @@ Serving (per request), from a published bundle::
                                             spec["context"], spec["stats_end"])
     hist = candidates.Histories.from_lists([history_item_indices], [history_unix_seconds], [now])
     cands = candidates.generate_candidates(ctx, hist, candidates.CandidateParams(**spec["candidates"]))
-    X = features.build_features(ctx, hist, cands)          # columns = spec["features"]
+    X = features.build_features(ctx, hist, cands, spec["features"])
     scores = booster.predict(X)                             # LightGBM from ranker.txt
 
-``build_features(ctx, hist, cands) -> np.ndarray`` returns a float32 matrix with one row per
-candidate (in ``cands`` order) and the columns :data:`FEATURE_NAMES`; NaN marks "not available"
-(LightGBM's missing value). It is pure and vectorised over users.
+``build_features(ctx, hist, cands, names=None) -> np.ndarray`` returns a float32 matrix with one
+row per candidate (in ``cands`` order) and the columns ``names`` (default :data:`FEATURE_NAMES`);
+NaN marks "not available" (LightGBM's missing value). It is pure and vectorised over users.
 
 Feature groups: candidate-source scores and ranks (FAISS semantic neighbours, co-visitation,
 item-kNN, EASE, popularity); LLM features (similarity of the item to the recency-weighted and
@@ -34,6 +34,7 @@ from llmrec_tasks.candidates import (
     RankContext,
     user_profiles,
 )
+from llmrec_tasks.errors import ConfigError
 
 LAST_K = 5  # similarity to each of the last k items
 RECENT_N = 20  # max / mean similarity over the last n items
@@ -79,8 +80,18 @@ OTHER_FEATURES = [
 FEATURE_NAMES = list(dict.fromkeys(SOURCE_FEATURES + LLM_FEATURES + OTHER_FEATURES))
 
 
-def build_features(ctx: RankContext, hist: Histories, cands: CandidateSet) -> np.ndarray:
-    """Feature matrix ``(len(cands.items), len(FEATURE_NAMES))`` float32 (see module docstring)."""
+def build_features(
+    ctx: RankContext, hist: Histories, cands: CandidateSet, names: list[str] | None = None
+) -> np.ndarray:
+    """Feature matrix ``(len(cands.items), len(names))`` float32, one row per candidate.
+
+    ``names`` (default :data:`FEATURE_NAMES`) selects and orders the columns, e.g. the
+    ``features`` list of a published ``feature_spec.json``.
+    """
+    names = FEATURE_NAMES if names is None else names
+    unknown = [name for name in names if name not in FEATURE_NAMES]
+    if unknown:
+        raise ConfigError(f"unknown feature(s) {unknown}: the ranker was trained by another llmrec version")
     n_rows = len(cands.items)
     cols: dict[str, np.ndarray] = {}
     for j, source in enumerate(SOURCES):
@@ -108,10 +119,10 @@ def build_features(ctx: RankContext, hist: Histories, cands: CandidateSet) -> np
     cols["item_weight_mean"] = ctx.item_weight[items]
 
     lengths = hist.lengths
-    first_ts = np.where(lengths > 0, hist.ts[np.minimum(hist.indptr[:-1], max(len(hist.ts) - 1, 0))], np.nan)
-    last_idx = np.maximum(hist.indptr[1:] - 1, 0)
-    last_ts = np.where(lengths > 0, hist.ts[last_idx] if len(hist.ts) else np.nan, np.nan)
-    prev_ts = np.where(lengths > 1, hist.ts[np.maximum(last_idx - 1, 0)] if len(hist.ts) else np.nan, np.nan)
+    ts = np.append(hist.ts, np.nan)  # index len(hist.ts) reads NaN: users with too short a history
+    first_ts = ts[np.where(lengths > 0, hist.indptr[:-1], len(hist.ts))]
+    last_ts = ts[np.where(lengths > 0, hist.indptr[1:] - 1, len(hist.ts))]
+    prev_ts = ts[np.where(lengths > 1, hist.indptr[1:] - 2, len(hist.ts))]
     user_of_hist = np.repeat(np.arange(hist.n_users), lengths)
     burst = np.bincount(
         user_of_hist, weights=(hist.ts >= last_ts[user_of_hist] - 60.0), minlength=hist.n_users
@@ -126,8 +137,8 @@ def build_features(ctx: RankContext, hist: Histories, cands: CandidateSet) -> np
     cols["user_pop_log_mean"] = user_pop[user_of]
     cols["pop_vs_user"] = cols["item_pop_log"] - user_pop[user_of]
 
-    out = np.empty((n_rows, len(FEATURE_NAMES)), dtype=np.float32)
-    for j, name in enumerate(FEATURE_NAMES):
+    out = np.empty((n_rows, len(names)), dtype=np.float32)
+    for j, name in enumerate(names):
         out[:, j] = cols[name]
     return out
 

@@ -15,7 +15,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
+import matplotlib.pyplot as plt
 
 METRIC_KEYS = ("ndcg@10", "recall@10", "recall@50", "mrr", "coverage@10")
 RANKER_COLOR = "#1f6feb"
@@ -36,11 +36,15 @@ def metric_bars(models: dict[str, dict[str, Any]]) -> str:
     for ax, key in zip(axes, ("ndcg@10", "recall@10"), strict=True):
         values = [models[n][key] for n in names]
         ci = [models[n].get(f"{key}_ci95", [models[n][key]] * 2) for n in names]
-        err = [[v - c[0] for v, c in zip(values, ci, strict=True)], [c[1] - v for v, c in zip(values, ci, strict=True)]]
+        err = [
+            [v - c[0] for v, c in zip(values, ci, strict=True)],
+            [c[1] - v for v, c in zip(values, ci, strict=True)],
+        ]
         colors = [RANKER_COLOR if n.startswith("ranker") else OTHER_COLOR for n in names]
         ax.bar(names, values, yerr=err, color=colors, capsize=3)
         ax.set_title(f"{key} (95% bootstrap CI)")
         ax.tick_params(axis="x", rotation=35)
+        plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")
         ax.grid(axis="y", alpha=0.3)
     return _png(fig)
 
@@ -49,10 +53,13 @@ def recall_bars(recall: dict[str, float]) -> str:
     """Share of target items each candidate source retrieves, and the union ('all')."""
     fig, ax = plt.subplots(figsize=(7, 3.2))
     names = list(recall)
-    ax.bar(names, [recall[n] for n in names], color=[RANKER_COLOR if n == "all" else OTHER_COLOR for n in names])
+    ax.bar(
+        names, [recall[n] for n in names], color=[RANKER_COLOR if n == "all" else OTHER_COLOR for n in names]
+    )
     ax.set_ylim(0, 1)
     ax.set_title("candidate recall by source (test targets)")
     ax.tick_params(axis="x", rotation=35)
+    plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
 
@@ -70,7 +77,7 @@ def importance_bars(importance: dict[str, float], top: int = 25) -> str:
 def gain_bars(comparisons: dict[str, dict[str, Any]]) -> str:
     """Paired gain of the ranker over each other model (mean difference with 95% interval)."""
     names = list(comparisons)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.35 * len(names) + 1.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(names) + 1.5), gridspec_kw={"wspace": 0.5})
     for ax, key in zip(axes, ("ndcg@10", "recall@10"), strict=True):
         diffs = [comparisons[n][key]["diff"] for n in names]
         lo = [d - comparisons[n][key]["ci95"][0] for d, n in zip(diffs, names, strict=True)]
@@ -100,7 +107,12 @@ def _metrics_rows(models: dict[str, dict[str, Any]], slice_name: str | None = No
         rows.append(
             [name]
             + [f"{m[k]:.4f}" if k in m else "" for k in METRIC_KEYS]
-            + [f"{m.get('ndcg@10_std', 0.0):.4f}", f"[{lo:.4f}, {hi:.4f}]", str(m.get("users", "")), str(m.get("runs", ""))]
+            + [
+                f"{m.get('ndcg@10_std', 0.0):.4f}",
+                f"[{lo:.4f}, {hi:.4f}]",
+                str(m.get("users", "")),
+                str(m.get("runs", "")),
+            ]
         )
     return rows
 
@@ -121,18 +133,28 @@ def build_report(results: dict[str, Any], title: str) -> str:
         _table(_metrics_rows(models, "cold_items"), header),
     ]
     if results.get("comparisons"):
-        sections += ["<h2>Gain of the ranker (paired over the same users)</h2>",
-                     f'<img alt="gain" src="{gain_bars(results["comparisons"])}">']
+        sections += [
+            "<h2>Gain of the ranker (paired over the same users)</h2>",
+            f'<img alt="gain" src="{gain_bars(results["comparisons"])}">',
+        ]
     recall = results.get("candidate_recall", {}).get("test")
     if recall:
         sections += ["<h2>Candidate recall</h2>", f'<img alt="candidate recall" src="{recall_bars(recall)}">']
     if results.get("feature_importance"):
-        sections += ["<h2>Feature importance</h2>",
-                     f'<img alt="feature importance" src="{importance_bars(results["feature_importance"])}">']
+        sections += [
+            "<h2>Feature importance</h2>",
+            f'<img alt="feature importance" src="{importance_bars(results["feature_importance"])}">',
+        ]
     stages = results.get("training", {}).get("stages", {})
     if stages:
-        rows = [[name, str(s["users"]), str(s["users_with_positive"]), str(s["rows"])] for name, s in stages.items()]
-        sections += ["<h2>Stages</h2>", _table(rows, ["stage", "users", "users with target in candidates", "rows"])]
+        rows = [
+            [name, str(s["users"]), str(s["users_with_positive"]), str(s["rows"])]
+            for name, s in stages.items()
+        ]
+        sections += [
+            "<h2>Stages</h2>",
+            _table(rows, ["stage", "users", "users with target in candidates", "rows"]),
+        ]
     style = (
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #d0d7de;padding:4px 8px;"

@@ -53,7 +53,7 @@ from llmrec_tasks.candidates import (
 from llmrec_tasks.config import RankerConfig, RunConfig
 from llmrec_tasks.data import read_snapshot
 from llmrec_tasks.embed import read_embeddings
-from llmrec_tasks.errors import DataContractError
+from llmrec_tasks.errors import ConfigError, DataContractError
 from llmrec_tasks.evaluate import (
     PRIMARY,
     Targets,
@@ -83,7 +83,6 @@ RANKER = "ranker"
 ABLATION = "ranker_no_llm"
 DEPTH = 50  # ranked list length: Recall@50
 COLD_MAX_INTERACTIONS = 10  # cold-start slice: target items with fewer known interactions
-RANKER_EVAL = "ranker_eval.npz"  # work folder only: the test stage, to score another ranker on it
 
 
 @dataclass
@@ -101,6 +100,10 @@ class Stage:
     @property
     def n_users(self) -> int:
         return self.hist.n_users
+
+    def positives(self) -> np.ndarray:
+        """Target rows among each user's candidates (0 when the candidates missed every target)."""
+        return np.bincount(self.cands.user_of[self.y > 0], minlength=self.n_users)
 
 
 def candidate_params(rcfg: RankerConfig) -> CandidateParams:
@@ -165,8 +168,7 @@ def _dataset(
     xs, ys, groups = [], [], []
     for stage in stages:
         sizes = np.diff(stage.cands.indptr)
-        positives = np.add.reduceat(stage.y, stage.cands.indptr[:-1]) if len(stage.y) else np.zeros(0)
-        keep_group = (sizes > 0) & (positives > 0)
+        keep_group = stage.positives() > 0
         keep_row = np.repeat(keep_group, sizes)
         if negative_fraction < 1:
             keep_row &= (stage.y > 0) | (rng.random(len(stage.y)) < negative_fraction)
@@ -191,29 +193,69 @@ def _dataset(
     )
 
 
+class SmoothedEarlyStopping:
+    """Early stopping on a trailing moving average of the first validation metric.
+
+    NDCG@10 over a few hundred validation users jumps by several points between rounds, so the raw
+    curve can peak by chance after a handful of rounds; the average over ``window`` rounds does
+    not. Only full windows count; ``best_round`` is the centre of the best one (every round when
+    training ended before a window filled).
+    """
+
+    def __init__(self, patience: int, window: int = 10) -> None:
+        self.patience = patience
+        self.window = window
+        self.values: list[float] = []
+        self.best = -np.inf
+        self.best_end = 0  # 1-based round at which the best window ends
+
+    @property
+    def best_round(self) -> int:
+        if self.best_end == 0:
+            return max(1, len(self.values))
+        return max(1, self.best_end - (self.window - 1) // 2)
+
+    def __call__(self, env: lgb.callback.CallbackEnv) -> None:
+        self.values.append(float(env.evaluation_result_list[0][2]))
+        if len(self.values) < self.window:
+            return
+        smoothed = float(np.mean(self.values[-self.window :]))
+        if smoothed > self.best:
+            self.best, self.best_end = smoothed, len(self.values)
+        elif len(self.values) - self.best_end >= self.patience:
+            raise lgb.callback.EarlyStopException(self.best_round - 1, env.evaluation_result_list)
+
+
 def fit_ranker(
     train: list[Stage], valid: Stage, rcfg: RankerConfig, seed: int, columns: list[int]
 ) -> tuple[lgb.Booster, dict[str, Any]]:
-    """Early stopping on ``valid`` (NDCG@10), then a refit on train + valid with that many rounds."""
+    """Early stopping on ``valid`` (NDCG@10, smoothed), then a refit on train + valid with that many rounds."""
     started = time.monotonic()
     params = lgb_params(rcfg, seed)
     sampling = {"negative_fraction": rcfg.negative_fraction, "seed": seed}
     dtrain = _dataset(train, columns, **sampling)
     dvalid = _dataset([valid], columns, reference=dtrain)
-    booster = lgb.train(
+    stopper = SmoothedEarlyStopping(rcfg.early_stopping_rounds)
+    lgb.train(
         params,
         dtrain,
         num_boost_round=rcfg.n_estimators,
         valid_sets=[dvalid],
         valid_names=["valid"],
-        callbacks=[lgb.early_stopping(rcfg.early_stopping_rounds, verbose=False)],
+        callbacks=[stopper],
     )
-    rounds = int(booster.best_iteration or rcfg.n_estimators)
-    valid_ndcg = float(booster.best_score["valid"]["ndcg@10"])
+    rounds = stopper.best_round
+    valid_ndcg = stopper.best if stopper.best_end else stopper.values[-1]  # smoothed
     final = lgb.train(params, _dataset([*train, valid], columns, **sampling), num_boost_round=rounds)
     info = {"best_iteration": rounds, "valid_ndcg@10": valid_ndcg, "seconds": time.monotonic() - started}
-    log.info("ranker seed %d (%d features): %d rounds, valid NDCG@10 %.4f (%.0fs)", seed, len(columns),
-             rounds, valid_ndcg, info["seconds"])
+    log.info(
+        "ranker seed %d (%d features): %d rounds, valid NDCG@10 %.4f (%.0fs)",
+        seed,
+        len(columns),
+        rounds,
+        valid_ndcg,
+        info["seconds"],
+    )
     return final, info
 
 
@@ -240,10 +282,12 @@ def evaluate_stages(
     Returns (results, the first seed's ranker, its fit info). ``results["models"]`` maps each
     model to its metrics (mean over seeds, spread, bootstrap CI, cold-start slice).
     """
+    if seeds < 1:
+        raise ConfigError(f"seeds must be at least 1, got {seeds}")
     runs: dict[str, list[np.ndarray]] = {RANKER: [], ABLATION: []}
     importance = np.zeros(len(FEATURE_NAMES))
     infos: dict[str, list[dict[str, Any]]] = {RANKER: [], ABLATION: []}
-    published: lgb.Booster | None = None
+    boosters: list[lgb.Booster] = []
     for i in range(seeds):
         seed = rcfg.seed + i
         for model, include_llm in ((RANKER, True), (ABLATION, False)):
@@ -255,14 +299,13 @@ def evaluate_stages(
             if model == RANKER:
                 gain = booster.feature_importance("gain")
                 importance[columns] += gain / max(gain.sum(), 1e-12)
-                published = published or booster
+                boosters.append(booster)
         log.info(
             "seed %d: test NDCG@10 ranker %.4f, without LLM features %.4f",
             seed,
             per_user_metrics(runs[RANKER][-1], test.targets)[PRIMARY].mean(),
             per_user_metrics(runs[ABLATION][-1], test.targets)[PRIMARY].mean(),
         )
-    assert published is not None
     for name, ranked in baseline_rankings(test.ctx, test.hist, depth=DEPTH).items():
         runs[name] = [ranked]
     cold = restrict(test.targets, test.ctx.item_pop[test.targets.items] < COLD_MAX_INTERACTIONS)
@@ -273,8 +316,11 @@ def evaluate_stages(
     ranker_users = per_user_mean(runs[RANKER], test.targets)
     comparisons = {
         f"{RANKER}_vs_{name}": {
-            key: paired_bootstrap(per_user_mean(runs[RANKER], test.targets, key), per_user_mean(r, test.targets, key),
-                                  n_boot=n_boot)
+            key: paired_bootstrap(
+                per_user_mean(runs[RANKER], test.targets, key),
+                per_user_mean(r, test.targets, key),
+                n_boot=n_boot,
+            )
             for key in ("ndcg@10", "recall@10")
         }
         for name, r in runs.items()
@@ -285,25 +331,25 @@ def evaluate_stages(
         "comparisons": comparisons,
         "candidate_recall": {"test": test.cands.source_recall, "valid": valid.cands.source_recall},
         "feature_importance": {
-            FEATURE_NAMES[j]: float(importance[j] / seeds) for j in np.argsort(-importance) if importance[j] > 0
+            FEATURE_NAMES[j]: float(importance[j] / seeds)
+            for j in np.argsort(-importance)
+            if importance[j] > 0
         },
         "training": {
             "seeds": [rcfg.seed + i for i in range(seeds)],
             "fits": infos,
             "stages": {
-                s.name: {"users": s.n_users, "rows": len(s.y), "users_with_positive": int(_positive_groups(s))}
+                s.name: {
+                    "users": s.n_users,
+                    "rows": len(s.y),
+                    "users_with_positive": int((s.positives() > 0).sum()),
+                }
                 for s in [*train, valid, test]
             },
             "test_users": int(ranker_users.size),
         },
     }
-    return results, published, infos[RANKER][0]
-
-
-def _positive_groups(stage: Stage) -> int:
-    if not len(stage.y):
-        return 0
-    return int((np.add.reduceat(stage.y, stage.cands.indptr[:-1]) > 0).sum())
+    return results, boosters[0], infos[RANKER][0]
 
 
 def small_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -413,7 +459,9 @@ def run_train(cfg: RunConfig, validated: dict[str, Any], embedded: dict[str, Any
     store.put_bytes(C.RANKER_MODEL, booster.model_to_string().encode())
     store.put_bytes(C.FEATURE_SPEC, json.dumps(spec, indent=2).encode())
     store.put_bytes(C.METRICS, json.dumps(results, indent=2, default=json_default).encode())
-    store.put_bytes(C.REPORT_HTML, build_report(results, title=f"llmrec ranker {validated.get('version', '')}").encode())
+    store.put_bytes(
+        C.REPORT_HTML, build_report(results, title=f"llmrec ranker {validated.get('version', '')}").encode()
+    )
     _put_eval(store, test)
     log.info(
         "train done in %.0fs: ranker NDCG@10 %.4f vs popularity %.4f",
@@ -428,7 +476,7 @@ def run_train(cfg: RunConfig, validated: dict[str, Any], embedded: dict[str, Any
         "report_uri": store.uri_for(C.REPORT_HTML),
         "serving_stats_uri": store.uri_for(C.SERVING_STATS),
         "item_neighbors_uri": store.uri_for(C.ITEM_NEIGHBORS),
-        "ranker_eval_uri": store.uri_for(RANKER_EVAL),
+        "ranker_eval_uri": store.uri_for(C.RANKER_EVAL),
         "metrics": summary,
         "candidate_recall": round(float(results["candidate_recall"]["test"].get("all", 0.0)), 6),
         "gate_vs_popularity": {"passed": passed, "reason": reason},
@@ -437,7 +485,11 @@ def run_train(cfg: RunConfig, validated: dict[str, Any], embedded: dict[str, Any
 
 
 def feature_spec(
-    ctx: RankContext, rcfg: RankerConfig, booster: lgb.Booster, fit_info: dict[str, Any], embedded: dict[str, Any]
+    ctx: RankContext,
+    rcfg: RankerConfig,
+    booster: lgb.Booster,
+    fit_info: dict[str, Any],
+    embedded: dict[str, Any],
 ) -> dict[str, Any]:
     """What serving needs to rebuild candidates and features exactly as in training."""
     cparams = candidate_params(rcfg)
@@ -462,7 +514,7 @@ def evaluate_published_ranker(work_uri: str, model_text: str, feature_names: lis
     """Score another ranker (e.g. the published one) on this run's test stage: same users, same
     candidates, same features. Returns ``{"ndcg@10", "recall@10"}`` for :func:`quality_gate`."""
     store = open_store(work_uri)
-    with np.load(io.BytesIO(store.get_bytes(RANKER_EVAL)), allow_pickle=False) as data:
+    with np.load(io.BytesIO(store.get_bytes(C.RANKER_EVAL)), allow_pickle=False) as data:
         arrays = {key: data[key] for key in data.files}
     columns = [str(c) for c in arrays["columns"]]
     missing = [f for f in feature_names if f not in columns]
@@ -490,7 +542,7 @@ def _put_eval(store: Any, test: Stage) -> None:
         target_indptr=test.targets.indptr,
         target_items=test.targets.items,
     )
-    store.put_bytes(RANKER_EVAL, buf.getvalue())
+    store.put_bytes(C.RANKER_EVAL, buf.getvalue())
 
 
 def _put_parquet(store: Any, key: str, frame: pd.DataFrame) -> None:

@@ -84,7 +84,7 @@ def test_item_times_windows():
     times = ItemTimes.build(np.array([0, 0, 1, 1, 1]), np.array([10.0, 20.0, 15.0, 30.0, 40.0]))
     items = np.array([0, 1, 1])
     assert times.count(items, np.array([0.0, 0.0, 20.0]), np.array([20.0, 20.0, 40.0])).tolist() == [2, 1, 2]
-    # The 2 events before t=30 (inclusive) start after t=15 (events at 20 and 30).
+    # The last 2 events up to t=30 are at 20 and 30: the window is (15, 30].
     assert times.window_start(np.array([30.0]), 2).tolist() == [15.0]
     assert times.first_before(np.array([0, 1, 1]), np.array([5.0, 20.0, 40.0]))[1:].tolist() == [15.0, 15.0]
     assert np.isnan(times.first_before(np.array([0]), np.array([5.0]))[0])
@@ -108,10 +108,12 @@ def test_ties_are_broken_by_natural_item_order():
 
 def test_serving_context_reproduces_training_features(chain):
     """Candidates and features from published artifacts equal those of the training context."""
-    events, users, ctx = chain
+    events, _, ctx = chain
     item_ids = items_frame()[C.ITEM_ID].tolist()
     stats, neighbours = serving_frames(ctx, item_ids)
-    served = context_from_artifacts(item_ids, embeddings(), stats, neighbours, ctx.params.to_dict(), ctx.stats_end)
+    served = context_from_artifacts(
+        item_ids, embeddings(), stats, neighbours, ctx.params.to_dict(), ctx.stats_end
+    )
     hist = Histories.from_events(events, N_USERS, ref_ts=np.full(N_USERS, ctx.stats_end))
     a = generate_candidates(ctx, hist, PARAMS)
     b = generate_candidates(served, hist, PARAMS)
@@ -128,3 +130,35 @@ def test_serving_context_rejects_mismatched_items(chain):
     stats, neighbours = serving_frames(ctx, item_ids)
     with pytest.raises(DataContractError, match="inconsistent"):
         context_from_artifacts(item_ids[::-1], embeddings(), stats, neighbours, ctx.params.to_dict(), 0.0)
+
+
+def test_item_times_with_epoch_timestamps():
+    """Real timestamps are ~1.7e9 s: per-item lookups must not spill into neighbouring items."""
+    t = 1.7e9
+    times = ItemTimes.build(np.array([0, 1, 1, 2]), np.array([t, t + 50, t + 100, t + 10]))
+    items = np.array([0, 1, 1, 2, 2])
+    ref = np.array([t + 1000, t + 75, t + 1000, t + 5, t + 10])
+    first = times.first_before(items, ref)
+    assert first[:3].tolist() == [t, t + 50, t + 50] and np.isnan(first[3]) and first[4] == t + 10
+    last = times.last_before(items, ref)
+    assert last[:3].tolist() == [t, t + 50, t + 100] and np.isnan(last[3]) and last[4] == t + 10
+
+
+def test_blockwise_item_knn_matches_dense_cosine():
+    import scipy.sparse as sp
+
+    from llmrec_tasks.candidates import _cooc_cosine
+
+    rng = np.random.default_rng(5)
+    x = sp.csr_matrix((rng.random((40, 25)) < 0.2).astype(np.float32))
+    dense = x.T.toarray() @ x.toarray()
+    norms = np.sqrt(np.maximum(np.diag(dense), 1.0))
+    cosine = dense / np.outer(norms, norms)
+    np.fill_diagonal(cosine, 0.0)
+    knn = _cooc_cosine(x, k=3, block_cells=60).toarray()  # 60 cells: blocks of 2 rows
+    for row in range(25):
+        kept = np.flatnonzero(knn[row])
+        assert len(kept) <= 3
+        np.testing.assert_allclose(knn[row, kept], cosine[row, kept], rtol=1e-5)
+        if len(kept):
+            assert knn[row, kept].min() >= np.sort(cosine[row])[-3] - 1e-6

@@ -1,0 +1,178 @@
+"""Stage `train` on the generated sample (production protocol), the gate helpers, determinism."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+import pytest
+
+from llmrec_tasks import constants as C
+from llmrec_tasks.benchmark import loo_split, loo_stages
+from llmrec_tasks.candidates import CandidateParams, Histories, context_from_artifacts, generate_candidates
+from llmrec_tasks.config import RankerConfig, RunConfig
+from llmrec_tasks.data import Dataset, write_snapshot
+from llmrec_tasks.errors import DataContractError
+from llmrec_tasks.features import build_features
+from llmrec_tasks.store import open_store
+from llmrec_tasks.train import (
+    evaluate_published_ranker,
+    feature_columns,
+    fit_ranker,
+    quality_gate,
+    run_train,
+    time_windows,
+)
+from tests.unit.ranking_data import chain_interactions, embeddings, items_frame
+
+MODELS = {"ranker", "ranker_no_llm", "popularity", "itemknn", "ease", "semantic", "covis"}
+
+
+def topic_embeddings(items: pd.DataFrame, seed: int = 0) -> np.ndarray:
+    """Stand-in for the text encoder: items of one topic point the same way (plus noise)."""
+    topics = items[C.CATEGORIES].str.split("|").str[0]
+    codes = pd.factorize(topics)[0]
+    rng = np.random.default_rng(seed)
+    vectors = np.eye(codes.max() + 1, 32, dtype=np.float32)[codes] + 0.3 * rng.normal(size=(len(items), 32))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, sample_data):
+    root = tmp_path_factory.mktemp("store")
+    store = open_store(root.as_uri())
+    write_snapshot(sample_data, store, "runs/v1")
+    work = open_store(store.uri_for("runs/v1"))
+    buf = io.BytesIO()
+    np.save(buf, topic_embeddings(sample_data.items), allow_pickle=False)
+    work.put_bytes(C.EMBEDDINGS, buf.getvalue())
+    work.put_bytes(C.ITEM_IDS, json.dumps(sample_data.items[C.ITEM_ID].tolist()).encode())
+    embedded = {"embeddings_uri": work.uri_for(C.EMBEDDINGS), "item_ids_uri": work.uri_for(C.ITEM_IDS)}
+    cfg = RunConfig(store_uri=root.as_uri())
+    result = run_train(cfg, {"work_uri": work.uri, "version": "v1"}, embedded)
+    return work, result
+
+
+def test_ranker_beats_popularity_on_the_sample(trained):
+    _, result = trained
+    metrics = result["metrics"]
+    assert set(metrics) == MODELS
+    assert metrics["ranker"]["ndcg@10"] > metrics["popularity"]["ndcg@10"] + 0.02
+    assert metrics["ranker"]["recall@10"] > metrics["popularity"]["recall@10"]
+    assert quality_gate(metrics, None, 0.02)[0]
+    assert result["gate_vs_popularity"]["passed"]
+    assert 0 < result["candidate_recall"] <= 1
+
+
+def test_artifacts_are_written_and_consistent(trained):
+    work, _ = trained
+    for key in (C.RANKER_MODEL, C.FEATURE_SPEC, C.METRICS, C.REPORT_HTML, C.SERVING_STATS, C.ITEM_NEIGHBORS):
+        assert work.exists(key), key
+    spec = json.loads(work.get_bytes(C.FEATURE_SPEC))
+    booster = lgb.Booster(model_str=work.get_bytes(C.RANKER_MODEL).decode())
+    assert booster.feature_name() == spec["features"]
+    full = json.loads(work.get_bytes(C.METRICS))
+    assert full["protocol"] == "time" and set(full["models"]) == MODELS
+    assert "cold_items" in full["models"]["ranker"]["slices"]
+    assert set(full["windows"]) >= {"valid", "test"}
+    assert b"data:image/png;base64," in work.get_bytes(C.REPORT_HTML)
+    assert all(not key.endswith((".pkl", ".pickle")) for key in work.list(""))
+
+
+def test_published_ranker_scores_the_same_on_the_eval_data(trained):
+    work, result = trained
+    spec = json.loads(work.get_bytes(C.FEATURE_SPEC))
+    again = evaluate_published_ranker(work.uri, work.get_bytes(C.RANKER_MODEL).decode(), spec["features"])
+    assert again["ndcg@10"] == pytest.approx(result["metrics"]["ranker"]["ndcg@10"], abs=1e-6)
+    with pytest.raises(DataContractError, match="cannot be compared"):
+        evaluate_published_ranker(work.uri, work.get_bytes(C.RANKER_MODEL).decode(), ["no_such_feature"])
+
+
+def test_serving_recomputes_features_from_the_artifacts(trained, sample_data):
+    work, _ = trained
+    spec = json.loads(work.get_bytes(C.FEATURE_SPEC))
+    stats = pd.read_parquet(io.BytesIO(work.get_bytes(C.SERVING_STATS)))
+    neighbours = pd.read_parquet(io.BytesIO(work.get_bytes(C.ITEM_NEIGHBORS)))
+    item_ids = json.loads(work.get_bytes(C.ITEM_IDS))
+    vectors = np.load(io.BytesIO(work.get_bytes(C.EMBEDDINGS)))
+    ctx = context_from_artifacts(item_ids, vectors, stats, neighbours, spec["context"], spec["stats_end"])
+    hist = Histories.from_lists(
+        [np.array([0, 12, 24])],
+        [np.array([1.0, 2.0, 3.0]) + spec["stats_end"]],
+        np.array([spec["stats_end"] + 10]),
+    )
+    cands = generate_candidates(ctx, hist, CandidateParams(**spec["candidates"]))
+    X = build_features(ctx, hist, cands)
+    booster = lgb.Booster(model_str=work.get_bytes(C.RANKER_MODEL).decode())
+    from llmrec_tasks.features import FEATURE_NAMES
+
+    scores = booster.predict(X[:, [FEATURE_NAMES.index(f) for f in spec["features"]]])
+    assert scores.shape == (len(cands.items),) and len(cands.items) == spec["candidates"]["num_candidates"]
+
+
+def test_fit_is_reproducible():
+    data = Dataset(items=items_frame(), interactions=chain_interactions(n_users=60))
+    loo = loo_split(data)
+    vectors = embeddings()[loo.items[C.ITEM_ID].astype(int).to_numpy()]
+    rcfg = RankerConfig(num_candidates=12, per_source=5, train_windows=2, min_data_in_leaf=5, n_estimators=30)
+    train, valid, _ = loo_stages(loo, vectors, rcfg)
+    columns = feature_columns(include_llm=True)
+    a, _ = fit_ranker(train, valid, rcfg, 7, columns)
+    b, _ = fit_ranker(train, valid, rcfg, 7, columns)
+    assert a.model_to_string() == b.model_to_string()
+
+
+def test_time_windows():
+    day = 86400.0
+    ts = np.arange(0, 100 * day, day)
+    windows = time_windows(ts, RankerConfig(eval_days=10, train_windows=3))
+    assert len(windows) == 5
+    assert windows[-1][1] > ts.max() and windows[-1][0] == pytest.approx(ts.max() + 1 - 10 * day)
+    assert all(a[1] == pytest.approx(b[0]) for a, b in itertools.pairwise(windows))
+    with pytest.raises(DataContractError, match="too short"):
+        time_windows(ts, RankerConfig(eval_days=40, train_windows=3))
+
+
+def test_stage_with_a_user_without_candidates():
+    """A user who has seen the whole catalog gets no candidates; grouping must still work."""
+    from llmrec_tasks.candidates import Histories
+    from llmrec_tasks.evaluate import Targets
+    from llmrec_tasks.train import _dataset, make_stage
+    from tests.unit.ranking_data import N_ITEMS, chain_context, chain_events
+
+    events, users = chain_events()
+    ctx = chain_context(events, len(users))
+    everything = np.arange(N_ITEMS)
+    hist = Histories.from_lists(
+        [np.array([0, 1]), everything],
+        [np.array([1.0, 2.0]), np.arange(N_ITEMS, dtype=float)],
+        np.array([3.0, float(N_ITEMS)]),
+    )
+    rcfg = RankerConfig(num_candidates=12, per_source=5)
+    stage = make_stage("edge", ctx, hist, Targets.single(np.array([2, 0])), rcfg)
+    assert np.diff(stage.cands.indptr).tolist()[1] == 0
+    assert stage.positives().tolist() == [1, 0]
+    assert _dataset([stage], feature_columns(True)).construct().num_data() == stage.cands.indptr[1]
+
+
+def test_smoothed_early_stopping_ignores_an_early_spike():
+    from types import SimpleNamespace
+
+    from llmrec_tasks.train import SmoothedEarlyStopping
+
+    # Rises to a plateau at rounds 40-60 and decays; a chance spike at round 3 beats every later value.
+    curve = [0.2, 0.2, 0.26] + [0.2 + 0.001 * r for r in range(37)] + [0.24] * 20 + [0.22] * 100
+    stopper = SmoothedEarlyStopping(patience=20, window=10)
+    with pytest.raises(lgb.callback.EarlyStopException) as stop:
+        for value in curve:
+            stopper(SimpleNamespace(evaluation_result_list=[("valid", "ndcg@10", value, True)]))
+    assert 40 <= stopper.best_round <= 60
+    assert stop.value.best_iteration == stopper.best_round - 1
+    short = SmoothedEarlyStopping(patience=5, window=10)
+    for value in (0.1, 0.2, 0.3):
+        short(SimpleNamespace(evaluation_result_list=[("valid", "ndcg@10", value, True)]))
+    assert short.best_round == 3  # no full window: keep every round
