@@ -457,7 +457,9 @@ def run_publish(
                 ),
             )
         current_metrics = (
-            read_manifest(store, cfg.namespace, pointer["version"])["metrics"] if pointer else None
+            current_ranker_metrics(store, cfg.namespace, pointer["version"], validated["work_uri"])
+            if pointer
+            else None
         )
         passed, why = quality_gate(manifest.get("metrics", {}), current_metrics, cfg.gate_tolerance)
         if not passed:
@@ -472,6 +474,23 @@ def run_publish(
     if not promoted:
         log.warning("bundle %s published but not promoted: %s", version, reason)
     return {**result, "promoted": promoted, "reason": reason}
+
+
+def current_ranker_metrics(store: ObjectStore, namespace: str, version: str, work_uri: str) -> dict[str, Any]:
+    """The published ranker scored on *this* run's evaluation data (same users, candidates,
+    features), so the gate compares like with like. When the published ranker needs features this
+    run does not compute, its own recorded metrics are the only comparison left (logged)."""
+    from llmrec_tasks.errors import DataContractError
+    from llmrec_tasks.train import evaluate_published_ranker
+
+    prefix = bundle_prefix(namespace, version)
+    model_text = store.get_bytes(f"{prefix}/{C.RANKER_MODEL}").decode()
+    spec = json.loads(store.get_bytes(f"{prefix}/{C.FEATURE_SPEC}"))
+    try:
+        return {"ranker": evaluate_published_ranker(work_uri, model_text, spec["features"])}
+    except DataContractError as exc:
+        log.warning("gate compares against %s's recorded metrics: %s", version, exc)
+        return read_manifest(store, namespace, version)["metrics"]
 
 
 # --- operator commands ---------------------------------------------------------------------------

@@ -514,6 +514,10 @@ def evaluate_published_ranker(work_uri: str, model_text: str, feature_names: lis
     """Score another ranker (e.g. the published one) on this run's test stage: same users, same
     candidates, same features. Returns ``{"ndcg@10", "recall@10"}`` for :func:`quality_gate`."""
     store = open_store(work_uri)
+    if not store.exists(C.RANKER_EVAL):
+        raise DataContractError(
+            f"{store.uri_for(C.RANKER_EVAL)} is missing: this run kept no evaluation data"
+        )
     with np.load(io.BytesIO(store.get_bytes(C.RANKER_EVAL)), allow_pickle=False) as data:
         arrays = {key: data[key] for key in data.files}
     columns = [str(c) for c in arrays["columns"]]
