@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llmrec_tasks.constants import DEFAULT_NAMESPACE
+from llmrec_tasks.constants import DEFAULT_NAMESPACE, REPORT_HTML
 from llmrec_tasks.errors import LlmrecError
 
 DEFAULT_STORE = os.environ.get("LLMREC_STORE_URI", Path("llmrec-store").resolve().as_uri())
@@ -124,6 +124,7 @@ def summary_text(store_uri: str, namespace: str) -> str:
     lines = [
         f"bundle:   {store.uri_for(bundle_prefix(namespace, newest['version']))}",
         f"manifest: {store.uri_for(manifest_key(namespace, newest['version']))}",
+        f"report:   {store.uri_for(bundle_prefix(namespace, newest['version']) + '/' + REPORT_HTML)}",
         f"current:  {'yes' if newest['current'] else 'no'} (namespace {namespace})",
         "",
         f"{'model':<24}{'NDCG@10':>10}{'Recall@10':>11}",

@@ -83,7 +83,7 @@ def run_validate(cfg: RunConfig) -> dict[str, Any]:
     }
     store.put_bytes(stats_key, json.dumps({"version": version, **stats}, indent=2).encode())
     store.put_bytes(validation_key, json.dumps(summary, indent=2, default=str).encode())
-    report_uri = docs_uri or store.uri_for(validation_key)
+    report_uri = f"{docs_uri}/index.html" if docs_uri else store.uri_for(validation_key)
     elapsed = time.monotonic() - started
     if failures:
         table = format_failures(failures)
@@ -154,7 +154,8 @@ def _note(message: str) -> list[str]:
 
 
 def _upload_docs(store: ObjectStore, prefix: str, docs_dir: Path) -> str | None:
-    """Copy the Data Docs site into the store (stale pages of an earlier attempt removed last)."""
+    """Copy the Data Docs site into the store (stale pages of an earlier attempt removed last);
+    returns the site folder's URI, which publish copies whole into the bundle."""
     if not (docs_dir / "index.html").is_file():
         return None
     uploaded = set()
@@ -166,7 +167,7 @@ def _upload_docs(store: ObjectStore, prefix: str, docs_dir: Path) -> str | None:
     for key in store.list(prefix):
         if key not in uploaded:
             store.delete(key)
-    return store.uri_for(f"{prefix}/index.html")
+    return store.uri_for(prefix)
 
 
 def failed_expectations(results: list[ExpectationSuiteValidationResult]) -> list[dict[str, Any]]:
