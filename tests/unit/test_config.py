@@ -45,7 +45,7 @@ def test_invalid_values_are_refused_with_a_message(values, message):
 def test_params_hash_ignores_lineage_and_shards_but_not_results():
     base = RunConfig.from_dict({"store_uri": "file:///a"})
     same = RunConfig.from_dict({"store_uri": "s3://b/c", "run_id": "x", "encoder_shards": 4})
-    other = RunConfig.from_dict({"store_uri": "file:///a", "ranker_num_leaves": 15})
+    other = RunConfig.from_dict({"store_uri": "file:///a", "ranker_num_leaves": 31})
     assert base.params_hash() == same.params_hash()
     assert base.params_hash() != other.params_hash()
 
