@@ -35,8 +35,7 @@ from llmrec_tasks.train import (
     evaluate_stages,
     json_default,
     make_stage,
-    time_windows,
-    window_stage,
+    production_stages,
 )
 
 log = logging.getLogger(__name__)
@@ -184,13 +183,7 @@ def run_benchmark(
         items = data.items.reset_index(drop=True)
         embeddings = cached_embeddings(items, encoder_cfg)
         events, user_index = encode_events(data.interactions, pd.Index(items[C.ITEM_ID]))
-        windows = time_windows(events.ts, rcfg)
-        names = [f"train{j}" for j in range(len(windows) - 2)] + ["valid", "test"]
-        stages = [
-            window_stage(name, events, len(user_index), embeddings, items, window, rcfg)
-            for name, window in zip(names, windows, strict=True)
-        ]
-        train, valid, test = stages[:-2], stages[-2], stages[-1]
+        train, valid, test, _ = production_stages(events, len(user_index), embeddings, items, rcfg)
         dataset = {"users": len(user_index), "items": len(items), "interactions": len(events)}
     results, _, _ = evaluate_stages(train, valid, test, rcfg, seeds=seeds, n_boot=n_boot)
     result = {

@@ -410,6 +410,20 @@ def window_stage(
     return make_stage(name, ctx, hist_all.subset(users), targets, rcfg)
 
 
+def production_stages(
+    events: Any, n_users: int, embeddings: np.ndarray, items: pd.DataFrame, rcfg: RankerConfig
+) -> tuple[list[Stage], Stage, Stage, dict[str, tuple[float, float]]]:
+    """The production protocol's groups: training windows, then validation, then the latest (test);
+    plus each group's time window."""
+    windows = time_windows(events.ts, rcfg)
+    names = [f"train{j}" for j in range(len(windows) - 2)] + ["valid", "test"]
+    stages = [
+        window_stage(name, events, n_users, embeddings, items, window, rcfg)
+        for name, window in zip(names, windows, strict=True)
+    ]
+    return stages[:-2], stages[-2], stages[-1], dict(zip(names, windows, strict=True))
+
+
 def align_items(items: pd.DataFrame, item_ids: list[str]) -> pd.DataFrame:
     """Snapshot items in embedding row order."""
     indexed = items.drop_duplicates(C.ITEM_ID, keep="last").set_index(C.ITEM_ID)
@@ -433,19 +447,13 @@ def run_train(cfg: RunConfig, validated: dict[str, Any], embedded: dict[str, Any
     item_ids, embeddings = read_embeddings(embedded)
     items = align_items(data.items, item_ids)
     events, user_index = encode_events(data.interactions, pd.Index(item_ids))
-    windows = time_windows(events.ts, rcfg)
-    names = [f"train{j}" for j in range(len(windows) - 2)] + ["valid", "test"]
-    stages = [
-        window_stage(name, events, len(user_index), embeddings, items, window, rcfg)
-        for name, window in zip(names, windows, strict=True)
-    ]
-    train, valid, test = stages[:-2], stages[-2], stages[-1]
+    train, valid, test, windows = production_stages(events, len(user_index), embeddings, items, rcfg)
     results, booster, fit_info = evaluate_stages(train, valid, test, rcfg, seeds=1)
     summary = small_metrics(results)
     passed, reason = quality_gate(summary, None, cfg.gate_tolerance)
     results.update(
         protocol="time",
-        windows={name: [_iso(a), _iso(b)] for name, (a, b) in zip(names, windows, strict=True)},
+        windows={name: [_iso(a), _iso(b)] for name, (a, b) in windows.items()},
         gate_vs_popularity={"passed": passed, "reason": reason},
         run={"version": validated.get("version"), "seconds": time.monotonic() - started},
     )
