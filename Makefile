@@ -1,5 +1,8 @@
 # llmrec: `make demo` sets everything up and runs the daily DAG end to end; `make test` runs the tests.
 SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+# This machine's pip config names local mirror folders that may be absent: drop pip's notes about them.
+QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -22,9 +25,9 @@ install: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements.txt
-	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -m pip install -q -r requirements.txt 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | $(QUIET_PIP)
 	touch $(STAMP)
 
 demo: install
