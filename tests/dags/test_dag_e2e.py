@@ -29,10 +29,10 @@ VERSION_PREFIX = "20261101T000000Z-"
 pytestmark = pytest.mark.slow
 
 
-def run_dag(tmp_path: Path, spec: dict, timeout: int) -> list[dict]:
+def run_dag(tmp_path: Path, spec: dict, timeout: int, env_extra: dict[str, str] | None = None) -> list[dict]:
     home = tmp_path / "airflow-home"
     home.mkdir(exist_ok=True)
-    env = airflow_env(home)
+    env = airflow_env(home, **(env_extra or {}))
     migrate = subprocess.run(
         [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
         env=env,
