@@ -756,7 +756,9 @@ def generate_candidates(
         total = max(len(targets.items), 1)
         cands.source_recall = {name: source_found[name] / total for name in SOURCES}
         cands.source_recall["all"] = float(candidate_hits(cands, targets).sum() / total)
-    log.info(
+    # Per-request calls from serving (one user) log at debug level: an INFO line per request is noise.
+    log.log(
+        logging.INFO if hist.n_users > 1 else logging.DEBUG,
         "candidates for %d users: %.0f per user (%.1fs)",
         hist.n_users,
         len(items) / max(hist.n_users, 1),
