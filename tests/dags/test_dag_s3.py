@@ -17,13 +17,15 @@ from tests.dags.test_dag_e2e import run_dag
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 CONF = {"data_uri": "sample", "ranker_n_estimators": 60, "ranker_train_windows": 2}
+# Distinctive credentials (moto accepts any): none may appear in a log or a stored object.
+ACCESS_KEY, SECRET_KEY = "AKIALLMRECCANARY7Q2", "llmrec-canary-secret-5f0d9c"
 
 
 def test_dag_runs_publish_to_s3_promote_and_roll_back(tmp_path, s3_store_uri, moto_server):
     connection = {
         "conn_type": "aws",
-        "login": "testing",
-        "password": "testing",
+        "login": ACCESS_KEY,
+        "password": SECRET_KEY,
         "extra": {"endpoint_url": moto_server, "region_name": "us-east-1"},
     }
     # Inside Airflow the endpoint and credentials come from the connection only.
@@ -51,3 +53,16 @@ def test_dag_runs_publish_to_s3_promote_and_roll_back(tmp_path, s3_store_uri, mo
     store.put_bytes(key, bytes(data))
     with pytest.raises(BundleError, match=r"ranker\.txt"):
         load_bundle(s3_store_uri, "production", versions[1])
+
+    # Credential scan: every object the runs wrote (bundles, work folders, reports, Data Docs) and
+    # every log of the runs.
+    keys = store.list("")
+    assert any(key.endswith("report.html") for key in keys) and any("/validation/" in key for key in keys)
+    for key in keys:
+        data = store.get_bytes(key)
+        assert ACCESS_KEY.encode() not in data and SECRET_KEY.encode() not in data, key
+    logs = [p for p in tmp_path.rglob("*") if p.is_file() and (p.suffix == ".log" or "logs" in p.parts)]
+    assert logs
+    for path in logs:
+        text = path.read_bytes()
+        assert ACCESS_KEY.encode() not in text and SECRET_KEY.encode() not in text, path
