@@ -185,15 +185,10 @@ def redis_available() -> str | None:
 
 
 def recreate_database(name: str) -> None:
+    drop_database(name)
     conn = _pg_connect()
     try:
         with conn.cursor() as cur:
-            # Connections left by a killed run would block DROP DATABASE.
-            cur.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-                (name,),
-            )
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
             cur.execute(f'CREATE DATABASE "{name}"')
     finally:
         conn.close()
@@ -238,6 +233,7 @@ def drop_database(name: str) -> None:
     conn = _pg_connect()
     try:
         with conn.cursor() as cur:
+            # Connections left by a killed run would block DROP DATABASE.
             cur.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
                 (name,),
