@@ -3,14 +3,16 @@
 The kind follows the catalog size and the memory budget (``index_kind=auto``): exact search
 (flat) for small catalogs, IVF above that; when the float32 vectors do not fit the budget,
 IVF with 8-bit scalar-quantised vectors (4x smaller, recall close to IVF), and IVF-PQ (8x and
-more smaller, recall limited by the codes) when even those do not fit. HNSW
-is available by name (``index_kind=hnsw``) but not chosen automatically: at 100k items
+more smaller) when even those do not fit. PQ codes alone lose too much recall for the floor, so
+IVF-PQ re-scores a shortlist of ``refine_factor * k`` exactly with the item vectors
+(:class:`RefinedIndex`): serving holds those vectors anyway for its features, so the budget still
+bounds what the index adds, and the factor is tuned together with ``nprobe``. HNSW is available by name (``index_kind=hnsw``) but not chosen automatically: at 100k items
 (``benchmarks/bench_index.py``) IVF reached the recall floor at 4x HNSW's queries/s, built 11x
 faster and used less memory. The search parameter (HNSW ``efSearch``, IVF ``nprobe``) is tuned to the
 smallest value whose recall@10 against exact search, measured on real user-profile queries
 (mean of the vectors of each user's items), reaches ``index_recall_floor``; a build that cannot
 reach it raises :class:`IndexRecallError`. The tuned parameter is saved inside the index (FAISS
-native format keeps ``efSearch``/``nprobe``) and in ``index.json``.
+native format keeps ``efSearch``/``nprobe``) and in ``index.json`` (with the refine factor).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ EF_SEARCH_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 IVF_TRAIN_PER_LIST = 40  # faiss warns below 39 training points per list
 IVF_NITER = 10
 PQ_BITS = 8
+REFINE_FACTORS = (1, 2, 4, 8, 16, 32)  # IVF-PQ shortlist sizes (x k) re-scored exactly
+RERANK_QUERIES_PER_CHUNK = 256  # bounds the gathered (queries, shortlist, d) block
 PLATEAU = 0.0005  # recall gained over two grid steps below which a missed floor is given up
 SCORE_TOLERANCE = 1e-5  # a returned item scoring as high as the exact k-th is a hit (ties)
 
@@ -233,6 +237,46 @@ def profile_queries(
     return np.asarray(vectors[np.sort(rows)], dtype=np.float32), "item_vectors"
 
 
+class RefinedIndex:
+    """An index whose shortlist of ``factor * k`` is re-scored exactly with the item vectors.
+
+    Quacks like a FAISS index where llmrec searches one (``search``, ``ntotal``); the vectors are
+    the embeddings serving already holds, so re-scoring adds no memory of its own.
+    """
+
+    def __init__(self, index: Any, vectors: np.ndarray, factor: int) -> None:
+        self.index = index
+        self.vectors = vectors
+        self.factor = int(factor)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        _, shortlist = self.index.search(queries, min(self.ntotal, k * self.factor))
+        return rerank(self.vectors, queries, shortlist, k)
+
+
+def rerank(
+    vectors: np.ndarray, queries: np.ndarray, shortlist: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-``k`` (scores, ids) of each query's shortlist; ``-1`` ids stay last."""
+    k = min(k, shortlist.shape[1])
+    scores = np.empty((len(queries), k), dtype=np.float32)
+    ids = np.empty((len(queries), k), dtype=np.int64)
+    for lo in range(0, len(queries), RERANK_QUERIES_PER_CHUNK):
+        part = shortlist[lo : lo + RERANK_QUERIES_PER_CHUNK]
+        exact = np.einsum(
+            "qkd,qd->qk", vectors[np.maximum(part, 0)], queries[lo : lo + RERANK_QUERIES_PER_CHUNK]
+        )
+        exact = np.where(part >= 0, exact, -np.inf).astype(np.float32)
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        scores[lo : lo + len(part)] = np.take_along_axis(exact, order, axis=1)
+        ids[lo : lo + len(part)] = np.take_along_axis(part, order, axis=1)
+    return scores, ids
+
+
 def tune(
     index: Any,
     kind: str,
@@ -242,32 +286,44 @@ def tune(
     k: int = RECALL_K,
     exact: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Smallest search parameter reaching the recall floor (set on the index); measured figures.
-    ``exact`` = precomputed :func:`exact_top_k` (scores, ids) of the queries, to share it."""
+    """Smallest search parameter (and, for IVF-PQ, refine factor) reaching the recall floor, set on
+    the index; measured figures. ``exact`` = precomputed :func:`exact_top_k` (scores, ids)."""
     if kind == "flat":
-        return {"recall_at_10": 1.0, "search_param": None, "tuning": []}
+        return {"recall_at_10": 1.0, "search_param": None, "refine_factor": None, "tuning": []}
     k = min(k, len(vectors))
     exact_scores, exact_ids = exact or exact_top_k(vectors, queries, k)
-    tried = []
+    factors = REFINE_FACTORS if kind == "ivfpq" else (None,)
+    tried: list[dict[str, Any]] = []
+    best: list[float] = []
     for value in search_grid(kind, index):
         set_search_param(index, kind, value)
         started = time.monotonic()
-        _, found = index.search(queries, k)
-        seconds = time.monotonic() - started
-        recall = recall_at_k(vectors, queries, found, exact_ids, exact_scores)
-        tried.append(
-            {
-                "param": value,
-                "recall": round(recall, 4),
-                "ms_per_query": round(1000 * seconds / len(queries), 4),
-            }
-        )
-        if recall >= floor:
-            return {"recall_at_10": recall, "search_param": value, "tuning": tried}
-        if len(tried) >= 3 and recall - tried[-3]["recall"] < PLATEAU:
-            log.info("recall plateaued at %.4f below the floor %.3f: stopping the search", recall, floor)
+        _, found = index.search(queries, min(len(vectors), k * (factors[-1] or 1)))
+        ms = round(1000 * (time.monotonic() - started) / len(queries), 4)
+        for factor in factors:
+            top = found[:, : k * factor] if factor else found
+            ids = rerank(vectors, queries, top, k)[1] if factor else top
+            recall = recall_at_k(vectors, queries, ids, exact_ids, exact_scores)
+            tried.append(
+                {"param": value, "refine_factor": factor, "recall": round(recall, 4), "ms_per_query": ms}
+            )
+            if recall >= floor:
+                return {
+                    "recall_at_10": recall,
+                    "search_param": value,
+                    "refine_factor": factor,
+                    "tuning": tried,
+                }
+        best.append(max(t["recall"] for t in tried if t["param"] == value))
+        if len(best) >= 3 and best[-1] - best[-3] < PLATEAU:
+            log.info("recall plateaued at %.4f below the floor %.3f: stopping the search", best[-1], floor)
             break
-    return {"recall_at_10": tried[-1]["recall"] if tried else 0.0, "search_param": None, "tuning": tried}
+    return {
+        "recall_at_10": max(best, default=0.0),
+        "search_param": None,
+        "refine_factor": None,
+        "tuning": tried,
+    }
 
 
 def serialize(index: Any) -> bytes:
@@ -282,12 +338,18 @@ def deserialize(data: bytes) -> Any:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
-def load_index(data: bytes, info: dict[str, Any] | None = None) -> Any:
-    """Index bytes -> ready index; re-applies the tuned efSearch/nprobe from ``index.json``
-    (already saved inside the index; this guards against an index written without it)."""
+def load_index(data: bytes, info: dict[str, Any] | None = None, vectors: np.ndarray | None = None) -> Any:
+    """Index bytes -> ready index. Re-applies the tuned efSearch/nprobe from ``index.json`` (also
+    saved inside the index; this guards against one written without it) and, when the index was
+    tuned with a refine factor, wraps it in :class:`RefinedIndex` over ``vectors``."""
     index = deserialize(data)
     if info and info.get("search_param") is not None:
         set_search_param(index, info["kind"], info["search_param"])
+    factor = (info or {}).get("refine_factor")
+    if factor:
+        if vectors is None or len(vectors) != index.ntotal:
+            raise ValueError(f"index tuned with refine_factor={factor} needs its {index.ntotal} item vectors")
+        return RefinedIndex(index, vectors, factor)
     return index
 
 
@@ -323,6 +385,7 @@ def run_index(cfg: RunConfig, validated: dict[str, Any], embedded: dict[str, Any
             "recall_query_source": source,
             "search_param": tuned["search_param"],
             "search_param_name": "efSearch" if kind == "hnsw" else "nprobe" if kind in IVF_KINDS else None,
+            "refine_factor": tuned["refine_factor"],
             "tuning": tuned["tuning"],
             "build_seconds": round(build_seconds, 3),
             "tune_seconds": round(tune_seconds, 3),
@@ -339,13 +402,14 @@ def run_index(cfg: RunConfig, validated: dict[str, Any], embedded: dict[str, Any
             )
         store.put_file(C.FAISS_INDEX, path)
     log.info(
-        "built %s index over %d items in %.1fs: recall@10 %.3f (%s=%s), %.1f MB",
+        "built %s index over %d items in %.1fs: recall@10 %.3f (%s=%s, refine x%s), %.1f MB",
         kind,
         n,
         build_seconds,
         info["recall_at_10"],
         info["search_param_name"],
         info["search_param"],
+        info["refine_factor"],
         info["memory_mb"],
     )
     return {"index_uri": store.uri_for(C.FAISS_INDEX), "index_info_uri": store.uri_for(C.INDEX_INFO), **info}

@@ -160,8 +160,9 @@ def _parse(name: str, parse: Callable[[], Any], where: str) -> Any:
 
 def load_bundle(store_uri: str, namespace: str, version: str = CURRENT) -> Bundle:
     """Load and verify a bundle by store URI + namespace + version (``current`` or a version id)."""
-    import faiss
     import lightgbm
+
+    from llmrec_tasks.index import load_index
 
     validate_name("namespace", namespace)
     store = open_store(store_uri)
@@ -175,11 +176,9 @@ def load_bundle(store_uri: str, namespace: str, version: str = CURRENT) -> Bundl
         C.EMBEDDINGS, lambda: np.load(io.BytesIO(blobs[C.EMBEDDINGS]), allow_pickle=False), where
     )
     item_ids = [str(i) for i in _parse(C.ITEM_IDS, lambda: json.loads(blobs[C.ITEM_IDS]), where)]
-    index = _parse(
-        C.FAISS_INDEX,
-        lambda: faiss.deserialize_index(np.frombuffer(blobs[C.FAISS_INDEX], dtype=np.uint8)),
-        where,
-    )
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    index_info = _parse(C.INDEX_INFO, lambda: json.loads(blobs[C.INDEX_INFO]), where)
+    index = _parse(C.FAISS_INDEX, lambda: load_index(blobs[C.FAISS_INDEX], index_info, embeddings), where)
     booster = _parse(
         C.RANKER_MODEL, lambda: lightgbm.Booster(model_str=blobs[C.RANKER_MODEL].decode("utf-8")), where
     )
@@ -213,7 +212,7 @@ def load_bundle(store_uri: str, namespace: str, version: str = CURRENT) -> Bundl
         manifest=manifest,
         item_ids=item_ids,
         item_row=item_row,
-        embeddings=np.ascontiguousarray(embeddings, dtype=np.float32),
+        embeddings=embeddings,
         index=index,
         booster=booster,
         path_contrib=path_contributions(booster),

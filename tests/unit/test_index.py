@@ -91,7 +91,7 @@ def test_user_profile_queries_are_normalised_means_of_their_items(store_uri):
     np.testing.assert_allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfsq8"])
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfsq8", "ivfpq"])
 def test_approximate_index_is_tuned_to_the_recall_floor(store_uri, kind):
     import faiss
 
@@ -110,6 +110,31 @@ def test_approximate_index_is_tuned_to_the_recall_floor(store_uri, kind):
         assert faiss.downcast_index(loaded).hnsw.efSearch == result["search_param"]
     else:
         assert faiss.extract_index_ivf(loaded).nprobe == result["search_param"]
+    served = ix.load_index(open_store(validated["work_uri"]).get_bytes(C.FAISS_INDEX), info, vectors)
+    assert isinstance(served, ix.RefinedIndex) == (kind == "ivfpq")
+    queries = ix.profile_queries(validated["work_uri"], [f"i{i}" for i in range(len(vectors))], vectors)[0]
+    exact_scores, exact_ids = ix.exact_top_k(vectors, queries, 10)
+    _, found = served.search(queries, 10)
+    assert ix.recall_at_k(vectors, queries, found, exact_ids, exact_scores) >= 0.95
+
+
+def test_pq_codes_alone_miss_the_floor_that_the_exact_rerank_reaches(store_uri):
+    vectors = clustered(4000, 32, 20)
+    validated, embedded = _work(store_uri, vectors)
+    cfg = RunConfig.from_dict({"store_uri": store_uri, "index_kind": "ivfpq", "index_recall_floor": 0.95})
+    result = ix.run_index(cfg, validated, embedded)
+    assert result["refine_factor"] > 1
+    assert all(t["recall"] < 0.95 for t in result["tuning"] if t["refine_factor"] == 1)
+
+
+def test_rerank_orders_the_shortlist_by_exact_score_and_keeps_padding_last():
+    vectors = np.eye(4, dtype=np.float32)
+    queries = np.array([[0.1, 0.9, 0.5, 0.0]], dtype=np.float32)
+    scores, ids = ix.rerank(vectors, queries, np.array([[0, -1, 2, 1]]), 3)
+    assert ids.tolist() == [[1, 2, 0]]
+    np.testing.assert_allclose(scores, [[0.9, 0.5, 0.1]], rtol=1e-6)
+    _, ids = ix.rerank(vectors, queries, np.array([[-1, 3, -1]]), 3)
+    assert ids.tolist() == [[3, -1, -1]]
 
 
 def test_flat_index_is_exact(store_uri):
@@ -125,7 +150,7 @@ def test_flat_index_is_exact(store_uri):
 def test_missing_the_recall_floor_fails_the_build(store_uri):
     vectors = clustered(3000, 32, 20)
     validated, embedded = _work(store_uri, vectors)
-    cfg = RunConfig.from_dict({"store_uri": store_uri, "index_kind": "ivfpq", "index_recall_floor": 1.0})
+    cfg = RunConfig.from_dict({"store_uri": store_uri, "index_kind": "ivfsq8", "index_recall_floor": 1.0})
     with pytest.raises(IndexRecallError, match="recall@10"):
         ix.run_index(cfg, validated, embedded)
     store = open_store(validated["work_uri"])

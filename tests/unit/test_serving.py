@@ -203,3 +203,23 @@ def test_path_contributions_add_up_to_the_score(recommender: serving.Recommender
     raw = bundle.booster.predict(x, raw_score=True)
     np.testing.assert_allclose(contrib.sum(axis=1) + bias, raw, rtol=1e-4, atol=1e-4)
     assert np.abs(contrib).sum() > 0
+
+
+def test_an_ivfpq_bundle_serves_with_the_exact_rerank_it_was_tuned_with(
+    store_uri: str, published: dict
+) -> None:
+    from llmrec_tasks import index as ix
+
+    version = published["version"]
+    vectors = serving.load_bundle(store_uri, NS, version).embeddings
+    choice = {"kind": "ivfpq", "nlist": 1, "pq_m": 4}
+    pq = ix.build_index(vectors, choice)
+    info = {**choice, "search_param": 1, "refine_factor": 8}
+    rewrite(store_uri, version, C.FAISS_INDEX, ix.serialize(pq), fix_manifest=True)
+    rewrite(store_uri, version, C.INDEX_INFO, json.dumps(info).encode(), fix_manifest=True)
+    bundle = serving.load_bundle(store_uri, NS, version)
+    assert isinstance(bundle.index, ix.RefinedIndex) and bundle.index.factor == 8
+    scores, ids = bundle.index.search(vectors[:5], 3)
+    exact_scores, exact_ids = ix.exact_top_k(vectors, vectors[:5], 3)
+    assert ids.tolist() == exact_ids.tolist()
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)
