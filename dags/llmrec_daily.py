@@ -253,6 +253,16 @@ PARAMS = {
         description="Earlier time windows used as training groups.",
         section=RANKER,
     ),
+    "ranker_max_users_per_window": Param(
+        _RNK.max_users_per_window,
+        type="integer",
+        minimum=100,
+        maximum=10_000_000,
+        title="Users per window",
+        description="Users sampled (seeded) from each training and evaluation window; bounds training "
+        "time on large catalogs and user bases.",
+        section=RANKER,
+    ),
     "ranker_truncation_level": Param(
         _RNK.truncation_level,
         type="integer",

@@ -205,12 +205,14 @@ class ItemTimes:
     span: float
     t0: float
     all_ts: np.ndarray  # every event time, sorted
+    items_by_time: np.ndarray  # the item of each event, in the order of ``all_ts``
 
     @classmethod
     def build(cls, item: np.ndarray, ts: np.ndarray) -> ItemTimes:
         t0 = float(ts.min()) if len(ts) else 0.0
         span = float(ts.max() - t0 + 2 * DAY) if len(ts) else 1.0
-        return cls(np.sort(item * span + (ts - t0)), span, t0, np.sort(ts))
+        order = np.argsort(ts, kind="stable")
+        return cls(np.sort(item * span + (ts - t0)), span, t0, ts[order], item[order])
 
     def count(self, items: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
         """Interactions of ``items`` with ``start < ts <= end`` (arrays broadcast together)."""
@@ -228,6 +230,12 @@ class ItemTimes:
         ``ref`` (scale-free popularity windows); -inf when there are fewer events."""
         pos = np.searchsorted(self.all_ts, ref, "right") - n_events - 1
         return np.where(pos >= 0, self.all_ts[np.clip(pos, 0, len(self.all_ts) - 1)], -np.inf)
+
+    def window_items(self, ref: float, n_events: int) -> np.ndarray:
+        """Distinct items of the window ``(window_start, ref]`` (sorted)."""
+        start = self.window_start(np.array([ref]), n_events)[0]
+        lo, hi = np.searchsorted(self.all_ts, [start, ref], "right")
+        return np.unique(self.items_by_time[lo:hi])
 
     def first_before(self, items: np.ndarray, ref: np.ndarray) -> np.ndarray:
         """Earliest interaction time of each item, if it is at or before ``ref`` (else NaN)."""
@@ -267,6 +275,7 @@ class RankContext:
     stats_end: float
     times: ItemTimes | None = None
     frozen: dict[str, np.ndarray] = field(default_factory=dict)
+    cache: dict[Any, np.ndarray] = field(default_factory=dict)  # per-context derived arrays
     _index: Any = None
 
     @property
@@ -289,6 +298,12 @@ class RankContext:
             return self.frozen[f"pop_{n_events}"][items]
         start = self.times.window_start(ref, n_events)
         return self.times.count(items, start, ref)
+
+    def window_items(self, ref: float, n_events: int) -> np.ndarray:
+        """Items with interactions among the last ``n_events`` events before ``ref`` (sorted)."""
+        if self.times is None:
+            return np.flatnonzero(self.frozen[f"pop_{n_events}"] > 0)
+        return self.times.window_items(ref, n_events)
 
     def pop_before(self, items: np.ndarray, ref: np.ndarray) -> np.ndarray:
         if self.times is None:
@@ -411,10 +426,13 @@ def build_context(
     embeddings: np.ndarray,
     items: pd.DataFrame,
     params: ContextParams,
+    *,
+    index: Any = None,
 ) -> RankContext:
     """Learn relations and item statistics from ``events`` (the known interactions only).
 
-    ``items`` is the typed item frame in embedding row order (categories, title, text).
+    ``items`` is the typed item frame in embedding row order (categories, title, text); ``index``
+    a retrieval index over the embeddings to share between contexts (else exact, built on use).
     """
     started = time.monotonic()
     n_items = embeddings.shape[0]
@@ -451,6 +469,7 @@ def build_context(
         item_text_len=words.to_numpy(dtype=np.float32),
         stats_end=stats_end,
         times=times,
+        _index=index,
     )
     all_items = np.arange(n_items)
     ref = np.full(n_items, stats_end)
@@ -579,11 +598,13 @@ class CandidateSet:
 
 @dataclass
 class _Batch:
-    """Dense per-user score matrices of one batch of users."""
+    """Per-source scores and top lists of one batch of users; sparse, so a batch costs what its
+    users' histories touch, not the catalog size."""
 
-    scores: dict[str, np.ndarray]
+    scores: dict[str, sp.csr_matrix]  # relation sources, (B, n_items); seen items included
     lists: dict[str, np.ndarray]  # (B, rank_depth) item indices, -1 padded
     profile: np.ndarray  # (B, dim) recency-weighted profile
+    seen: np.ndarray  # sorted keys ``user * n_items + item`` of the batch's histories
 
 
 def user_profiles(ctx: RankContext, hist: Histories) -> tuple[np.ndarray, np.ndarray]:
@@ -605,43 +626,105 @@ def recent_weights(ctx: RankContext, hist: Histories) -> np.ndarray:
     return np.where(pos < ctx.params.recent_items, np.power(ctx.params.recent_decay, pos), 0.0)
 
 
-def collaborative_scores(ctx: RankContext, hist: Histories) -> dict[str, np.ndarray]:
-    """Dense ``(n_users, n_items)`` scores of the relation sources for a (small) batch of users."""
+def collaborative_scores(ctx: RankContext, hist: Histories) -> dict[str, sp.csr_matrix]:
+    """Sparse ``(n_users, n_items)`` scores of the relation sources for a batch of users."""
     pos = hist.position_from_end()
     recent = hist.weight_matrix(ctx.n_items, recent_weights(ctx, hist))
     longterm = hist.weight_matrix(ctx.n_items, np.power(0.5, pos / (4 * ctx.params.profile_half_life)))
     binary = hist.weight_matrix(ctx.n_items, np.ones(len(pos)))
     binary.data[:] = 1.0
-    return {
-        "next": (recent @ ctx.relations["next"]).toarray(),
-        "prev": (recent @ ctx.relations["prev"]).toarray(),
-        "cooc": (longterm @ ctx.relations["cooc"]).toarray(),
-        "ease": (binary @ ctx.relations["ease"]).toarray(),
+    products = {
+        "next": recent @ ctx.relations["next"],
+        "prev": recent @ ctx.relations["prev"],
+        "cooc": longterm @ ctx.relations["cooc"],
+        "ease": binary @ ctx.relations["ease"],
     }
+    for matrix in products.values():
+        matrix.sum_duplicates()  # canonical: sorted indices, so (row, item) keys come out sorted
+    return products
 
 
-def _top_lists(scores: np.ndarray, depth: int) -> np.ndarray:
-    """Indices of the ``depth`` best positive scores per row, best first, ``-1`` padded."""
-    depth = min(depth, scores.shape[1])
-    part = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
-    vals = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -vals), axis=1)
-    part = np.take_along_axis(part, order, axis=1)
-    vals = np.take_along_axis(vals, order, axis=1)
-    return np.where(vals > 0, part, -1)
+def _in_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """``keys`` membership in a sorted unique array."""
+    if sorted_keys.size == 0:
+        return np.zeros(np.shape(keys), dtype=bool)
+    pos = np.searchsorted(sorted_keys, keys).clip(max=len(sorted_keys) - 1)
+    return sorted_keys[pos] == keys
+
+
+def _lookup(sorted_keys: np.ndarray, values: np.ndarray, keys: np.ndarray, default: float) -> np.ndarray:
+    """``values`` at ``keys`` in a sorted unique key array, ``default`` where absent."""
+    if sorted_keys.size == 0:
+        return np.full(np.shape(keys), default, dtype=values.dtype)
+    pos = np.searchsorted(sorted_keys, keys).clip(max=len(sorted_keys) - 1)
+    return np.where(sorted_keys[pos] == keys, values[pos], default).astype(values.dtype)
+
+
+def _csr_keys(matrix: sp.csr_matrix) -> np.ndarray:
+    """Sorted keys ``row * n_cols + col`` of a canonical CSR matrix's stored entries."""
+    rows = np.repeat(np.arange(matrix.shape[0], dtype=np.int64), np.diff(matrix.indptr))
+    return rows * matrix.shape[1] + matrix.indices
+
+
+def _rank_lists(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int, depth: int) -> np.ndarray:
+    """``(n_rows, depth)`` columns of the best positive ``vals`` per row, best first (ties: lower
+    column), ``-1`` padded; from (row, col, value) triples with unique (row, col)."""
+    keep = vals > 0
+    rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    order = np.lexsort((cols, -vals, rows))
+    rows, cols = rows[order], cols[order]
+    pos = np.arange(len(rows)) - np.searchsorted(rows, rows)
+    take = pos < depth
+    out = np.full((n_rows, depth), -1, dtype=np.int64)
+    out[rows[take], pos[take]] = cols[take]
+    return out
+
+
+def _relation_lists(matrix: sp.csr_matrix, seen: np.ndarray, depth: int) -> np.ndarray:
+    keys = _csr_keys(matrix)
+    unseen = ~_in_sorted(seen, keys)
+    n_items = matrix.shape[1]
+    return _rank_lists(
+        keys[unseen] // n_items, keys[unseen] % n_items, matrix.data[unseen], matrix.shape[0], depth
+    )
+
+
+def _pop_score(ctx: RankContext, items: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Popularity in the first window, plus a tiny prior that breaks ties deterministically."""
+    counts = ctx.window_counts(items, ref, ctx.params.pop_windows[0])
+    return counts + ctx.item_pop[items] / (ctx.item_pop.max(initial=0) + 1) * 1e-3
+
+
+def _pop_lists(ctx: RankContext, hist: Histories, seen: np.ndarray, depth: int) -> np.ndarray:
+    """Most popular unseen items at each user's reference time. Only items in the window or among
+    the most popular overall can make a list, so only those are scored."""
+    n_users, n_items = hist.n_users, ctx.n_items
+    need = min(n_items, depth + int(hist.lengths.max(initial=0)))
+    key = ("prior_top", need)
+    if key not in ctx.cache:
+        top = np.argpartition(-ctx.item_pop, need - 1)[:need] if need < n_items else np.arange(n_items)
+        ctx.cache[key] = np.sort(top)
+    refs, ref_of_user = np.unique(hist.ref_ts, return_inverse=True)
+    ordered = np.full((len(refs), need), -1, dtype=np.int64)
+    for j, ref in enumerate(refs):
+        pool = np.union1d(ctx.window_items(ref, ctx.params.pop_windows[0]), ctx.cache[key])
+        score = _pop_score(ctx, pool, np.full(len(pool), ref))
+        ordered[j] = _rank_lists(np.zeros(len(pool), np.int64), pool, score, 1, need)[0]
+    cand = ordered[ref_of_user.ravel()]
+    valid = (cand >= 0) & ~_in_sorted(seen, np.arange(n_users)[:, None] * n_items + cand)
+    order = np.argsort(~valid, axis=1, kind="stable")[:, : min(depth, n_items)]
+    return np.where(np.take_along_axis(valid, order, axis=1), np.take_along_axis(cand, order, axis=1), -1)
 
 
 def _faiss_lists(
-    ctx: RankContext, queries: np.ndarray, hist: Histories, depth: int
+    ctx: RankContext, queries: np.ndarray, hist: Histories, seen: np.ndarray, depth: int
 ) -> tuple[np.ndarray, ...]:
     """FAISS top lists for one query vector per user, history removed; returns (items, scores)."""
     extra = int(hist.lengths.max(initial=0))
     k = min(ctx.n_items, depth + extra)
     scores, idx = ctx.faiss_index().search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    user_of = np.repeat(np.arange(hist.n_users), hist.lengths)
-    seen = np.zeros((hist.n_users, ctx.n_items), dtype=bool)
-    seen[user_of, hist.items] = True
-    valid = (idx >= 0) & ~np.take_along_axis(seen, np.maximum(idx, 0), axis=1)
+    keys = np.arange(hist.n_users)[:, None] * ctx.n_items + np.maximum(idx, 0)
+    valid = (idx >= 0) & ~_in_sorted(seen, keys)
     # Stable compaction: valid entries first, keeping FAISS order.
     order = np.argsort(~valid, axis=1, kind="stable")[:, :depth]
     items = np.where(np.take_along_axis(valid, order, axis=1), np.take_along_axis(idx, order, axis=1), -1)
@@ -649,39 +732,39 @@ def _faiss_lists(
 
 
 def _batch_scores(ctx: RankContext, hist: Histories, params: CandidateParams) -> _Batch:
-    n_users = hist.n_users
-    seen_rows = np.repeat(np.arange(n_users), hist.lengths)
+    n_users, n_items = hist.n_users, ctx.n_items
+    depth = min(params.rank_depth, n_items)
+    seen = np.unique(np.repeat(np.arange(n_users, dtype=np.int64), hist.lengths) * n_items + hist.items)
     scores = collaborative_scores(ctx, hist)
-    all_items = np.arange(ctx.n_items)
-    refs, ref_of_user = np.unique(hist.ref_ts, return_inverse=True)
-    by_ref = [
-        ctx.window_counts(all_items, np.full(ctx.n_items, ref), ctx.params.pop_windows[0]) for ref in refs
-    ]
-    scores["pop"] = np.stack(by_ref)[ref_of_user] if n_users else np.zeros((0, ctx.n_items), np.float32)
-    # Tiny popularity prior breaks ties among items without evidence deterministically.
-    scores["pop"] = scores["pop"] + ctx.item_pop / (ctx.item_pop.max(initial=0) + 1) * 1e-3
-    lists = {}
-    for name in ("next", "prev", "cooc", "ease", "pop"):
-        matrix = scores[name]
-        matrix[seen_rows, hist.items] = -np.inf
-        lists[name] = _top_lists(matrix, params.rank_depth)
+    lists = {name: _relation_lists(matrix, seen, depth) for name, matrix in scores.items()}
+    lists["pop"] = _pop_lists(ctx, hist, seen, depth)
     profile, _ = user_profiles(ctx, hist)
-    has_profile = hist.lengths > 0
-    lists["faiss_profile"], _ = _faiss_lists(ctx, profile, hist, params.rank_depth)
-    lists["faiss_profile"][~has_profile] = -1
+    lists["faiss_profile"], _ = _faiss_lists(ctx, profile, hist, seen, depth)
+    lists["faiss_profile"][hist.lengths == 0] = -1
     last = hist.last(ctx.params.recent_items)
-    merged = np.full((n_users, ctx.n_items), -np.inf, dtype=np.float32)
-    rows = np.arange(n_users)
+    rows, cols, vals = [], [], []
     for p in range(min(3, last.shape[1])):
-        items_p, sims_p = _faiss_lists(
-            ctx, ctx.embeddings[np.maximum(last[:, p], 0)], hist, params.rank_depth
-        )
+        items_p, sims_p = _faiss_lists(ctx, ctx.embeddings[np.maximum(last[:, p], 0)], hist, seen, depth)
         ok = (items_p >= 0) & (last[:, p : p + 1] >= 0)
-        weight = ctx.params.recent_decay**p
-        r = np.broadcast_to(rows[:, None], items_p.shape)[ok]
-        merged[r, items_p[ok]] = np.maximum(merged[r, items_p[ok]], weight * sims_p[ok])
-    lists["faiss_last"] = _top_lists(np.where(np.isfinite(merged), merged + 2.0, 0.0), params.rank_depth)
-    return _Batch(scores=scores, lists=lists, profile=profile)
+        rows.append(np.broadcast_to(np.arange(n_users)[:, None], items_p.shape)[ok])
+        cols.append(items_p[ok])
+        vals.append(ctx.params.recent_decay**p * sims_p[ok])
+    keys = np.concatenate(rows) * n_items + np.concatenate(cols) if rows else np.zeros(0, np.int64)
+    vals = np.concatenate(vals) if vals else np.zeros(0, np.float32)
+    order = np.argsort(keys, kind="stable")
+    keys, first = np.unique(keys[order], return_index=True)
+    best = np.maximum.reduceat(vals[order], first) if len(first) else vals[:0]
+    lists["faiss_last"] = _rank_lists(keys // n_items, keys % n_items, best + 2.0, n_users, depth)
+    return _Batch(scores=scores, lists=lists, profile=profile, seen=seen)
+
+
+def rowwise_dot(a: np.ndarray, rows_a: np.ndarray, b: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
+    """``a[rows_a[i]] . b[rows_b[i]]`` for every i, in chunks (bounded memory)."""
+    out = np.empty(len(rows_a), dtype=np.float32)
+    for lo in range(0, len(rows_a), 65_536):
+        hi = lo + 65_536
+        out[lo:hi] = np.einsum("nd,nd->n", a[rows_a[lo:hi]], b[rows_b[lo:hi]])
+    return out
 
 
 def generate_candidates(
@@ -690,57 +773,69 @@ def generate_candidates(
     params: CandidateParams,
     *,
     targets: Any = None,
-    batch_size: int | None = None,
+    batch_size: int = 512,
 ) -> CandidateSet:
     """Union of each source's top ``per_source`` items (history excluded), capped at ``num_candidates``.
 
-    When the cap bites, candidates with the best rank in any source are kept (round robin).
-    ``targets`` (an :class:`llmrec_tasks.evaluate.Targets`) fills ``source_recall``: the share of
-    target items each source's list contains, and ``all`` for the final set.
+    When the cap bites, candidates with the best rank in any source are kept (then by item index);
+    otherwise they come in item order. ``targets`` (an :class:`llmrec_tasks.evaluate.Targets`)
+    fills ``source_recall``: the share of target items each source's list contains, and ``all`` for
+    the final set. Work and memory grow with users x list lengths, not with the catalog size.
     """
     started = time.monotonic()
-    batch_size = batch_size or int(max(16, min(1024, 4_000_000 // max(ctx.n_items, 1))))
+    n_items, absent = ctx.n_items, np.float32(params.rank_depth + 1)
     parts_items, parts_scores, parts_ranks, counts = [], [], [], []
     source_found = dict.fromkeys(SOURCES, 0)
     for start in range(0, hist.n_users, batch_size):
         rows = np.arange(start, min(start + batch_size, hist.n_users))
         sub = hist.subset(rows)
         batch = _batch_scores(ctx, sub, params)
-        rank_of = {}
+        ranked = {}  # source -> (sorted keys user * n_items + item, rank)
         for name in SOURCES:
             lst = batch.lists[name]
-            rank = np.full((len(rows), ctx.n_items), params.rank_depth + 1, dtype=np.float32)
             r, c = np.nonzero(lst >= 0)
-            rank[r, lst[r, c]] = c + 1
-            rank_of[name] = rank
-        best = np.minimum.reduce([rank_of[name] for name in SOURCES])
+            keys = r * n_items + lst[r, c]
+            order = np.argsort(keys)
+            ranked[name] = (keys[order], (c[order] + 1).astype(np.float32))
+        keys = np.concatenate([k[rank <= params.per_source] for k, rank in ranked.values()])
+        best = np.concatenate([rank[rank <= params.per_source] for _, rank in ranked.values()])
+        order = np.lexsort((best, keys))
+        keys, first = np.unique(keys[order], return_index=True)
+        best = best[order][first]
+        user, item = keys // n_items, keys % n_items
+        per_user = np.bincount(user, minlength=len(rows))
+        capped = per_user > params.num_candidates
+        if capped.any():
+            order = np.lexsort((item, best, user))
+            pos = np.arange(len(order)) - np.searchsorted(user[order], user[order])
+            keep = np.sort(order[pos < params.num_candidates])
+            keys, best, user, item = keys[keep], best[keep], user[keep], item[keep]
+            order = np.lexsort((item, np.where(capped[user], best, 0), user))
+            keys, user, item = keys[order], user[order], item[order]
+        counts.extend(np.bincount(user, minlength=len(rows)).tolist())
+        parts_items.append(item)
+        parts_ranks.append(np.stack([_lookup(k, rank, keys, absent) for k, rank in ranked.values()], axis=1))
+        sc = [rowwise_dot(ctx.embeddings, item, batch.profile, user)]
         last3 = sub.last(3)
-        for i in range(len(rows)):
-            pool = np.flatnonzero(best[i] <= params.per_source)
-            if pool.size > params.num_candidates:
-                pool = pool[np.lexsort((pool, best[i][pool]))[: params.num_candidates]]
-            counts.append(pool.size)
-            parts_items.append(pool)
-            parts_ranks.append(np.stack([rank_of[name][i, pool] for name in SOURCES], axis=1))
-            semantic = ctx.embeddings[pool] @ batch.profile[i]
-            sc = [semantic]
-            last = last3[i][last3[i] >= 0]
-            sc.append(
-                (ctx.embeddings[pool] @ ctx.embeddings[last].T).max(axis=1)
-                if last.size
-                else np.zeros(pool.size)
-            )
-            sc.extend(batch.scores[name][i, pool] for name in ("next", "prev", "cooc", "ease", "pop"))
-            parts_scores.append(np.stack(sc, axis=1).astype(np.float32))
+        recent = np.full(len(item), -np.inf, dtype=np.float32)
+        for p in range(last3.shape[1]):
+            has = last3[user, p] >= 0
+            sims = rowwise_dot(ctx.embeddings, item[has], ctx.embeddings, last3[user[has], p])
+            recent[has] = np.maximum(recent[has], sims)
+        sc.append(np.where(np.isfinite(recent), recent, 0.0))
+        for name in ("next", "prev", "cooc", "ease"):
+            matrix = batch.scores[name]
+            sc.append(_lookup(_csr_keys(matrix), matrix.data, keys, 0.0))
+        sc.append(_pop_score(ctx, item, sub.ref_ts[user]))
+        parts_scores.append(np.stack(sc, axis=1).astype(np.float32))
         if targets is not None:
-            tgt_rows = np.repeat(rows, targets.counts[rows])
+            local = np.repeat(np.arange(len(rows)), targets.counts[rows])
             tgt_items = np.concatenate(
                 [targets.items[targets.indptr[u] : targets.indptr[u + 1]] for u in rows]
-            )
-            for name in SOURCES:
-                source_found[name] += int(
-                    (rank_of[name][tgt_rows - start, tgt_items] <= params.per_source).sum()
-                )
+            ).astype(np.int64)
+            tgt_keys = local * n_items + tgt_items
+            for name, (k, rank) in ranked.items():
+                source_found[name] += int((_lookup(k, rank, tgt_keys, absent) <= params.per_source).sum())
         if hist.n_users > batch_size:
             log.info("candidates: %d/%d users", rows[-1] + 1, hist.n_users)
     indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)

@@ -63,6 +63,7 @@ class RankerConfig:
     seed: int = 42
     per_source: int = 60  # candidates each source (FAISS, co-visitation, EASE, ...) contributes
     train_windows: int = 8  # training groups: this many earlier windows (LOO: positions) per user
+    max_users_per_window: int = 5000  # users sampled (seeded) per window: training cost stops growing
     negative_fraction: float = 0.3  # share of non-target candidates kept in training groups (speed)
     truncation_level: int = 12  # lambdarank_truncation_level, a little above the NDCG cutoff 10
     feature_fraction: float = 0.8
@@ -139,6 +140,10 @@ class RunConfig:
             raise ConfigError(f"ranker per_source must be in [1, num_candidates], got {rk.per_source}")
         if rk.train_windows < 1:
             raise ConfigError(f"ranker train_windows must be at least 1, got {rk.train_windows}")
+        if rk.max_users_per_window < 1:
+            raise ConfigError(
+                f"ranker max_users_per_window must be at least 1, got {rk.max_users_per_window}"
+            )
         if not all(0 < f <= 1 for f in (rk.feature_fraction, rk.bagging_fraction, rk.negative_fraction)):
             raise ConfigError("ranker feature, bagging and negative fractions must be in (0, 1]")
         for f in fields(ValidationConfig):

@@ -32,6 +32,7 @@ from llmrec_tasks.candidates import (
     CandidateSet,
     Histories,
     RankContext,
+    rowwise_dot,
     user_profiles,
 )
 from llmrec_tasks.errors import ConfigError
@@ -164,19 +165,17 @@ def _item_links(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[
 
 def _semantic(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[str, np.ndarray]:
     """Similarities of each candidate to the user's long-term profile and recent items."""
-    n_rows = len(cands.items)
     emb = ctx.embeddings
     _, longterm = user_profiles(ctx, hist)
     user_of = cands.user_of
-    cand_emb = emb[cands.items]
-    out = {"sem_longterm": np.einsum("nd,nd->n", cand_emb, longterm[user_of])}
+    out = {"sem_longterm": rowwise_dot(emb, cands.items, longterm, user_of)}
     recent = hist.last(RECENT_N)
-    sims = np.full((n_rows, RECENT_N), np.nan, dtype=np.float32)
+    sims = np.full((len(cands.items), RECENT_N), np.nan, dtype=np.float32)
     for u in range(cands.n_users):
         lo, hi = cands.indptr[u], cands.indptr[u + 1]
         valid = recent[u][recent[u] >= 0]
         if hi > lo and valid.size:
-            sims[lo:hi, : valid.size] = cand_emb[lo:hi] @ emb[valid].T
+            sims[lo:hi, : valid.size] = emb[cands.items[lo:hi]] @ emb[valid].T
     for k in range(LAST_K):
         out[f"sem_last_{k + 1}"] = sims[:, k]
     any_recent = ~np.isnan(sims).all(axis=1)
@@ -214,5 +213,7 @@ def _categories(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[
             cat_emb /= np.maximum(np.linalg.norm(cat_emb, axis=1, keepdims=True), 1e-9)
             user_vec = np.asarray(share @ cat_emb)
             user_vec /= np.maximum(np.linalg.norm(user_vec, axis=1, keepdims=True), 1e-9)
-            out["sem_category"] = np.einsum("nd,nd->n", ctx.embeddings[cands.items], user_vec[user_of])
+            out["sem_category"] = rowwise_dot(
+                ctx.embeddings, cands.items, user_vec.astype(np.float32), user_of
+            )
     return out

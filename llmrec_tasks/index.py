@@ -326,6 +326,25 @@ def tune(
     }
 
 
+def retrieval_index(vectors: np.ndarray, floor: float = 0.95, seed: int = RECALL_SEED) -> Any:
+    """Index for batch candidate retrieval while training: exact up to ``FLAT_MAX_ITEMS``, above
+    that IVF tuned to ``floor`` on item-vector queries (exact search over a large catalog for every
+    user of every training window would dominate the train stage)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, d = vectors.shape
+    if n <= FLAT_MAX_ITEMS:
+        return build_index(vectors)
+    index = build_index(vectors, choose_kind(n, d, 0, "ivf"), seed=seed)
+    rows = np.random.default_rng(seed).choice(n, size=min(RECALL_QUERIES, n), replace=False)
+    tuned = tune(index, "ivf", vectors, vectors[np.sort(rows)], floor)
+    log.info(
+        "retrieval index for training: IVF, nprobe %s, recall@10 %.3f",
+        tuned["search_param"],
+        tuned["recall_at_10"],
+    )
+    return index
+
+
 def serialize(index: Any) -> bytes:
     import faiss
 

@@ -65,6 +65,7 @@ from llmrec_tasks.evaluate import (
     summarize_runs,
 )
 from llmrec_tasks.features import FEATURE_NAMES, LLM_FEATURES, build_features
+from llmrec_tasks.index import retrieval_index
 from llmrec_tasks.store import open_store
 
 __all__ = [
@@ -390,11 +391,14 @@ def window_stage(
     items: pd.DataFrame,
     window: tuple[float, float],
     rcfg: RankerConfig,
+    index: Any = None,
 ) -> Stage:
-    """Users active in ``window`` predicted from everything before its start."""
+    """Users active in ``window`` predicted from everything before its start; at most
+    ``max_users_per_window`` of them, sampled with the run's seed. ``index``: a shared retrieval
+    index over ``embeddings`` (built per context when omitted)."""
     start, end = window
     known = events.take(events.ts < start)
-    ctx = build_context(known, n_users, embeddings, items, ContextParams())
+    ctx = build_context(known, n_users, embeddings, items, ContextParams(), index=index)
     n_items = embeddings.shape[0]
     inside = events.take((events.ts >= start) & (events.ts < end))
     keys = np.unique(inside.user * n_items + inside.item)  # one target per (user, item)
@@ -403,6 +407,9 @@ def window_stage(
     t_user, t_item = keys // n_items, keys % n_items
     users = np.unique(t_user)
     users = users[hist_all.lengths[users] > 0]
+    if len(users) > rcfg.max_users_per_window:
+        rng = np.random.default_rng([rcfg.seed, int(start)])
+        users = np.sort(rng.choice(users, size=rcfg.max_users_per_window, replace=False))
     keep = np.isin(t_user, users)
     t_user, t_item = t_user[keep], t_item[keep]
     counts = np.bincount(np.searchsorted(users, t_user), minlength=len(users))
@@ -417,8 +424,9 @@ def production_stages(
     plus each group's time window."""
     windows = time_windows(events.ts, rcfg)
     names = [f"train{j}" for j in range(len(windows) - 2)] + ["valid", "test"]
+    index = retrieval_index(embeddings)
     stages = [
-        window_stage(name, events, n_users, embeddings, items, window, rcfg)
+        window_stage(name, events, n_users, embeddings, items, window, rcfg, index)
         for name, window in zip(names, windows, strict=True)
     ]
     return stages[:-2], stages[-2], stages[-1], dict(zip(names, windows, strict=True))

@@ -162,3 +162,28 @@ def test_blockwise_item_knn_matches_dense_cosine():
         np.testing.assert_allclose(knn[row, kept], cosine[row, kept], rtol=1e-5)
         if len(kept):
             assert knn[row, kept].min() >= np.sort(cosine[row])[-3] - 1e-6
+
+
+def _dense_top(scores: np.ndarray, seen: np.ndarray, depth: int) -> list[list[int]]:
+    """Reference: best positive unseen columns per row, ties by lower column."""
+    out = []
+    for u, row in enumerate(scores):
+        cols = [c for c in np.flatnonzero(row > 0) if not seen[u, c]]
+        out.append(sorted(cols, key=lambda c: (-row[c], c))[:depth])
+    return out
+
+
+def test_sparse_source_lists_match_a_dense_brute_force(chain):
+    from llmrec_tasks.candidates import _batch_scores, _pop_score, collaborative_scores
+
+    events, users, ctx = chain
+    hist = Histories.from_events(events, len(users))
+    seen = np.zeros((hist.n_users, N_ITEMS), dtype=bool)
+    seen[np.repeat(np.arange(hist.n_users), hist.lengths), hist.items] = True
+    batch = _batch_scores(ctx, hist, PARAMS)
+    dense = {name: matrix.toarray() for name, matrix in collaborative_scores(ctx, hist).items()}
+    all_items = np.arange(N_ITEMS)
+    dense["pop"] = np.stack([_pop_score(ctx, all_items, np.full(N_ITEMS, ref)) for ref in hist.ref_ts])
+    for name, scores in dense.items():
+        got = [[c for c in row if c >= 0] for row in batch.lists[name].tolist()]
+        assert got == _dense_top(scores, seen, PARAMS.rank_depth), name

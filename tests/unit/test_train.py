@@ -176,3 +176,21 @@ def test_smoothed_early_stopping_ignores_an_early_spike():
     for value in (0.1, 0.2, 0.3):
         short(SimpleNamespace(evaluation_result_list=[("valid", "ndcg@10", value, True)]))
     assert short.best_round == 3  # no full window: keep every round
+
+
+def test_windows_sample_at_most_max_users_per_window_with_the_seed():
+    from llmrec_tasks.config import RankerConfig
+    from llmrec_tasks.train import production_stages
+    from tests.unit.ranking_data import chain_events, embeddings, items_frame
+
+    events, users = chain_events()
+    capped = RankerConfig(max_users_per_window=1, train_windows=2)
+    first = production_stages(events, len(users), embeddings(), items_frame(), capped)
+    again = production_stages(events, len(users), embeddings(), items_frame(), capped)
+    for a, b in zip([*first[0], first[1], first[2]], [*again[0], again[1], again[2]], strict=True):
+        assert a.hist.n_users <= 3
+        np.testing.assert_array_equal(a.hist.items, b.hist.items)
+    uncapped = production_stages(
+        events, len(users), embeddings(), items_frame(), RankerConfig(train_windows=2)
+    )
+    assert max(stage.hist.n_users for stage in [*uncapped[0], uncapped[1], uncapped[2]]) > 1
