@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -299,10 +300,18 @@ class RankContext:
         start = self.times.window_start(ref, n_events)
         return self.times.count(items, start, ref)
 
+    def cached(self, key: Any, make: Callable[[], np.ndarray]) -> np.ndarray:
+        """A derived array computed once per context (serving reuses one context per bundle)."""
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
     def window_items(self, ref: float, n_events: int) -> np.ndarray:
         """Items with interactions among the last ``n_events`` events before ``ref`` (sorted)."""
         if self.times is None:
-            return np.flatnonzero(self.frozen[f"pop_{n_events}"] > 0)
+            return self.cached(
+                ("window_items", n_events), lambda: np.flatnonzero(self.frozen[f"pop_{n_events}"] > 0)
+            )
         return self.times.window_items(ref, n_events)
 
     def pop_before(self, items: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -692,7 +701,8 @@ def _relation_lists(matrix: sp.csr_matrix, seen: np.ndarray, depth: int) -> np.n
 def _pop_score(ctx: RankContext, items: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """Popularity in the first window, plus a tiny prior that breaks ties deterministically."""
     counts = ctx.window_counts(items, ref, ctx.params.pop_windows[0])
-    return counts + ctx.item_pop[items] / (ctx.item_pop.max(initial=0) + 1) * 1e-3
+    prior = ctx.cached("pop_prior", lambda: ctx.item_pop / (ctx.item_pop.max(initial=0) + 1) * 1e-3)
+    return counts + prior[items]
 
 
 def _pop_lists(ctx: RankContext, hist: Histories, seen: np.ndarray, depth: int) -> np.ndarray:
@@ -700,14 +710,16 @@ def _pop_lists(ctx: RankContext, hist: Histories, seen: np.ndarray, depth: int) 
     the most popular overall can make a list, so only those are scored."""
     n_users, n_items = hist.n_users, ctx.n_items
     need = min(n_items, depth + int(hist.lengths.max(initial=0)))
-    key = ("prior_top", need)
-    if key not in ctx.cache:
-        top = np.argpartition(-ctx.item_pop, need - 1)[:need] if need < n_items else np.arange(n_items)
-        ctx.cache[key] = np.sort(top)
+    prior_top = ctx.cached(
+        ("prior_top", need),
+        lambda: (
+            np.sort(np.argpartition(-ctx.item_pop, need - 1)[:need]) if need < n_items else np.arange(n_items)
+        ),
+    )
     refs, ref_of_user = np.unique(hist.ref_ts, return_inverse=True)
     ordered = np.full((len(refs), need), -1, dtype=np.int64)
     for j, ref in enumerate(refs):
-        pool = np.union1d(ctx.window_items(ref, ctx.params.pop_windows[0]), ctx.cache[key])
+        pool = np.union1d(ctx.window_items(ref, ctx.params.pop_windows[0]), prior_top)
         score = _pop_score(ctx, pool, np.full(len(pool), ref))
         ordered[j] = _rank_lists(np.zeros(len(pool), np.int64), pool, score, 1, need)[0]
     cand = ordered[ref_of_user.ravel()]

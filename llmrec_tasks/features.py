@@ -183,10 +183,21 @@ def _semantic(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[st
     out["sem_recent_max"] = np.where(any_recent, filled.max(axis=1), np.nan)
     counts = (~np.isnan(sims)).sum(axis=1)
     out["sem_recent_mean"] = np.where(any_recent, np.nansum(sims, axis=1) / np.maximum(counts, 1), np.nan)
+    out["item_centrality"] = ctx.cached("item_centrality", lambda: _centrality(emb))[cands.items]
+    return out
+
+
+def _centrality(emb: np.ndarray) -> np.ndarray:
+    """Cosine of each item to the catalog's mean embedding."""
     centroid = emb.mean(axis=0)
     centroid /= max(float(np.linalg.norm(centroid)), 1e-9)
-    out["item_centrality"] = (emb @ centroid)[cands.items]
-    return out
+    return emb @ centroid
+
+
+def _category_embeddings(ctx: RankContext) -> np.ndarray:
+    """Normalised mean embedding of each category's items."""
+    cat_emb = np.asarray(ctx.categories.T @ ctx.embeddings)
+    return cat_emb / np.maximum(np.linalg.norm(cat_emb, axis=1, keepdims=True), 1e-9)
 
 
 def _categories(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[str, np.ndarray]:
@@ -209,8 +220,7 @@ def _categories(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[
         share = sp.csr_matrix(sp.diags(1.0 / np.maximum(totals, 1e-9)) @ share)
         out[name] = np.asarray(cats[cands.items].multiply(share[user_of]).sum(axis=1)).ravel()
         if name == "cat_affinity":
-            cat_emb = np.asarray(cats.T @ ctx.embeddings)
-            cat_emb /= np.maximum(np.linalg.norm(cat_emb, axis=1, keepdims=True), 1e-9)
+            cat_emb = ctx.cached("category_embeddings", lambda: _category_embeddings(ctx))
             user_vec = np.asarray(share @ cat_emb)
             user_vec /= np.maximum(np.linalg.norm(user_vec, axis=1, keepdims=True), 1e-9)
             out["sem_category"] = rowwise_dot(
