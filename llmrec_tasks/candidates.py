@@ -356,7 +356,7 @@ def _topk_rows(matrix: sp.csr_matrix | np.ndarray, k: int) -> sp.csr_matrix:
     coo = matrix.tocoo()
     keep = coo.data > 0
     row, col, val = coo.row[keep], coo.col[keep], coo.data[keep]
-    order = np.lexsort((-val, row))
+    order = np.lexsort((col, -val, row))  # ties: lower column first
     row, col, val = row[order], col[order], val[order]
     starts = np.searchsorted(row, row, "left")
     within = np.arange(len(row)) - starts
@@ -394,21 +394,21 @@ def _user_item(events: Events, n_users: int, n_items: int) -> sp.csr_matrix:
     return matrix
 
 
-def _cooc_cosine(x: sp.csr_matrix, k: int, block_cells: int = 4_000_000) -> sp.csr_matrix:
-    """Item-kNN: cosine of item columns of ``x``, top ``k`` per item, computed in row blocks so
-    memory stays at ``block_cells`` dense cells whatever the catalog size."""
+def _cooc_cosine(x: sp.csr_matrix, k: int, block_items: int = 4096) -> sp.csr_matrix:
+    """Item-kNN: cosine of item columns of ``x``, top ``k`` per item. Sparse products in blocks of
+    items: work and memory follow the co-occurrences, not the square of the catalog."""
     n_items = x.shape[1]
     xt = sp.csr_matrix(x.T, dtype=np.float32)
     inv_norm = 1.0 / np.sqrt(np.maximum(np.asarray(x.sum(axis=0)).ravel(), 1.0)).astype(np.float32)
-    step = max(1, block_cells // max(n_items, 1))
     parts = []
-    for start in range(0, n_items, step):
-        stop = min(start + step, n_items)
-        block = (xt[start:stop] @ x).toarray()
-        block[np.arange(stop - start), np.arange(start, stop)] = 0.0
-        block *= inv_norm[start:stop, None] * inv_norm[None, :]
-        parts.append(_topk_rows(block, k))
-    return sp.csr_matrix(sp.vstack(parts))
+    for start in range(0, n_items, block_items):
+        stop = min(start + block_items, n_items)
+        block = (xt[start:stop] @ x).tocoo()
+        off_diagonal = block.row + start != block.col
+        row, col = block.row[off_diagonal], block.col[off_diagonal]
+        val = block.data[off_diagonal] * (inv_norm[start + row] * inv_norm[col])
+        parts.append(_topk_rows(sp.csr_matrix((val, (row, col)), shape=(stop - start, n_items)), k))
+    return sp.csr_matrix(sp.vstack(parts)) if parts else sp.csr_matrix((0, n_items), dtype=np.float32)
 
 
 def _ease(x: sp.csr_matrix, pop: np.ndarray, lam: float, max_items: int, k: int) -> sp.csr_matrix:

@@ -144,7 +144,7 @@ def test_item_times_with_epoch_timestamps():
     assert last[:3].tolist() == [t, t + 50, t + 100] and np.isnan(last[3]) and last[4] == t + 10
 
 
-def test_blockwise_item_knn_matches_dense_cosine():
+def test_blockwise_sparse_item_knn_matches_dense_cosine():
     import scipy.sparse as sp
 
     from llmrec_tasks.candidates import _cooc_cosine
@@ -155,7 +155,7 @@ def test_blockwise_item_knn_matches_dense_cosine():
     norms = np.sqrt(np.maximum(np.diag(dense), 1.0))
     cosine = dense / np.outer(norms, norms)
     np.fill_diagonal(cosine, 0.0)
-    knn = _cooc_cosine(x, k=3, block_cells=60).toarray()  # 60 cells: blocks of 2 rows
+    knn = _cooc_cosine(x, k=3, block_items=2).toarray()
     for row in range(25):
         kept = np.flatnonzero(knn[row])
         assert len(kept) <= 3
