@@ -207,34 +207,43 @@ def recall_at_k(
 def profile_queries(
     work_uri: str, item_ids: list[str], vectors: np.ndarray, n: int = RECALL_QUERIES, seed: int = RECALL_SEED
 ) -> tuple[np.ndarray, str]:
-    """Up to ``n`` user-profile queries (normalised mean of each sampled user's item vectors);
-    item vectors when the snapshot has no interactions. Returns (queries, source)."""
+    """Up to ``n`` user-profile queries from the run's interactions snapshot (see
+    :func:`user_profile_queries`); item vectors when it has none. Returns (queries, source)."""
     import pandas as pd
 
-    rng = np.random.default_rng(seed)
     store = open_store(work_uri)
-    inter = None
     if store.exists(C.SNAPSHOT_INTERACTIONS):
         inter = pd.read_parquet(
             io.BytesIO(store.get_bytes(C.SNAPSHOT_INTERACTIONS)), columns=[C.USER_ID, C.ITEM_ID]
         )
-    if inter is not None and len(inter):
-        rows = (
-            pd.Series(np.arange(len(item_ids)), index=pd.Index(item_ids)).reindex(inter[C.ITEM_ID]).to_numpy()
-        )
-        inter = inter.assign(row=rows).dropna(subset=["row"])
-        users = inter[C.USER_ID].unique()
-        if len(users):
-            chosen = set(rng.choice(users, size=min(n, len(users)), replace=False).tolist())
-            picked = inter[inter[C.USER_ID].isin(chosen)]
-            codes, _ = pd.factorize(picked[C.USER_ID], sort=True)
-            sums = np.zeros((codes.max() + 1, vectors.shape[1]), dtype=np.float64)
-            np.add.at(sums, codes, vectors[picked["row"].to_numpy(dtype=np.int64)])
-            norms = np.linalg.norm(sums, axis=1, keepdims=True)
-            keep = norms[:, 0] > 0
-            return (sums[keep] / norms[keep]).astype(np.float32), "user_profiles"
+        rows = pd.Index(item_ids).get_indexer(inter[C.ITEM_ID])
+        known = rows >= 0
+        users = pd.factorize(inter[C.USER_ID][known], sort=True)[0]
+        queries = user_profile_queries(users, rows[known], vectors, n, seed)
+        if len(queries):
+            return queries, "user_profiles"
+    rng = np.random.default_rng(seed)
     rows = rng.choice(len(vectors), size=min(n, len(vectors)), replace=False)
     return np.asarray(vectors[np.sort(rows)], dtype=np.float32), "item_vectors"
+
+
+def user_profile_queries(
+    users: np.ndarray, rows: np.ndarray, vectors: np.ndarray, n: int = RECALL_QUERIES, seed: int = RECALL_SEED
+) -> np.ndarray:
+    """Normalised mean item vector of up to ``n`` sampled users: the queries retrieval answers.
+    ``users`` (integer codes) and ``rows`` (vector rows) are parallel, one entry per interaction."""
+    rng = np.random.default_rng(seed)
+    distinct = np.unique(users)
+    if not len(distinct):
+        return np.zeros((0, vectors.shape[1]), dtype=np.float32)
+    chosen = rng.choice(distinct, size=min(n, len(distinct)), replace=False)
+    picked = np.isin(users, chosen)
+    codes = np.unique(users[picked], return_inverse=True)[1]
+    sums = np.zeros((codes.max() + 1, vectors.shape[1]), dtype=np.float64)
+    np.add.at(sums, codes, vectors[rows[picked]])
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    keep = norms[:, 0] > 0
+    return (sums[keep] / norms[keep]).astype(np.float32)
 
 
 class RefinedIndex:
@@ -326,21 +335,18 @@ def tune(
     }
 
 
-def retrieval_index(vectors: np.ndarray, floor: float = 0.95, seed: int = RECALL_SEED) -> Any:
+def retrieval_index(vectors: np.ndarray, queries: np.ndarray, floor: float = 0.95) -> Any:
     """Index for batch candidate retrieval while training: exact up to ``FLAT_MAX_ITEMS``, above
-    that IVF tuned to ``floor`` on item-vector queries (exact search over a large catalog for every
-    user of every training window would dominate the train stage)."""
+    that IVF tuned to ``floor`` on ``queries`` (user profiles: exact search over a large catalog
+    for every user of every training window would dominate the train stage)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, d = vectors.shape
-    if n <= FLAT_MAX_ITEMS:
+    if n <= FLAT_MAX_ITEMS or not len(queries):
         return build_index(vectors)
-    index = build_index(vectors, choose_kind(n, d, 0, "ivf"), seed=seed)
-    rows = np.random.default_rng(seed).choice(n, size=min(RECALL_QUERIES, n), replace=False)
-    tuned = tune(index, "ivf", vectors, vectors[np.sort(rows)], floor)
+    index = build_index(vectors, choose_kind(n, d, 0, "ivf"))
+    tuned = tune(index, "ivf", vectors, queries, floor)
     log.info(
-        "retrieval index for training: IVF, nprobe %s, recall@10 %.3f",
-        tuned["search_param"],
-        tuned["recall_at_10"],
+        "training retrieval: IVF, nprobe %s, recall@10 %.3f", tuned["search_param"], tuned["recall_at_10"]
     )
     return index
 

@@ -65,7 +65,7 @@ from llmrec_tasks.evaluate import (
     summarize_runs,
 )
 from llmrec_tasks.features import FEATURE_NAMES, LLM_FEATURES, build_features
-from llmrec_tasks.index import retrieval_index
+from llmrec_tasks.index import retrieval_index, user_profile_queries
 from llmrec_tasks.store import open_store
 
 __all__ = [
@@ -424,7 +424,7 @@ def production_stages(
     plus each group's time window."""
     windows = time_windows(events.ts, rcfg)
     names = [f"train{j}" for j in range(len(windows) - 2)] + ["valid", "test"]
-    index = retrieval_index(embeddings)
+    index = retrieval_index(embeddings, user_profile_queries(events.user, events.item, embeddings))
     stages = [
         window_stage(name, events, n_users, embeddings, items, window, rcfg, index)
         for name, window in zip(names, windows, strict=True)

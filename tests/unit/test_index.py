@@ -156,3 +156,20 @@ def test_missing_the_recall_floor_fails_the_build(store_uri):
     store = open_store(validated["work_uri"])
     assert not store.exists(C.FAISS_INDEX)
     assert json.loads(store.get_bytes(C.INDEX_INFO))["recall_at_10"] < 1.0
+
+
+def test_training_retrieval_is_exact_for_small_catalogs_and_tuned_ivf_above(monkeypatch):
+    import faiss
+
+    vectors = clustered(3000, 32, 20)
+    rng = np.random.default_rng(2)
+    users, rows = rng.integers(0, 400, 4000), rng.integers(0, 3000, 4000)
+    queries = ix.user_profile_queries(users, rows, vectors, n=300)
+    assert queries.shape == (300, 32)
+    assert isinstance(ix.retrieval_index(vectors, queries), faiss.IndexFlatIP)
+    monkeypatch.setattr(ix, "FLAT_MAX_ITEMS", 1000)
+    index = ix.retrieval_index(vectors, queries)
+    ivf = faiss.extract_index_ivf(index)
+    assert ivf.nprobe < ivf.nlist
+    exact_scores, exact_ids = ix.exact_top_k(vectors, queries, 10)
+    assert ix.recall_at_k(vectors, queries, index.search(queries, 10)[1], exact_ids, exact_scores) >= 0.95
