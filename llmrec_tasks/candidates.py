@@ -284,7 +284,8 @@ class RankContext:
         return self.embeddings.shape[0]
 
     def faiss_index(self) -> Any:
-        """Exact inner-product FAISS index over the embeddings (built once)."""
+        """The retrieval index: the one the context was given (training's shared index, serving's
+        published one), else exact inner product over the embeddings, built once."""
         if self._index is None:
             import faiss
 

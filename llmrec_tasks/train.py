@@ -91,7 +91,7 @@ class Stage:
     """One prediction task: users, their history, targets, candidates, features and labels."""
 
     name: str
-    ctx: RankContext
+    ctx: RankContext | None  # kept for the test stage only (baselines); see production_stages
     hist: Histories
     targets: Targets
     cands: CandidateSet
@@ -425,10 +425,12 @@ def production_stages(
     windows = time_windows(events.ts, rcfg)
     names = [f"train{j}" for j in range(len(windows) - 2)] + ["valid", "test"]
     index = retrieval_index(embeddings, user_profile_queries(events.user, events.item, embeddings))
-    stages = [
-        window_stage(name, events, n_users, embeddings, items, window, rcfg, index)
-        for name, window in zip(names, windows, strict=True)
-    ]
+    stages = []
+    for name, window in zip(names, windows, strict=True):
+        stage = window_stage(name, events, n_users, embeddings, items, window, rcfg, index)
+        if name != "test":
+            stage.ctx = None  # each window's relations would otherwise stay in memory to the end
+        stages.append(stage)
     return stages[:-2], stages[-2], stages[-1], dict(zip(names, windows, strict=True))
 
 
