@@ -6,7 +6,8 @@ IVF with 8-bit scalar-quantised vectors (4x smaller, recall close to IVF), and I
 more smaller) when even those do not fit. PQ codes alone lose too much recall for the floor, so
 IVF-PQ re-scores a shortlist of ``refine_factor * k`` exactly with the item vectors
 (:class:`RefinedIndex`): serving holds those vectors anyway for its features, so the budget still
-bounds what the index adds, and the factor is tuned together with ``nprobe``. HNSW is available by name (``index_kind=hnsw``) but not chosen automatically: at 100k items
+bounds what the index adds, and the factor is tuned together with ``nprobe``. HNSW is available
+by name (``index_kind=hnsw``) but not chosen automatically: at 100k items
 (``benchmarks/bench_index.py``) IVF reached the recall floor at 4x HNSW's queries/s, built 11x
 faster and used less memory. The search parameter (HNSW ``efSearch``, IVF ``nprobe``) is tuned to the
 smallest value whose recall@10 against exact search, measured on real user-profile queries
