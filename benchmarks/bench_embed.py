@@ -90,7 +90,7 @@ def throughput(n_texts: int, rounds: int) -> None:
     )
 
 
-def _publish(store_uri: str, version: str, result: dict) -> None:
+def publish_embeddings(store_uri: str, version: str, result: dict) -> None:
     """The publish stage's part that matters here: copy the *_uri artifacts, move current."""
     root = open_store(store_uri)
     for key, uri in result.items():
@@ -116,7 +116,7 @@ def incremental(n_items: int, fraction: float) -> None:
             started = time.perf_counter()
             result = embed.run_embed(cfg, validated)
             rows.append((version, time.perf_counter() - started, result))
-            _publish(store_uri, version, result)
+            publish_embeddings(store_uri, version, result)
     full_s = rows[0][1]
     print(f"\n## Incremental refresh: {n_items} generated items, {n_changed} texts changed ({fraction:.0%})")
     print("(each run pays the model load, as a fresh Airflow task does)")

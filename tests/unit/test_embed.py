@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.bench_embed import publish_embeddings
 from llmrec_tasks import constants as C
 from llmrec_tasks import embed, paths
 from llmrec_tasks.config import EncoderConfig, RunConfig
@@ -111,24 +112,12 @@ def _run(store_uri: str, version: str, data: Dataset, **encoder: object) -> tupl
     return cfg, validated, embed.run_embed(cfg, validated)
 
 
-def _publish(store_uri: str, version: str, result: dict) -> None:
-    """What the publish stage does with our outputs: copy every *_uri artifact, move current."""
-    from llmrec_tasks.store import split_uri
-
-    root = open_store(store_uri)
-    for key, uri in result.items():
-        if key.endswith("_uri"):
-            src, name = split_uri(uri)
-            root.put_bytes(f"{paths.bundle_prefix('production', version)}/{name}", src.get_bytes(name))
-    root.put_bytes(paths.current_key("production"), json.dumps({"version": version}).encode())
-
-
 @pytest.mark.slow
 def test_incremental_refresh_encodes_only_changed_items(store_uri):
     _, _, first = _run(store_uri, "v1", _items(30))
     assert (first["reused"], first["encoded"], first["n_items"]) == (0, 30, 30)
     assert first["encoder"]["backend"] == "torch" and first["encoder"]["quantized"] is False
-    _publish(store_uri, "v1", first)
+    publish_embeddings(store_uri, "v1", first)
 
     # Two texts change, one item is removed, one is added (item 30 is new).
     changed = {3: "A brand new description about deep sea diving.", 7: "Another rewrite about chess."}

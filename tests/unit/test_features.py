@@ -17,11 +17,17 @@ PARAMS = CandidateParams(num_candidates=12, per_source=5, rank_depth=20)
 SMALL = RankerConfig(num_candidates=12, per_source=5, train_windows=2)
 
 
-def test_feature_matrix_shape_and_values():
+@pytest.fixture(scope="module")
+def chain():
+    """Context, histories and candidates of the chain data."""
     events, users = chain_events()
     ctx = chain_context(events, len(users))
     hist = Histories.from_events(events, len(users))
-    cands = generate_candidates(ctx, hist, PARAMS)
+    return ctx, hist, generate_candidates(ctx, hist, PARAMS)
+
+
+def test_feature_matrix_shape_and_values(chain):
+    ctx, hist, cands = chain
     X = build_features(ctx, hist, cands)
     assert X.shape == (len(cands.items), len(FEATURE_NAMES)) and X.dtype == np.float32
     assert len(set(FEATURE_NAMES)) == len(FEATURE_NAMES)
@@ -94,11 +100,8 @@ def test_stage_statistics_exclude_later_positions(loo):
     assert train[-1].ctx.item_pop.sum() == (loo.pos > 2).sum()
 
 
-def test_named_columns_follow_the_requested_order():
-    events, users = chain_events()
-    ctx = chain_context(events, len(users))
-    hist = Histories.from_events(events, len(users))
-    cands = generate_candidates(ctx, hist, PARAMS)
+def test_named_columns_follow_the_requested_order(chain):
+    ctx, hist, cands = chain
     full = build_features(ctx, hist, cands)
     names = ["sem_last_1", "next_score"]
     picked = build_features(ctx, hist, cands, names)
