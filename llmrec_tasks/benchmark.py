@@ -105,13 +105,13 @@ def loo_split(data: Dataset, min_count: int = 5) -> LooData:
 
 
 def cached_embeddings(items: pd.DataFrame, encoder: EncoderConfig, cache_dir: Path = CACHE_DIR) -> np.ndarray:
-    """Encode item texts, cached on disk by a hash of the texts and the encoder identity."""
-    from llmrec_tasks.embed import encode_texts, encoder_identity
+    """Encode item texts, cached on disk by a hash of the texts and the encoder's cache id
+    (weights, max length, backend, precision)."""
+    from llmrec_tasks.embed import EncoderSpec, encode_texts
 
     texts = item_texts(items)
-    identity = encoder_identity(encoder.model)
     digest = hashlib.sha256()
-    digest.update(f"{identity}|{encoder.max_length}".encode())
+    digest.update(EncoderSpec.resolve(encoder).cache_id().encode())
     for text in texts:
         digest.update(text.encode())
         digest.update(b"\0")

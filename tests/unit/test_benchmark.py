@@ -60,7 +60,7 @@ def test_loo_split_refuses_tiny_data():
         loo_split(Dataset(items=items, interactions=_frame([("u", "1", 1)])))
 
 
-def test_embeddings_are_cached_by_text_and_model(tmp_path, monkeypatch):
+def test_embeddings_are_cached_by_text_model_and_backend(tmp_path, monkeypatch):
     calls = []
 
     def fake_encode(texts, cfg):
@@ -75,7 +75,8 @@ def test_embeddings_are_cached_by_text_and_model(tmp_path, monkeypatch):
     assert calls == [2] and np.array_equal(first, again)
     cached_embeddings(items.assign(**{C.TITLE: ["A", "C"]}), EncoderConfig(), tmp_path)
     cached_embeddings(items, EncoderConfig(model="other"), tmp_path)
-    assert calls == [2, 2, 2]
+    cached_embeddings(items, EncoderConfig(backend="onnx-int8"), tmp_path)
+    assert calls == [2, 2, 2, 2]
 
 
 def test_unknown_protocol_is_refused():
