@@ -27,6 +27,9 @@ def validate_name(kind: str, value: str) -> str:
     return value
 
 
+ENCODER_BACKENDS = ("onnx", "onnx-int8", "torch")
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """Text encoder settings (stage `embed`)."""
@@ -34,7 +37,7 @@ class EncoderConfig:
     model: str = DEFAULT_ENCODER
     max_length: int = 128
     batch_size: int = 64
-    backend: str = "torch"  # torch | onnx-int8
+    backend: str = "onnx"  # onnx (float32) | onnx-int8 | torch
     shards: int = 1
     # torch backend: auto = bf16 where the CPU has native bf16 (cosine >= 0.9999 to fp32), else fp32
     precision: str = "auto"  # auto | fp32 | bf16
@@ -121,8 +124,10 @@ class RunConfig:
             raise ConfigError("store_uri is empty: give file:///path or s3://bucket/prefix")
         if not 0 <= self.gate_tolerance <= 1:
             raise ConfigError(f"gate_tolerance must be in [0, 1], got {self.gate_tolerance}")
-        if self.encoder.backend not in ("torch", "onnx-int8"):
-            raise ConfigError(f"encoder backend must be 'torch' or 'onnx-int8', got {self.encoder.backend!r}")
+        if self.encoder.backend not in ENCODER_BACKENDS:
+            raise ConfigError(
+                f"encoder backend must be one of {', '.join(ENCODER_BACKENDS)}, got {self.encoder.backend!r}"
+            )
         if self.encoder.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"encoder precision must be auto|fp32|bf16, got {self.encoder.precision!r}")
         if not 8 <= self.encoder.max_length <= 512:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,10 @@ MOVIELENS_DIR = Path(os.environ.get("LLMREC_MOVIELENS", ROOT.parent / "shared/da
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Exported ONNX encoders go to one folder per test session, not to the user's ~/.cache.
+if "LLMREC_ONNX_CACHE" not in os.environ:
+    os.environ["LLMREC_ONNX_CACHE"] = tempfile.mkdtemp(prefix="llmrec-onnx-")
+    atexit.register(shutil.rmtree, os.environ["LLMREC_ONNX_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,10 @@ import pytest
 
 from benchmarks.bench_embed import publish_embeddings
 from llmrec_tasks import constants as C
-from llmrec_tasks import embed, paths
+from llmrec_tasks import embed, onnx_encoder, paths
 from llmrec_tasks.config import EncoderConfig, RunConfig
 from llmrec_tasks.data import Dataset, write_snapshot
-from llmrec_tasks.errors import StoreError
+from llmrec_tasks.errors import ModelLoadError, StoreError
 from llmrec_tasks.store import open_store
 
 TEXTS = [
@@ -48,8 +48,9 @@ def test_cache_keys_change_with_text_and_encoder_identity():
 
 
 @pytest.mark.slow
-def test_length_sorted_batches_equal_one_by_one_encoding():
-    cfg = EncoderConfig(precision="fp32", batch_size=4)
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_length_sorted_batches_equal_one_by_one_encoding(backend):
+    cfg = EncoderConfig(backend=backend, precision="fp32", batch_size=4)
     together = embed.encode_texts(TEXTS, cfg)
     alone = np.vstack([embed.encode_texts([t], cfg) for t in TEXTS])
     np.testing.assert_allclose(together, alone, atol=2e-5)
@@ -57,11 +58,11 @@ def test_length_sorted_batches_equal_one_by_one_encoding():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_embeddings_match_sentence_transformers(precision):
+@pytest.mark.parametrize(("backend", "precision"), [("onnx", "auto"), ("torch", "fp32"), ("torch", "bf16")])
+def test_embeddings_match_sentence_transformers(backend, precision):
     from sentence_transformers import SentenceTransformer
 
-    cfg = EncoderConfig(precision=precision, max_length=128)
+    cfg = EncoderConfig(backend=backend, precision=precision, max_length=128)
     ours = embed.encode_texts(TEXTS, cfg)
     st = SentenceTransformer(str(embed.resolve_model_path("default")), device="cpu")
     st.max_seq_length = cfg.max_length
@@ -70,12 +71,37 @@ def test_embeddings_match_sentence_transformers(precision):
 
 
 @pytest.mark.slow
-def test_onnx_int8_agrees_with_fp32(tmp_path, monkeypatch):
-    monkeypatch.setenv("LLMREC_ONNX_CACHE", str(tmp_path / "onnx"))
-    fp32 = embed.encode_texts(TEXTS, EncoderConfig(precision="fp32"))
+def test_onnx_backends_agree_with_torch_fp32(tmp_path, monkeypatch):
+    monkeypatch.setenv(onnx_encoder.ONNX_CACHE_ENV, str(tmp_path / "onnx"))
+    torch_fp32 = embed.encode_texts(TEXTS, EncoderConfig(backend="torch", precision="fp32"))
+    onnx_fp32 = embed.encode_texts(TEXTS, EncoderConfig(backend="onnx"))
     int8 = embed.encode_texts(TEXTS, EncoderConfig(backend="onnx-int8"))
-    assert (fp32 * int8).sum(1).min() >= 0.98
-    assert any((tmp_path / "onnx").rglob("model.int8.onnx"))
+    assert (torch_fp32 * onnx_fp32).sum(1).min() >= 0.99999
+    assert (torch_fp32 * int8).sum(1).min() >= 0.98
+    folder = onnx_encoder.cache_dir(embed.encoder_identity("default"))
+    assert {p.name for p in folder.iterdir()} == {onnx_encoder.FP32_FILE, onnx_encoder.QUANTIZED_FILE}
+
+    # A cached export is used as it is: the model is not loaded again.
+    def no_load() -> tuple:
+        raise AssertionError("the model was loaded although the export is cached")
+
+    for export in (onnx_encoder.export_fp32, onnx_encoder.export_int8):
+        assert export(no_load, embed.encoder_identity("default")).parent == folder
+
+
+def test_a_model_that_does_not_export_names_the_torch_backend(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv(onnx_encoder.ONNX_CACHE_ENV, str(tmp_path / "onnx"))
+
+    class Unexportable(torch.nn.Module):
+        def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("operator not supported")
+
+    tokenizer = embed.load_tokenizer("default")
+    with pytest.raises(ModelLoadError, match="encoder_backend=torch"):
+        onnx_encoder.export_fp32(lambda: (tokenizer, Unexportable()), "unexportable")
+    assert not any((tmp_path / "onnx").rglob("*.onnx"))  # nothing half-written is left to be reused
 
 
 # --- stage: incremental refresh and shards -----------------------------------------------------
@@ -104,7 +130,7 @@ def _items(
 
 
 def _run(store_uri: str, version: str, data: Dataset, **encoder: object) -> tuple[RunConfig, dict, dict]:
-    cfg = RunConfig.from_dict({"store_uri": store_uri, "encoder": {"precision": "fp32", **encoder}})
+    cfg = RunConfig.from_dict({"store_uri": store_uri, "encoder": encoder})
     store = open_store(store_uri)
     prefix = paths.run_prefix(cfg.namespace, version)
     write_snapshot(data, store, prefix)
@@ -116,7 +142,8 @@ def _run(store_uri: str, version: str, data: Dataset, **encoder: object) -> tupl
 def test_incremental_refresh_encodes_only_changed_items(store_uri):
     _, _, first = _run(store_uri, "v1", _items(30))
     assert (first["reused"], first["encoded"], first["n_items"]) == (0, 30, 30)
-    assert first["encoder"]["backend"] == "torch" and first["encoder"]["quantized"] is False
+    assert first["encoder"]["backend"] == "onnx" and first["encoder"]["precision"] == "fp32"
+    assert first["encoder"]["quantized"] is False
     publish_embeddings(store_uri, "v1", first)
 
     # Two texts change, one item is removed, one is added (item 30 is new).
