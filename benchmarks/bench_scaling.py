@@ -148,7 +148,7 @@ def run_stage_process(
 
 
 def encoder_rate(texts: list[str]) -> float:
-    """Real items/s of the default encoder (auto precision) on these texts, model loaded."""
+    """Real items/s of the default encoder on these texts, model loaded."""
     from llmrec_tasks import embed
     from llmrec_tasks.config import EncoderConfig
 
