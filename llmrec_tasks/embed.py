@@ -270,7 +270,6 @@ class _Runner:
             self.onnx = OnnxEncoder(
                 lambda: load_encoder(spec.model)[:2],
                 encoder_identity(spec.model),
-                list(self.tokenizer.model_input_names),
                 cpu_threads(),
                 quantized=spec.quantized,
             )
@@ -541,8 +540,10 @@ def run_embed_shard(cfg: RunConfig, validated: dict[str, Any], shard: dict[str, 
 
 
 def _dim_of(model: str) -> int:
-    config = json.loads((resolve_model_path(model) / "config.json").read_text())
-    return int(config["hidden_size"])
+    """The encoder's vector size; ``AutoConfig`` maps each architecture's own name (e.g. ``dim``)."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(resolve_model_path(model), local_files_only=True).hidden_size)
 
 
 def merge_shards(

@@ -158,9 +158,7 @@ def _after_gelu(model: Any) -> list[str]:
 class OnnxEncoder:
     """An onnxruntime session over the exported (float32 or int8) model; returns the last hidden state."""
 
-    def __init__(
-        self, load_model: ModelLoader, identity: str, input_names: list[str], threads: int, *, quantized: bool
-    ) -> None:
+    def __init__(self, load_model: ModelLoader, identity: str, threads: int, *, quantized: bool) -> None:
         _import_onnx()
         import onnxruntime as ort
 
@@ -169,8 +167,9 @@ class OnnxEncoder:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.input_names = input_names
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        # The exporter drops inputs the model ignores (e.g. token type ids a tokenizer adds).
+        self.input_names = [node.name for node in self.session.get_inputs()]
 
     def last_hidden(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         feed = {name: inputs[name] for name in self.input_names}

@@ -89,6 +89,36 @@ def test_onnx_backends_agree_with_torch_fp32(tmp_path, monkeypatch):
         assert export(no_load, embed.encoder_identity("default")).parent == folder
 
 
+@pytest.fixture(scope="module")
+def other_architecture(tmp_path_factory) -> str:
+    """A small random DistilBERT (no token type ids, ``dim`` for the hidden size) in a local folder."""
+    import torch
+    from transformers import DistilBertConfig, DistilBertModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("distilbert")
+    config = DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=128)
+    DistilBertModel(config).save_pretrained(folder)
+    embed.load_tokenizer("default").save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "onnx-int8", "torch"])
+def test_a_local_model_of_another_architecture_encodes(other_architecture, backend):
+    vectors = embed.encode_texts(TEXTS, EncoderConfig(model=other_architecture, backend=backend))
+    assert vectors.shape == (len(TEXTS), 32)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    reference = embed.encode_texts(TEXTS, EncoderConfig(model=other_architecture, backend="torch"))
+    assert (vectors * reference).sum(1).min() >= (0.98 if backend == "onnx-int8" else 0.99999)
+
+
+def test_the_stage_runs_a_model_of_another_architecture(other_architecture, store_uri):
+    _, _, result = _run(store_uri, "v1", _items(12), model=other_architecture, shards=2)
+    ids, vectors = embed.read_embeddings(result)
+    assert len(ids) == 12 and vectors.shape == (12, 32)
+    assert result["encoder"]["model"] == other_architecture
+
+
 def test_a_model_that_does_not_export_names_the_torch_backend(tmp_path, monkeypatch):
     import torch
 
