@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 # Reading an S3 body can fail after the request succeeded (reset, truncated); botocore does
 # not retry that part, so we do.
 BODY_READ_ATTEMPTS = 4
+# Files are streamed in parts of this size (S3: 5 MiB minimum, 10,000 parts: 640 GiB at most).
+MULTIPART_CHUNK = 64 * 2**20
 
 
 class ObjectStore(Protocol):
@@ -189,6 +191,13 @@ class LocalStore:
         return f"{self.uri}/{key}"
 
 
+def _transfer_config() -> Any:
+    """boto3's managed transfers (threads, retried parts) with our part size."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=MULTIPART_CHUNK, multipart_chunksize=MULTIPART_CHUNK)
+
+
 class S3Store:
     """An S3 (or S3-compatible) bucket prefix through boto3.
 
@@ -213,10 +222,17 @@ class S3Store:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _call(self, what: str, key: str, fn: Any, **kwargs: Any) -> Any:
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return fn(Bucket=self.bucket, **kwargs)
+        except S3UploadFailedError as exc:  # a managed upload wraps the ClientError into its message
+            if "NoSuchBucket" in str(exc):
+                raise StoreError(
+                    f"bucket {self.bucket!r} does not exist: create it or fix the store URI"
+                ) from exc
+            raise StoreError(f"S3 {what} {self.uri_for(key)} failed: {exc}") from exc
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
@@ -261,11 +277,37 @@ class S3Store:
         return self.get_with_etag(key)[0]
 
     def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> str:
-        return self.put_bytes(key, Path(path).read_bytes(), if_absent=if_absent)
+        """Stream a file up, in parts above ``MULTIPART_CHUNK``: memory stays bounded whatever its size.
+
+        ``if_absent`` needs one conditional PutObject (files up to 5 GB), streamed from disk too.
+        """
+        if if_absent:
+            with open(path, "rb") as fh:
+                response = self._call(
+                    "put", key, self.client.put_object, Key=self._key(key), Body=fh, IfNoneMatch="*"
+                )
+            return str(response.get("ETag", ""))
+        self._call(
+            "put",
+            key,
+            self.client.upload_file,
+            Filename=str(path),
+            Key=self._key(key),
+            Config=_transfer_config(),
+        )
+        return str(self._call("head", key, self.client.head_object, Key=self._key(key)).get("ETag", ""))
 
     def get_file(self, key: str, path: Path) -> Path:
+        """Stream an object down to ``path`` (ranged parts; the file appears complete or not at all)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(self.get_bytes(key))
+        self._call(
+            "get",
+            key,
+            self.client.download_file,
+            Key=self._key(key),
+            Filename=str(path),
+            Config=_transfer_config(),
+        )
         return path
 
     def exists(self, key: str) -> bool:

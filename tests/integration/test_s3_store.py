@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import time
 
 import pytest
 
+from llmrec_tasks import store as store_module
 from llmrec_tasks.errors import StoreError
 from llmrec_tasks.store import ObjectNotFound, PreconditionFailed, S3Store, open_store
 from tests.bundle_factory import race
@@ -32,6 +34,24 @@ def test_round_trip_list_delete(s3_store_uri: str, tmp_path) -> None:
     store.delete("a/d.bin")
     assert store.list("a") == ["a/b/c.json"]
     assert store.uri_for("a/b/c.json") == f"{s3_store_uri}/a/b/c.json"
+
+
+def test_large_files_stream_in_parts(s3_store_uri: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "MULTIPART_CHUNK", 5 * 2**20)  # S3's smallest part
+    store = open_store(s3_store_uri)
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(12 * 2**20))
+    etag = store.put_file("big.bin", source)
+    assert etag.strip('"').endswith("-3")  # a multipart upload of three parts
+    assert store.get_file("big.bin", tmp_path / "back.bin").read_bytes() == source.read_bytes()
+    store.put_file("once.bin", source, if_absent=True)
+    with pytest.raises(PreconditionFailed):
+        store.put_file("once.bin", source, if_absent=True)
+    with pytest.raises(ObjectNotFound):
+        store.get_file("missing.bin", tmp_path / "missing.bin")
+    assert not (tmp_path / "missing.bin").exists()
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket-here' does not exist"):
+        open_store("s3://no-such-bucket-here/x").put_file("big.bin", source)
 
 
 def test_errors_are_store_errors(s3_store_uri: str, s3_env: str) -> None:
