@@ -277,16 +277,9 @@ class S3Store:
         return self.get_with_etag(key)[0]
 
     def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> str:
-        """Stream a file up, in parts above ``MULTIPART_CHUNK``: memory stays bounded whatever its size.
-
-        ``if_absent`` needs one conditional PutObject (files up to 5 GB), streamed from disk too.
-        """
+        """Stream a file up, in parts above ``MULTIPART_CHUNK``: memory stays bounded whatever its size."""
         if if_absent:
-            with open(path, "rb") as fh:
-                response = self._call(
-                    "put", key, self.client.put_object, Key=self._key(key), Body=fh, IfNoneMatch="*"
-                )
-            return str(response.get("ETag", ""))
+            return self._put_file_if_absent(key, Path(path))
         self._call(
             "put",
             key,
@@ -296,6 +289,52 @@ class S3Store:
             Config=_transfer_config(),
         )
         return str(self._call("head", key, self.client.head_object, Key=self._key(key)).get("ETag", ""))
+
+    def _put_file_if_absent(self, key: str, path: Path) -> str:
+        """Create-if-absent for any size: one conditional PutObject, or a multipart upload whose
+        completion carries the condition (boto3's managed upload cannot pass it)."""
+        if path.stat().st_size <= MULTIPART_CHUNK:
+            with open(path, "rb") as fh:
+                response = self._call(
+                    "put", key, self.client.put_object, Key=self._key(key), Body=fh, IfNoneMatch="*"
+                )
+            return str(response.get("ETag", ""))
+        upload = self._call("put", key, self.client.create_multipart_upload, Key=self._key(key))["UploadId"]
+        try:
+            parts = []
+            with open(path, "rb") as fh:
+                while chunk := fh.read(MULTIPART_CHUNK):
+                    number = len(parts) + 1
+                    part = self._call(
+                        "put",
+                        key,
+                        self.client.upload_part,
+                        Key=self._key(key),
+                        UploadId=upload,
+                        PartNumber=number,
+                        Body=chunk,
+                    )
+                    parts.append({"ETag": part["ETag"], "PartNumber": number})
+            response = self._call(
+                "put",
+                key,
+                self.client.complete_multipart_upload,
+                Key=self._key(key),
+                UploadId=upload,
+                MultipartUpload={"Parts": parts},
+                IfNoneMatch="*",
+            )
+        except BaseException:
+            self._abort_upload(key, upload)
+            raise
+        return str(response.get("ETag", ""))
+
+    def _abort_upload(self, key: str, upload: str) -> None:
+        """Drop an unfinished multipart upload's parts (a bucket lifecycle rule catches what this misses)."""
+        try:
+            self._call("abort", key, self.client.abort_multipart_upload, Key=self._key(key), UploadId=upload)
+        except StoreError as exc:
+            log.warning("could not abort the multipart upload of %s: %s", self.uri_for(key), exc)
 
     def get_file(self, key: str, path: Path) -> Path:
         """Stream an object down to ``path`` (ranged parts; the file appears complete or not at all)."""

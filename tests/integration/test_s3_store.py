@@ -44,9 +44,12 @@ def test_large_files_stream_in_parts(s3_store_uri: str, tmp_path, monkeypatch: p
     etag = store.put_file("big.bin", source)
     assert etag.strip('"').endswith("-3")  # a multipart upload of three parts
     assert store.get_file("big.bin", tmp_path / "back.bin").read_bytes() == source.read_bytes()
-    store.put_file("once.bin", source, if_absent=True)
+    assert store.put_file("once.bin", source, if_absent=True).strip('"').endswith("-3")
     with pytest.raises(PreconditionFailed):
         store.put_file("once.bin", source, if_absent=True)
+    assert store.get_file("once.bin", tmp_path / "once.bin").read_bytes() == source.read_bytes()
+    client = store.client
+    assert not client.list_multipart_uploads(Bucket=store.bucket).get("Uploads")  # the loser's parts are gone
     with pytest.raises(ObjectNotFound):
         store.get_file("missing.bin", tmp_path / "missing.bin")
     assert not (tmp_path / "missing.bin").exists()
