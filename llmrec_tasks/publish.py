@@ -15,13 +15,13 @@ an older logical date).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import random
 import re
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -33,7 +33,14 @@ from llmrec_tasks import constants as C
 from llmrec_tasks.config import RunConfig, validate_name
 from llmrec_tasks.errors import BundleError, ConfigError
 from llmrec_tasks.paths import bundle_prefix, bundles_prefix, current_key, manifest_key
-from llmrec_tasks.store import ObjectNotFound, ObjectStore, PreconditionFailed, open_store, split_uri
+from llmrec_tasks.store import (
+    ObjectNotFound,
+    ObjectStore,
+    PreconditionFailed,
+    file_sha256,
+    open_store,
+    split_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +191,11 @@ def _artifact_sources(*results: Mapping[str, Any]) -> dict[str, str]:
     return sources
 
 
-def _read_artifact(uri: str, work_uri: str) -> dict[str, bytes]:
-    """One object -> ``{"": bytes}``; a folder of the run (e.g. data docs) -> ``{relative key: bytes}``."""
+def _artifact_keys(uri: str, work_uri: str) -> tuple[ObjectStore, list[tuple[str, str]]]:
+    """One object -> ``[("", key)]``; a folder of the run (e.g. data docs) -> ``[(relative key, key)]``."""
     store, name = split_uri(uri)
     if store.exists(name):
-        return {"": store.get_bytes(name)}
+        return store, [("", name)]
     if not uri.startswith(work_uri.rstrip("/") + "/"):
         raise BundleError(
             f"artifact {uri} is not an object, and folders are only copied from the run's {work_uri}"
@@ -197,7 +204,7 @@ def _read_artifact(uri: str, work_uri: str) -> dict[str, bytes]:
     keys = folder.list("")
     if not keys:
         raise BundleError(f"artifact {uri} does not exist: re-run the stage that writes it")
-    return {key: folder.get_bytes(key) for key in keys}
+    return folder, [(key, key) for key in keys]
 
 
 def _serving_tables(snapshot_uri: str) -> dict[str, bytes]:
@@ -220,18 +227,22 @@ def _serving_tables(snapshot_uri: str) -> dict[str, bytes]:
     return out
 
 
-def _put_immutable(store: ObjectStore, key: str, data: bytes, manifest: str) -> None:
-    """Create ``key`` unless an identical object is there; replace only leftovers of an unfinished publish."""
+def _put_immutable(store: ObjectStore, key: str, path: Path, sha256: str, manifest: str) -> None:
+    """Create ``key`` from a file unless an identical object is there; replace only leftovers of an
+    unfinished publish."""
     try:
-        store.put_bytes(key, data, if_absent=True)
+        store.put_file(key, path, if_absent=True)
         return
     except PreconditionFailed:
-        if store.get_bytes(key) == data:
+        existing = store.get_file(key, path.with_name(path.name + ".existing"))
+        same = file_sha256(existing) == sha256
+        existing.unlink()
+        if same:
             return
     if store.exists(manifest):
         raise PreconditionFailed(f"{store.uri_for(key)} belongs to a bundle published meanwhile")
     log.warning("replacing %s left by an unfinished publish", store.uri_for(key))
-    store.put_bytes(key, data)
+    store.put_file(key, path)
 
 
 def _lineage(
@@ -283,24 +294,33 @@ def write_bundle(
         log.info("version %s is already published at %s: leaving it as is", version, store.uri_for(mkey))
         return read_manifest(store, cfg.namespace, version), False
 
-    payloads: dict[str, bytes] = {}
+    # Every file goes through local disk one at a time (streamed both ways): memory stays bounded.
+    sources: dict[str, tuple[ObjectStore | None, str]] = {}
     for name, uri in _artifact_sources(validated, embedded, indexed, trained).items():
-        for sub, data in _read_artifact(uri, str(validated["work_uri"])).items():
-            payloads[f"{name}/{sub}" if sub else name] = data
-    for name, data in _serving_tables(str(validated["snapshot_uri"])).items():
-        payloads.setdefault(name, data)
-    missing = [name for name in REQUIRED_FILES if name not in payloads]
-    if missing:
-        raise BundleError(f"cannot publish {version}: upstream results lack {missing}")
+        source, keys = _artifact_keys(uri, str(validated["work_uri"]))
+        for sub, key in keys:
+            sources[f"{name}/{sub}" if sub else name] = (source, key)
+    with tempfile.TemporaryDirectory(prefix="llmrec-publish-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        for name, data in _serving_tables(str(validated["snapshot_uri"])).items():
+            if name not in sources:
+                (tmp / name).write_bytes(data)
+                sources[name] = (None, name)
+        missing = [name for name in REQUIRED_FILES if name not in sources]
+        if missing:
+            raise BundleError(f"cannot publish {version}: upstream results lack {missing}")
 
-    files: dict[str, dict[str, Any]] = {}
-    try:
-        for name, data in sorted(payloads.items()):
-            _put_immutable(store, f"{prefix}/{name}", data, mkey)
-            files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    except PreconditionFailed:
-        log.info("version %s was published by a concurrent run meanwhile: leaving it as is", version)
-        return read_manifest(store, cfg.namespace, version), False
+        files: dict[str, dict[str, Any]] = {}
+        try:
+            for name, (source, key) in sorted(sources.items()):
+                local = tmp / key if source is None else source.get_file(key, tmp / "artifact")
+                sha256 = file_sha256(local)
+                _put_immutable(store, f"{prefix}/{name}", local, sha256, mkey)
+                files[name] = {"sha256": sha256, "size": local.stat().st_size}
+                local.unlink()
+        except PreconditionFailed:
+            log.info("version %s was published by a concurrent run meanwhile: leaving it as is", version)
+            return read_manifest(store, cfg.namespace, version), False
     manifest = {
         "format": MANIFEST_FORMAT,
         "namespace": cfg.namespace,

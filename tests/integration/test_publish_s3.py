@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -121,17 +122,17 @@ def test_store_down_mid_publish_leaves_nothing_visible(flaky_proxy: FlakyProxy) 
     prefix = bundle_prefix(NS, args[1]["version"])
 
     writes = {"n": 0}
-    real_put = store.put_bytes.__func__  # type: ignore[attr-defined]
+    real_put = store.put_file.__func__  # type: ignore[attr-defined]
 
-    def put_then_fail(self: object, key: str, data: bytes, **kwargs: object) -> str:
+    def put_then_fail(self: object, key: str, path: Path, **kwargs: object) -> str:
         if key.startswith(prefix):
             writes["n"] += 1
             if writes["n"] == 4:  # the store goes down after three bundle files
                 flaky_proxy.plan.fail_next = 10_000
-        return real_put(self, key, data, **kwargs)
+        return real_put(self, key, path, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(type(store), "put_bytes", put_then_fail)
+        mp.setattr(type(store), "put_file", put_then_fail)
         with pytest.raises(StoreError):
             publish.run_publish(*args)
     flaky_proxy.plan.fail_next = 0

@@ -97,14 +97,19 @@ def test_manifest_is_written_last(store_uri: str, monkeypatch: pytest.MonkeyPatc
     from llmrec_tasks.store import LocalStore
 
     order: list[str] = []
-    real_put = LocalStore.put_bytes
 
-    def spy(self: LocalStore, key: str, data: bytes, **kwargs: object) -> str:
-        order.append(key)
-        return real_put(self, key, data, **kwargs)
+    def spy(method: str) -> object:
+        real = getattr(LocalStore, method)
+
+        def put(self: LocalStore, key: str, data: object, **kwargs: object) -> str:
+            order.append(key)
+            return real(self, key, data, **kwargs)
+
+        return put
 
     args = make_run(store_uri)
-    monkeypatch.setattr(LocalStore, "put_bytes", spy)
+    for method in ("put_bytes", "put_file"):
+        monkeypatch.setattr(LocalStore, method, spy(method))
     publish.write_bundle(*args)
     bundle_writes = [k for k in order if "/bundles/" in k]
     assert bundle_writes[-1].endswith(C.MANIFEST) and len(bundle_writes) >= 12
