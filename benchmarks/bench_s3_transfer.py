@@ -19,6 +19,7 @@ from pathlib import Path
 
 import boto3
 import psutil
+from botocore.exceptions import EndpointConnectionError
 
 from benchmarks.bench_scaling import PeakRss
 from llmrec_tasks.store import S3Store
@@ -42,7 +43,7 @@ def start_moto(port: int) -> subprocess.Popen[bytes]:
         try:
             client.list_buckets()
             return proc
-        except Exception:  # not listening yet
+        except EndpointConnectionError:  # not listening yet
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError("moto server did not start")
