@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.catalog import change_texts, generate_catalog
-from llmrec_tasks import embed, onnx_encoder, paths
-from llmrec_tasks.config import EncoderConfig, RunConfig
-from llmrec_tasks.data import item_texts, normalize, read_raw, write_snapshot
-from llmrec_tasks.store import open_store, split_uri
+from llmrec_tasks.core.config import EncoderConfig, RunConfig
+from llmrec_tasks.data.contract import item_texts, normalize, read_raw, write_snapshot
+from llmrec_tasks.storage import paths
+from llmrec_tasks.storage.store import open_store, split_uri
+from llmrec_tasks.text import embed, onnx_encoder
 
 MOVIELENS = Path(__file__).resolve().parents[2] / "shared/data/ml-latest-small"
 

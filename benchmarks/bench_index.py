@@ -3,7 +3,7 @@
 
 Vectors are unit vectors around random centres (text embeddings cluster); queries are
 user-profile-like (normalised means of several items). Each approximate index is tuned exactly as
-the pipeline does (:func:`llmrec_tasks.index.tune`: smallest efSearch/nprobe reaching the recall
+the pipeline does (:func:`llmrec_tasks.retrieval.index.tune`: smallest efSearch/nprobe reaching the recall
 floor, and for IVF-PQ the exact re-rank factor); queries/s are then measured one query at a time
 on one core, the serving pattern, re-rank included. Memory is the index file; the re-rank reads the
 float32 item vectors that serving holds anyway for its features. Usage::
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.catalog import clustered_vectors, profile_like_queries
-from llmrec_tasks import index as ix
+from llmrec_tasks.retrieval import index as ix
 
 QUERIES = 1000
 TIMED_QUERIES = {"flat": 100}  # exact search is slow per query: fewer are enough

@@ -22,7 +22,7 @@ import psutil
 from botocore.exceptions import EndpointConnectionError
 
 from benchmarks.bench_scaling import PeakRss
-from llmrec_tasks.store import S3Store
+from llmrec_tasks.storage.store import S3Store
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "bench",

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.catalog import generate_catalog
-from llmrec_tasks import constants as C
+from llmrec_tasks.core import constants as C
 
 STAGES = ("validate", "embed", "index", "train", "publish")
 INTERACTIONS_PER_ITEM = 5.0
@@ -83,10 +83,15 @@ def _child(stage: str, cfg_dict: dict[str, Any], work_uri: str | None, fake: boo
     """Run one stage in this (fresh) process; report seconds, peak RSS and a summary."""
     import psutil
 
-    # Every stage module up front: import time is constant, not growth, and stays out of the figures.
-    from llmrec_tasks import embed, index, publish, train, validate  # noqa: F401
-    from llmrec_tasks.config import RunConfig
+    from llmrec_tasks import publish  # noqa: F401
+    from llmrec_tasks.core.config import RunConfig
+    from llmrec_tasks.data import validate  # noqa: F401
     from llmrec_tasks.pipeline import run_stage
+    from llmrec_tasks.ranking import train  # noqa: F401
+    from llmrec_tasks.retrieval import index  # noqa: F401
+
+    # Every stage module up front: import time is constant, not growth, and stays out of the figures.
+    from llmrec_tasks.text import embed
 
     logging.basicConfig(level=logging.WARNING)
     fake_seconds = 0.0
@@ -149,8 +154,8 @@ def run_stage_process(
 
 def encoder_rate(texts: list[str]) -> float:
     """Real items/s of the default encoder on these texts, model loaded."""
-    from llmrec_tasks import embed
-    from llmrec_tasks.config import EncoderConfig
+    from llmrec_tasks.core.config import EncoderConfig
+    from llmrec_tasks.text import embed
 
     cfg = EncoderConfig()
     embed.encode_texts(texts[:64], cfg)
@@ -160,7 +165,7 @@ def encoder_rate(texts: list[str]) -> float:
 
 
 def bench_size(n: int, args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
-    from llmrec_tasks.data import item_texts, normalize
+    from llmrec_tasks.data.contract import item_texts, normalize
 
     started = time.perf_counter()
     raw = generate_catalog(n, INTERACTIONS_PER_ITEM)

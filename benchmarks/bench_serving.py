@@ -34,9 +34,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llmrec_tasks import constants as C  # noqa: E402
-from llmrec_tasks import publish, serving  # noqa: E402
-from llmrec_tasks.store import open_store  # noqa: E402
+from llmrec_tasks import publish  # noqa: E402
+from llmrec_tasks.core import constants as C  # noqa: E402
+from llmrec_tasks.serving import recommender as serving  # noqa: E402
+from llmrec_tasks.storage.store import open_store  # noqa: E402
 
 log = logging.getLogger("bench_serving")
 DEFAULT_DATA = ROOT.parent / "shared/data/ml-latest-small"
@@ -58,7 +59,7 @@ def ensure_bundle(store_uri: str, namespace: str, data: str | None) -> None:
         return
     if data is None:
         raise SystemExit(f"{store_uri} has no current bundle in {namespace!r}: pass --build DATA")
-    from llmrec_tasks.config import RunConfig
+    from llmrec_tasks.core.config import RunConfig
     from llmrec_tasks.pipeline import run_pipeline
 
     log.info("building a bundle from %s (whole pipeline)", data)
@@ -122,7 +123,7 @@ def bench_http(
 ) -> dict[str, Any]:
     import httpx
 
-    code = f"from llmrec_tasks.api import serve; serve({store_uri!r}, {namespace!r}, '127.0.0.1', {port})"
+    code = f"from llmrec_tasks.serving.api import serve; serve({store_uri!r}, {namespace!r}, '127.0.0.1', {port})"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from llmrec_tasks import constants as C
-from llmrec_tasks.data import Dataset
-from llmrec_tasks.sample import TOPICS
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.data.contract import Dataset
+from llmrec_tasks.data.sample import TOPICS
 
 START = 1_767_225_600  # 2026-01-01 UTC
 SPAN = 180 * 86_400

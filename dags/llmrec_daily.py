@@ -51,7 +51,7 @@ from datetime import UTC, datetime, timedelta
 from airflow.sdk import AssetAlias, ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag, task
 
 from llmrec_tasks.airflow_glue import BUNDLE_ALIAS, DAG_ID, NON_RETRYABLE_ERRORS
-from llmrec_tasks.config import (
+from llmrec_tasks.core.config import (
     ENCODER_BACKENDS,
     EncoderConfig,
     IndexConfig,
@@ -436,43 +436,43 @@ def llmrec_daily():
 
     @task(multiple_outputs=False)
     def validate(config: dict) -> dict:
-        from llmrec_tasks import validate
         from llmrec_tasks.airflow_glue import task_config
+        from llmrec_tasks.data import validate
 
         return validate.run_validate(task_config(config))
 
     @task
     def plan_shards(config: dict, validated: dict) -> list[dict]:
-        from llmrec_tasks import embed
         from llmrec_tasks.airflow_glue import task_config
+        from llmrec_tasks.text import embed
 
         return embed.plan_shards(task_config(config), validated)
 
     @task(multiple_outputs=False, max_active_tis_per_dagrun=4)
     def embed_shard(config: dict, validated: dict, shard: dict) -> dict:
-        from llmrec_tasks import embed
         from llmrec_tasks.airflow_glue import task_config
+        from llmrec_tasks.text import embed
 
         return embed.run_embed_shard(task_config(config), validated, shard)
 
     @task(multiple_outputs=False)
     def merge_shards(config: dict, validated: dict, shard_results: list[dict]) -> dict:
-        from llmrec_tasks import embed
         from llmrec_tasks.airflow_glue import task_config
+        from llmrec_tasks.text import embed
 
         return embed.merge_shards(task_config(config), validated, list(shard_results[:]))
 
     @task(multiple_outputs=False)
     def index(config: dict, validated: dict, embedded: dict) -> dict:
-        from llmrec_tasks import index
         from llmrec_tasks.airflow_glue import task_config
+        from llmrec_tasks.retrieval import index
 
         return index.run_index(task_config(config), validated, embedded)
 
     @task(multiple_outputs=False)
     def train(config: dict, validated: dict, embedded: dict) -> dict:
-        from llmrec_tasks import train
         from llmrec_tasks.airflow_glue import task_config
+        from llmrec_tasks.ranking import train
 
         return train.run_train(task_config(config), validated, embedded)
 

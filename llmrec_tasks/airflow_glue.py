@@ -6,7 +6,7 @@
   folder under ``$AIRFLOW_HOME``) at run time, never at parse time;
 - the bundle Asset (one per namespace) and the metadata of its events.
 
-Importing this module is cheap (standard library and ``llmrec_tasks.config`` only): DAG files
+Importing this module is cheap (standard library and ``llmrec_tasks.core.config`` only): DAG files
 import it at parse time. Airflow itself is imported inside the functions that need it.
 """
 
@@ -19,9 +19,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from llmrec_tasks.config import RunConfig
-from llmrec_tasks.constants import DEFAULT_NAMESPACE
-from llmrec_tasks.errors import ConfigError
+from llmrec_tasks.core.config import RunConfig
+from llmrec_tasks.core.constants import DEFAULT_NAMESPACE
+from llmrec_tasks.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,12 @@ BUNDLE_ASSET_SCHEME = "llmrec"
 NON_CONFIG_PARAMS: frozenset[str] = frozenset()
 # Retrying cannot fix these: the run fails at once with the stage's message.
 NON_RETRYABLE_ERRORS = (
-    "llmrec_tasks.errors.ConfigError",
-    "llmrec_tasks.errors.DataContractError",
-    "llmrec_tasks.errors.ValidationFailedError",
-    "llmrec_tasks.errors.ModelLoadError",
-    "llmrec_tasks.errors.IndexRecallError",
-    "llmrec_tasks.errors.QualityGateError",
+    "llmrec_tasks.core.errors.ConfigError",
+    "llmrec_tasks.core.errors.DataContractError",
+    "llmrec_tasks.core.errors.ValidationFailedError",
+    "llmrec_tasks.core.errors.ModelLoadError",
+    "llmrec_tasks.core.errors.IndexRecallError",
+    "llmrec_tasks.core.errors.QualityGateError",
 )
 
 
@@ -109,14 +109,14 @@ def plugin_store_uri() -> str:
 def s3_client_from_connection(store_uri: str, conn_id: str = AWS_CONN_ID) -> Any:
     """A boto3 S3 client from the Airflow connection for ``s3://`` stores, else None.
 
-    Tasks do not need it (``llmrec_tasks.aws`` uses ``aws_default`` inside tasks on its own); the
+    Tasks do not need it (``llmrec_tasks.storage.aws`` uses ``aws_default`` inside tasks on its own); the
     UI plugin runs in the api-server and passes this client to ``open_store``.
     """
     if not store_uri.startswith("s3://"):
         return None
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    from llmrec_tasks.aws import botocore_config
+    from llmrec_tasks.storage.aws import botocore_config
 
     return S3Hook(aws_conn_id=conn_id).get_client_type(config=botocore_config())
 
@@ -278,7 +278,7 @@ def after_publish(
     pipeline does: the UI plugin reads the gate outcome there), then emit the asset event when
     the bundle was promoted."""
     from llmrec_tasks.pipeline import load_stage, save_stage
-    from llmrec_tasks.store import open_store
+    from llmrec_tasks.storage.store import open_store
 
     work_uri = str(validated["work_uri"])
     previous = load_stage(work_uri, "publish") if open_store(work_uri).exists("stages/publish.json") else None

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llmrec_tasks.constants import DEFAULT_NAMESPACE, REPORT_HTML
-from llmrec_tasks.errors import LlmrecError
+from llmrec_tasks.core.constants import DEFAULT_NAMESPACE, REPORT_HTML
+from llmrec_tasks.core.errors import LlmrecError
 
 DEFAULT_STORE = os.environ.get("LLMREC_STORE_URI", Path("llmrec-store").resolve().as_uri())
 
@@ -32,8 +32,8 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from llmrec_tasks.config import RunConfig
-    from llmrec_tasks.errors import ConfigError
+    from llmrec_tasks.core.config import RunConfig
+    from llmrec_tasks.core.errors import ConfigError
 
     values: dict[str, Any] = {
         "data_uri": args.data,
@@ -111,9 +111,9 @@ def _bundle_command(args: argparse.Namespace) -> Any:
 def summary_text(store_uri: str, namespace: str) -> str:
     """Human summary of the newest published version: where it is, whether it is current, metrics."""
     from llmrec_tasks import publish
-    from llmrec_tasks.errors import BundleError
-    from llmrec_tasks.paths import bundle_prefix, manifest_key
-    from llmrec_tasks.store import open_store
+    from llmrec_tasks.core.errors import BundleError
+    from llmrec_tasks.storage.paths import bundle_prefix, manifest_key
+    from llmrec_tasks.storage.store import open_store
 
     versions = [v for v in publish.list_versions(store_uri, namespace) if v["complete"]]
     if not versions:
@@ -147,7 +147,7 @@ def dispatch(args: argparse.Namespace) -> Any:
     if args.command in ("embed", "index", "train", "publish"):
         return pipeline.run_stage(args.command, pipeline.load_run_config(args.work), args.work)
     if args.command == "benchmark":
-        from llmrec_tasks.benchmark import print_table, run_benchmark
+        from llmrec_tasks.ranking.benchmark import print_table, run_benchmark
 
         result = run_benchmark(args.data, protocol=args.protocol, seeds=args.seeds, out=args.out)
         print_table(result)
@@ -158,12 +158,12 @@ def dispatch(args: argparse.Namespace) -> Any:
         print(summary_text(args.store, args.namespace))
         return None
     if args.command == "serve":
-        from llmrec_tasks.api import serve
+        from llmrec_tasks.serving.api import serve
 
         serve(args.store, args.namespace, args.host, args.port)
         return None
     if args.command == "sample":
-        from llmrec_tasks.sample import write_sample
+        from llmrec_tasks.data.sample import write_sample
 
         return {"folder": str(write_sample(args.folder, seed=args.seed))}
     raise AssertionError(f"unhandled command {args.command}")

@@ -11,9 +11,9 @@ import logging
 import time
 from typing import Any
 
-from llmrec_tasks.config import RunConfig
-from llmrec_tasks.errors import ConfigError
-from llmrec_tasks.store import open_store
+from llmrec_tasks.core.config import RunConfig
+from llmrec_tasks.core.errors import ConfigError
+from llmrec_tasks.storage.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,11 @@ def load_run_config(work_uri: str) -> RunConfig:
 
 def run_stage(stage: str, cfg: RunConfig, work_uri: str | None = None) -> dict[str, Any]:
     """Run one stage; upstream results are read from the work folder (not needed for validate)."""
-    from llmrec_tasks import embed, index, publish, train, validate
+    from llmrec_tasks import publish
+    from llmrec_tasks.data import validate
+    from llmrec_tasks.ranking import train
+    from llmrec_tasks.retrieval import index
+    from llmrec_tasks.text import embed
 
     started = time.monotonic()
     if stage == "validate":

@@ -1,6 +1,6 @@
 """Stage `publish`: immutable bundles, the manifest, promotion of ``current``, rollback and retention.
 
-Layout (keys from :mod:`llmrec_tasks.paths`)::
+Layout (keys from :mod:`llmrec_tasks.storage.paths`)::
 
     <namespace>/bundles/<version>/<artifact files>   immutable once its manifest exists
     <namespace>/bundles/<version>/manifest.json      sha256 + size of every file, lineage; written last
@@ -8,7 +8,7 @@ Layout (keys from :mod:`llmrec_tasks.paths`)::
 
 Readers trust a version only through its manifest, so a bundle that is still being written (or
 whose publish crashed) is invisible. ``current.json`` only moves by a conditional write (see
-:mod:`llmrec_tasks.store`): of two runs racing for a namespace's pointer exactly one write wins;
+:mod:`llmrec_tasks.storage.store`): of two runs racing for a namespace's pointer exactly one write wins;
 the loser re-reads the pointer and decides again (a scheduled run never moves ``current`` back to
 an older logical date).
 """
@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import llmrec_tasks
-from llmrec_tasks import constants as C
-from llmrec_tasks.config import RunConfig, validate_name
-from llmrec_tasks.errors import BundleError, ConfigError
-from llmrec_tasks.paths import bundle_prefix, bundles_prefix, current_key, manifest_key
-from llmrec_tasks.store import (
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.config import RunConfig, validate_name
+from llmrec_tasks.core.errors import BundleError, ConfigError
+from llmrec_tasks.storage.paths import bundle_prefix, bundles_prefix, current_key, manifest_key
+from llmrec_tasks.storage.store import (
     ObjectNotFound,
     ObjectStore,
     PreconditionFailed,
@@ -211,7 +211,7 @@ def _serving_tables(snapshot_uri: str) -> dict[str, bytes]:
     """Item titles + popularity and each user's recent history, from the run's snapshot."""
     import io
 
-    from llmrec_tasks.data import read_snapshot
+    from llmrec_tasks.data.contract import read_snapshot
 
     data = read_snapshot(snapshot_uri)
     inter = data.interactions
@@ -421,7 +421,7 @@ def _new_pointer(
 
 def serving_check(store_uri: str, namespace: str, version: str) -> dict[str, Any]:
     """Load the bundle through the serving code (all checksums) and answer sample queries."""
-    from llmrec_tasks import serving
+    from llmrec_tasks.serving import recommender as serving
 
     bundle = serving.load_bundle(store_uri, namespace, version)
     return serving.smoke_check(serving.Recommender(bundle))
@@ -440,7 +440,7 @@ def run_publish(
     logical date than ``current``'s, a version an operator rolled back, or ``promote=False``
     return ``promoted: False`` with the reason (``current`` untouched).
     """
-    from llmrec_tasks.evaluate import quality_gate
+    from llmrec_tasks.ranking.evaluate import quality_gate
 
     store = open_store(cfg.store_uri)
     manifest, written = write_bundle(cfg, validated, embedded, indexed, trained)
@@ -500,8 +500,8 @@ def current_ranker_metrics(store: ObjectStore, namespace: str, version: str, wor
     """The published ranker scored on *this* run's evaluation data (same users, candidates,
     features), so the gate compares like with like. When the published ranker needs features this
     run does not compute, its own recorded metrics are the only comparison left (logged)."""
-    from llmrec_tasks.errors import DataContractError
-    from llmrec_tasks.train import evaluate_published_ranker
+    from llmrec_tasks.core.errors import DataContractError
+    from llmrec_tasks.ranking.train import evaluate_published_ranker
 
     prefix = bundle_prefix(namespace, version)
     model_text = store.get_bytes(f"{prefix}/{C.RANKER_MODEL}").decode()

@@ -56,7 +56,7 @@ _NAMESPACE_KEY = re.compile(r"^([^/]+)/(?:current\.json|bundles/[^/]+/manifest\.
 def open_plugin_store(store_uri: str | None = None) -> Any:
     """The deployment's store, through the ``aws_default`` connection for ``s3://``."""
     from llmrec_tasks.airflow_glue import plugin_store_uri, s3_client_from_connection
-    from llmrec_tasks.store import open_store
+    from llmrec_tasks.storage.store import open_store
 
     uri = store_uri or plugin_store_uri()
     client = None
@@ -75,7 +75,7 @@ def list_namespaces(store: Any) -> list[str]:
 
 
 def _read_json(store: Any, key: str) -> dict[str, Any] | None:
-    from llmrec_tasks.store import ObjectNotFound
+    from llmrec_tasks.storage.store import ObjectNotFound
 
     try:
         return json.loads(store.get_bytes(key))
@@ -127,8 +127,8 @@ def gate_outcome(published: dict[str, Any] | None) -> dict[str, Any]:
 
 def version_rows(store: Any, namespace: str, *, limit: int = MAX_VERSIONS) -> dict[str, Any]:
     """Every version of a namespace (newest first) with metrics, gate and promotion status."""
-    from llmrec_tasks.config import validate_name
-    from llmrec_tasks.paths import bundles_prefix, current_key, manifest_key, run_prefix
+    from llmrec_tasks.core.config import validate_name
+    from llmrec_tasks.storage.paths import bundles_prefix, current_key, manifest_key, run_prefix
 
     validate_name("namespace", namespace)
     pointer = _read_json(store, current_key(namespace)) or {}
@@ -254,8 +254,8 @@ def create_app(
         return found
 
     def checked_name(kind: str, value: str) -> str:
-        from llmrec_tasks.config import validate_name
-        from llmrec_tasks.errors import ConfigError
+        from llmrec_tasks.core.config import validate_name
+        from llmrec_tasks.core.errors import ConfigError
 
         try:
             return validate_name(kind, value)
@@ -263,7 +263,7 @@ def create_app(
             raise HTTPException(status_code=400, detail=str(exc)) from exc
 
     def store_or_503() -> Any:
-        from llmrec_tasks.errors import LlmrecError
+        from llmrec_tasks.core.errors import LlmrecError
 
         try:
             return store_factory()
@@ -298,7 +298,7 @@ def create_app(
 
     @app.get("/versions/{namespace}/{version}", response_class=HTMLResponse, dependencies=guard)
     def version_page(request: Request, namespace: str, version: str) -> HTMLResponse:
-        from llmrec_tasks.paths import manifest_key
+        from llmrec_tasks.storage.paths import manifest_key
 
         namespace, version = checked_name("namespace", namespace), checked_name("version", version)
         store = store_or_503()
@@ -318,8 +318,8 @@ def create_app(
 
     @app.get("/report/{namespace}/{version}", dependencies=guard)
     def report(namespace: str, version: str) -> Response:
-        from llmrec_tasks.paths import bundle_prefix, manifest_key
-        from llmrec_tasks.store import ObjectNotFound
+        from llmrec_tasks.storage.paths import bundle_prefix, manifest_key
+        from llmrec_tasks.storage.store import ObjectNotFound
 
         namespace, version = checked_name("namespace", namespace), checked_name("version", version)
         store = store_or_503()

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from llmrec_tasks import constants as C
-from llmrec_tasks.config import RunConfig
-from llmrec_tasks.paths import make_version, run_prefix
-from llmrec_tasks.store import PreconditionFailed, open_store
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.config import RunConfig
+from llmrec_tasks.storage.paths import make_version, run_prefix
+from llmrec_tasks.storage.store import PreconditionFailed, open_store
 
 FEATURES = ["profile_sim", "log_popularity", "last_item_sim"]
 N_ITEMS = 60
@@ -97,7 +97,7 @@ def real_ranker(items: pd.DataFrame, inter: pd.DataFrame, vectors: np.ndarray, s
 
     import lightgbm
 
-    from llmrec_tasks import candidates, features
+    from llmrec_tasks.ranking import candidates, features
 
     item_index = pd.Index(items[C.ITEM_ID])
     events, users = candidates.encode_events(inter, item_index)

@@ -39,7 +39,7 @@ def movielens_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def sample_data():
-    from llmrec_tasks.data import normalize, read_raw
+    from llmrec_tasks.data.contract import normalize, read_raw
 
     return normalize(read_raw("sample"))
 

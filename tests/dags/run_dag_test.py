@@ -72,23 +72,25 @@ def install_stub_stages() -> None:
 
     The fake publish promotes unless the run conf says ``promote: false``.
     """
+    import importlib
     import types
 
-    import llmrec_tasks
-    from llmrec_tasks import embed, index
+    from llmrec_tasks.retrieval import index
+    from llmrec_tasks.text import embed
 
-    def fake(name, **functions):
-        module = types.ModuleType(f"llmrec_tasks.{name}")
+    def fake(dotted, **functions):
+        module = types.ModuleType(dotted)
         module.__dict__.update(functions)
-        sys.modules[module.__name__] = module
-        setattr(llmrec_tasks, name, module)
+        sys.modules[dotted] = module
+        parent, _, name = dotted.rpartition(".")
+        setattr(importlib.import_module(parent), name, module)
 
     def run_validate(cfg):
         version = f"{cfg.cutoff:%Y%m%dT%H%M%SZ}-stub0000-{cfg.params_hash()[:6]}"
         work = f"{cfg.store_uri}/{cfg.namespace}/runs/{version}"
         return {"version": version, "work_uri": work, "cutoff": cfg.cutoff.isoformat()}
 
-    fake("validate", run_validate=run_validate)
+    fake("llmrec_tasks.data.validate", run_validate=run_validate)
     embed.plan_shards = lambda cfg, v: [
         {"shard": s, "shards": cfg.encoder.shards} for s in range(cfg.encoder.shards)
     ]
@@ -96,7 +98,7 @@ def install_stub_stages() -> None:
     embed.merge_shards = lambda cfg, v, results: {"shards": sorted(r["shard"] for r in results)}
     index.run_index = lambda cfg, v, e: {"kind": "flat"}
     fake(
-        "train",
+        "llmrec_tasks.ranking.train",
         run_train=lambda cfg, v, e: {"metrics": {"ranker": {"ndcg@10": 0.3}, "popularity": {"ndcg@10": 0.1}}},
     )
 
@@ -113,7 +115,7 @@ def install_stub_stages() -> None:
             else "promote=False: published without moving current",
         }
 
-    fake("publish", run_publish=run_publish)
+    fake("llmrec_tasks.publish", run_publish=run_publish)
 
 
 def main(spec: dict) -> list[dict]:

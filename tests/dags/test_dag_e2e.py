@@ -166,7 +166,7 @@ def test_daily_dag_end_to_end_on_the_sample(tmp_path):
     # that promoted it, with its report.
     import importlib.util
 
-    from llmrec_tasks.store import open_store
+    from llmrec_tasks.storage.store import open_store
 
     spec = importlib.util.spec_from_file_location("llmrec_plugin_e2e", ROOT / "plugins" / "llmrec_plugin.py")
     plugin = importlib.util.module_from_spec(spec)

@@ -38,7 +38,7 @@ TOP_LEVEL_IMPORTS = {
     "datetime",
     "airflow.sdk",
     "llmrec_tasks.airflow_glue",
-    "llmrec_tasks.config",
+    "llmrec_tasks.core.config",
 }
 
 
@@ -233,7 +233,7 @@ def test_params_are_typed_titled_documented_and_grouped(daily):
 
 def test_params_cover_the_run_config(daily):
     """Every setting of RunConfig is a param (flat keys), and the defaults build a valid config."""
-    from llmrec_tasks.config import EncoderConfig, IndexConfig, RankerConfig, RunConfig
+    from llmrec_tasks.core.config import EncoderConfig, IndexConfig, RankerConfig, RunConfig
 
     expected = {"data_uri", "store_uri", "namespace", "gate_tolerance", "promote", "validation"}
     for prefix, section in (("encoder", EncoderConfig), ("index", IndexConfig), ("ranker", RankerConfig)):

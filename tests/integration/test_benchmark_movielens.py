@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from llmrec_tasks.benchmark import format_table, run_benchmark
-from llmrec_tasks.config import RankerConfig
+from llmrec_tasks.core.config import RankerConfig
+from llmrec_tasks.ranking.benchmark import format_table, run_benchmark
 
 pytestmark = [pytest.mark.movielens, pytest.mark.slow]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from llmrec_tasks import publish
-from llmrec_tasks.serving import load_bundle
+from llmrec_tasks.serving.recommender import load_bundle
 
 pytestmark = pytest.mark.slow
 

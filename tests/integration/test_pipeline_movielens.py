@@ -2,9 +2,9 @@
 
 import pytest
 
-from llmrec_tasks.config import RunConfig
+from llmrec_tasks.core.config import RunConfig
 from llmrec_tasks.pipeline import run_pipeline
-from llmrec_tasks.serving import Recommender, load_bundle
+from llmrec_tasks.serving.recommender import Recommender, load_bundle
 
 pytestmark = [pytest.mark.slow, pytest.mark.movielens]
 

@@ -17,11 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmrec_tasks import api, publish, serving
-from llmrec_tasks.constants import DEFAULT_NAMESPACE, MANIFEST, RANKER_MODEL
-from llmrec_tasks.errors import BundleError, StoreError
-from llmrec_tasks.paths import bundle_prefix, current_key
-from llmrec_tasks.store import open_store
+from llmrec_tasks import publish
+from llmrec_tasks.core.constants import DEFAULT_NAMESPACE, MANIFEST, RANKER_MODEL
+from llmrec_tasks.core.errors import BundleError, StoreError
+from llmrec_tasks.serving import api
+from llmrec_tasks.serving import recommender as serving
+from llmrec_tasks.storage.paths import bundle_prefix, current_key
+from llmrec_tasks.storage.store import open_store
 from tests.bundle_factory import make_run, race, toy_scorer
 from tests.s3server import FlakyProxy, create_bucket, free_port
 

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from llmrec_tasks import store as store_module
-from llmrec_tasks.errors import StoreError
-from llmrec_tasks.store import ObjectNotFound, PreconditionFailed, S3Store, open_store
+from llmrec_tasks.core.errors import StoreError
+from llmrec_tasks.storage import store as store_module
+from llmrec_tasks.storage.store import ObjectNotFound, PreconditionFailed, S3Store, open_store
 from tests.bundle_factory import race
 from tests.s3server import FlakyProxy, create_bucket, free_port
 

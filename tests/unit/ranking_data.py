@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from llmrec_tasks import constants as C
-from llmrec_tasks.candidates import ContextParams, Events, build_context, encode_events
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.ranking.candidates import ContextParams, Events, build_context, encode_events
 
 N_ITEMS = 30
 N_USERS = 24

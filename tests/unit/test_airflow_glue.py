@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from llmrec_tasks import airflow_glue as glue
-from llmrec_tasks.config import RunConfig
-from llmrec_tasks.errors import ConfigError
+from llmrec_tasks.core.config import RunConfig
+from llmrec_tasks.core.errors import ConfigError
 from tests.airflow_env import use_test_airflow_home
 
 use_test_airflow_home()

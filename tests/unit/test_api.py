@@ -9,8 +9,10 @@ from datetime import UTC, datetime
 import pytest
 from fastapi.testclient import TestClient
 
-from llmrec_tasks import api, publish, serving
-from llmrec_tasks.constants import DEFAULT_NAMESPACE
+from llmrec_tasks import publish
+from llmrec_tasks.core.constants import DEFAULT_NAMESPACE
+from llmrec_tasks.serving import api
+from llmrec_tasks.serving import recommender as serving
 from tests.bundle_factory import make_run, toy_scorer
 
 

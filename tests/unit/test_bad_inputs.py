@@ -20,13 +20,13 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from llmrec_tasks import constants as C
-from llmrec_tasks.config import RunConfig
-from llmrec_tasks.errors import DataContractError, LlmrecError, ValidationFailedError
-from llmrec_tasks.paths import bundle_prefix, current_key
-from llmrec_tasks.sample import write_sample
-from llmrec_tasks.store import open_store
-from llmrec_tasks.validate import run_validate
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.config import RunConfig
+from llmrec_tasks.core.errors import DataContractError, LlmrecError, ValidationFailedError
+from llmrec_tasks.data.sample import write_sample
+from llmrec_tasks.data.validate import run_validate
+from llmrec_tasks.storage.paths import bundle_prefix, current_key
+from llmrec_tasks.storage.store import open_store
 
 PUBLISHED = "20261027T000000Z-0123abcd-456789"
 Breaker = Callable[[Path], None]
@@ -226,8 +226,6 @@ def test_bad_input_fails_and_publishes_nothing(production, tmp_path, name, break
 
 def test_pipeline_run_stops_at_validation(production, tmp_path):
     """End to end: the whole pipeline on a bad input fails in `validate`, before any other stage."""
-    for stage in ("embed", "index", "train", "publish"):
-        pytest.importorskip(f"llmrec_tasks.{stage}", reason="the pipeline's stages are not all there yet")
     from llmrec_tasks.pipeline import run_pipeline
 
     good, published_store = production

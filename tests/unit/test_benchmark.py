@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llmrec_tasks import benchmark
-from llmrec_tasks import constants as C
-from llmrec_tasks.benchmark import cached_embeddings, format_table, k_core, loo_split, run_benchmark
-from llmrec_tasks.config import EncoderConfig
-from llmrec_tasks.data import Dataset
-from llmrec_tasks.errors import ConfigError, DataContractError
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.config import EncoderConfig
+from llmrec_tasks.core.errors import ConfigError, DataContractError
+from llmrec_tasks.data.contract import Dataset
+from llmrec_tasks.ranking import benchmark
+from llmrec_tasks.ranking.benchmark import cached_embeddings, format_table, k_core, loo_split, run_benchmark
 
 
 def _frame(rows: list[tuple[str, str, int]]) -> pd.DataFrame:
@@ -67,8 +67,8 @@ def test_embeddings_are_cached_by_text_model_and_backend(tmp_path, monkeypatch):
         calls.append(len(texts))
         return np.ones((len(texts), 4), dtype=np.float32)
 
-    monkeypatch.setattr("llmrec_tasks.embed.encode_texts", fake_encode)
-    monkeypatch.setattr("llmrec_tasks.embed.encoder_identity", lambda model: f"fake:{model}")
+    monkeypatch.setattr("llmrec_tasks.text.embed.encode_texts", fake_encode)
+    monkeypatch.setattr("llmrec_tasks.text.embed.encoder_identity", lambda model: f"fake:{model}")
     items = pd.DataFrame({C.ITEM_ID: ["1", "2"], C.TITLE: ["A", "B"], C.TEXT: "", C.CATEGORIES: ""})
     first = cached_embeddings(items, EncoderConfig(), tmp_path)
     again = cached_embeddings(items, EncoderConfig(), tmp_path)

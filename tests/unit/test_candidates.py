@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llmrec_tasks import constants as C
-from llmrec_tasks.candidates import (
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.ranking.candidates import (
     SOURCES,
     CandidateParams,
     Histories,
@@ -18,8 +18,8 @@ from llmrec_tasks.candidates import (
     item_order,
     serving_frames,
 )
-from llmrec_tasks.evaluate import Targets
-from llmrec_tasks.features import build_features
+from llmrec_tasks.ranking.evaluate import Targets
+from llmrec_tasks.ranking.features import build_features
 from tests.unit.ranking_data import N_ITEMS, N_USERS, chain_context, chain_events, embeddings, items_frame
 
 PARAMS = CandidateParams(num_candidates=12, per_source=5, rank_depth=20)
@@ -123,7 +123,7 @@ def test_serving_context_reproduces_training_features(chain):
 
 
 def test_serving_context_rejects_mismatched_items(chain):
-    from llmrec_tasks.errors import DataContractError
+    from llmrec_tasks.core.errors import DataContractError
 
     _, _, ctx = chain
     item_ids = items_frame()[C.ITEM_ID].tolist()
@@ -147,7 +147,7 @@ def test_item_times_with_epoch_timestamps():
 def test_blockwise_sparse_item_knn_matches_dense_cosine():
     import scipy.sparse as sp
 
-    from llmrec_tasks.candidates import _cooc_cosine
+    from llmrec_tasks.ranking.candidates import _cooc_cosine
 
     rng = np.random.default_rng(5)
     x = sp.csr_matrix((rng.random((40, 25)) < 0.2).astype(np.float32))
@@ -174,7 +174,7 @@ def _dense_top(scores: np.ndarray, seen: np.ndarray, depth: int) -> list[list[in
 
 
 def test_sparse_source_lists_match_a_dense_brute_force(chain):
-    from llmrec_tasks.candidates import _batch_scores, _pop_score, collaborative_scores
+    from llmrec_tasks.ranking.candidates import _batch_scores, _pop_score, collaborative_scores
 
     events, users, ctx = chain
     hist = Histories.from_events(events, len(users))

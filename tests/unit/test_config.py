@@ -2,8 +2,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from llmrec_tasks.config import RunConfig, validate_name
-from llmrec_tasks.errors import ConfigError
+from llmrec_tasks.core.config import RunConfig, validate_name
+from llmrec_tasks.core.errors import ConfigError
 
 
 def test_from_dict_maps_flat_keys_and_coerces_strings():

@@ -3,8 +3,9 @@ from datetime import UTC, datetime
 import pandas as pd
 import pytest
 
-from llmrec_tasks import constants as C
-from llmrec_tasks.data import (
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.errors import DataContractError
+from llmrec_tasks.data.contract import (
     apply_cutoff,
     item_texts,
     normalize,
@@ -13,9 +14,8 @@ from llmrec_tasks.data import (
     read_snapshot,
     write_snapshot,
 )
-from llmrec_tasks.errors import DataContractError
-from llmrec_tasks.sample import write_sample
-from llmrec_tasks.store import open_store
+from llmrec_tasks.data.sample import write_sample
+from llmrec_tasks.storage.store import open_store
 
 
 def test_parse_timestamps_accepts_unix_and_iso_and_flags_garbage():

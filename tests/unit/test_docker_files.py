@@ -175,7 +175,8 @@ def test_secrets_come_from_the_env_file(compose):
 
 
 def connection_ids_used_by_the_code() -> set[str]:
-    from llmrec_tasks import airflow_glue, aws
+    from llmrec_tasks import airflow_glue
+    from llmrec_tasks.storage import aws
 
     ids = {airflow_glue.AWS_CONN_ID, aws.AIRFLOW_CONN_ID}
     for path in [*(ROOT / "dags").glob("*.py"), *(ROOT / "plugins").glob("*.py")]:

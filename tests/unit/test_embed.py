@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 from benchmarks.bench_embed import publish_embeddings
-from llmrec_tasks import constants as C
-from llmrec_tasks import embed, onnx_encoder, paths
-from llmrec_tasks.config import EncoderConfig, RunConfig
-from llmrec_tasks.data import Dataset, write_snapshot
-from llmrec_tasks.errors import ModelLoadError, StoreError
-from llmrec_tasks.store import open_store
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.config import EncoderConfig, RunConfig
+from llmrec_tasks.core.errors import ModelLoadError, StoreError
+from llmrec_tasks.data.contract import Dataset, write_snapshot
+from llmrec_tasks.storage import paths
+from llmrec_tasks.storage.store import open_store
+from llmrec_tasks.text import embed, onnx_encoder
 
 TEXTS = [
     "Distant Nebula I. A story about astronauts exploring a distant planet. Categories: Space",
@@ -143,7 +144,7 @@ def _items(
     """First ``n`` sample items; ``changed`` texts, ``drop``ped rows, rows made ``copies`` of row 0."""
     import pandas as pd
 
-    from llmrec_tasks.sample import generate_sample
+    from llmrec_tasks.data.sample import generate_sample
 
     items = generate_sample().items.head(n).copy()
     for i, text in (changed or {}).items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmrec_tasks.evaluate import (
+from llmrec_tasks.ranking.evaluate import (
     Targets,
     bootstrap_ci,
     coverage,

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llmrec_tasks import constants as C
-from llmrec_tasks import index as ix
-from llmrec_tasks.config import RunConfig
-from llmrec_tasks.errors import ConfigError, IndexRecallError
-from llmrec_tasks.store import open_store
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.config import RunConfig
+from llmrec_tasks.core.errors import ConfigError, IndexRecallError
+from llmrec_tasks.retrieval import index as ix
+from llmrec_tasks.storage.store import open_store
 
 
 @pytest.mark.parametrize(

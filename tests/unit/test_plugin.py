@@ -90,7 +90,7 @@ def store_root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def app(plugin, store_root):
-    from llmrec_tasks.store import open_store
+    from llmrec_tasks.storage.store import open_store
 
     async def allow() -> None:
         return None
@@ -244,7 +244,7 @@ def test_empty_namespace_and_missing_current_bundle(app, store_root):
 
 
 def test_store_unavailable_is_503(plugin):
-    from llmrec_tasks.errors import StoreError
+    from llmrec_tasks.core.errors import StoreError
 
     def broken():
         raise StoreError("bucket 'x' does not exist")
@@ -259,7 +259,7 @@ def test_store_unavailable_is_503(plugin):
 
 def test_pages_require_an_airflow_login(plugin, store_root):
     """Default authorization: no JWT (cookie or bearer) -> 401; health stays open."""
-    from llmrec_tasks.store import open_store
+    from llmrec_tasks.storage.store import open_store
 
     app = plugin.create_app(lambda: open_store(store_root.as_uri()))
     for url in ("/", "/api/versions", f"/report/production/{V2}", f"/versions/production/{V2}"):
@@ -272,7 +272,7 @@ def test_authorization_uses_the_auth_manager(plugin, store_root, monkeypatch):
     import airflow.api_fastapi.app as api_app
     import airflow.api_fastapi.core_api.security as security
 
-    from llmrec_tasks.store import open_store
+    from llmrec_tasks.storage.store import open_store
 
     seen = {}
 

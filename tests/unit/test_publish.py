@@ -9,11 +9,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from llmrec_tasks import constants as C
-from llmrec_tasks import publish, serving
-from llmrec_tasks.errors import BundleError, ConfigError
-from llmrec_tasks.paths import current_key, manifest_key
-from llmrec_tasks.store import open_store
+from llmrec_tasks import publish
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.errors import BundleError, ConfigError
+from llmrec_tasks.serving import recommender as serving
+from llmrec_tasks.storage.paths import current_key, manifest_key
+from llmrec_tasks.storage.store import open_store
 from tests.bundle_factory import make_run, race, toy_scorer
 
 DAY1 = datetime(2024, 2, 1, tzinfo=UTC)
@@ -94,7 +95,7 @@ def test_logical_date_falls_back_to_the_validated_cutoff(store_uri: str) -> None
 
 
 def test_manifest_is_written_last(store_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from llmrec_tasks.store import LocalStore
+    from llmrec_tasks.storage.store import LocalStore
 
     order: list[str] = []
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from llmrec_tasks.report import build_report
+from llmrec_tasks.ranking.report import build_report
 
 
 def _model(ndcg: float) -> dict:

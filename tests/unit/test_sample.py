@@ -1,8 +1,8 @@
 import numpy as np
 
-from llmrec_tasks import constants as C
-from llmrec_tasks.data import normalize
-from llmrec_tasks.sample import generate_sample
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.data.contract import normalize
+from llmrec_tasks.data.sample import generate_sample
 
 
 def test_sample_is_deterministic_and_seed_dependent():

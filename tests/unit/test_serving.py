@@ -10,11 +10,12 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from llmrec_tasks import constants as C
-from llmrec_tasks import publish, serving
-from llmrec_tasks.errors import BundleError
-from llmrec_tasks.paths import bundle_prefix, manifest_key
-from llmrec_tasks.store import open_store
+from llmrec_tasks import publish
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.errors import BundleError
+from llmrec_tasks.serving import recommender as serving
+from llmrec_tasks.storage.paths import bundle_prefix, manifest_key
+from llmrec_tasks.storage.store import open_store
 from tests.bundle_factory import make_run, toy_scorer
 
 NS = C.DEFAULT_NAMESPACE
@@ -179,9 +180,9 @@ def test_holder_picks_up_a_new_current_and_survives_a_bad_one(store_uri: str, pu
 def test_real_ranker_scorer_serves_the_ranking_stage_features(
     store_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The default scorer: candidates + features from llmrec_tasks.candidates/features."""
+    """The default scorer: candidates + features from llmrec_tasks.ranking.candidates/features."""
     monkeypatch.undo()  # the real scorer, not the toy one
-    from llmrec_tasks.features import FEATURE_NAMES
+    from llmrec_tasks.ranking.features import FEATURE_NAMES
 
     result = publish.run_publish(*make_run(store_uri, real_features=True))
     assert result["promoted"]
@@ -208,7 +209,7 @@ def test_path_contributions_add_up_to_the_score(recommender: serving.Recommender
 def test_an_ivfpq_bundle_serves_with_the_exact_rerank_it_was_tuned_with(
     store_uri: str, published: dict
 ) -> None:
-    from llmrec_tasks import index as ix
+    from llmrec_tasks.retrieval import index as ix
 
     version = published["version"]
     vectors = serving.load_bundle(store_uri, NS, version).embeddings

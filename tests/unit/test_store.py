@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from llmrec_tasks.errors import StoreError
-from llmrec_tasks.store import LocalStore, ObjectNotFound, PreconditionFailed, content_etag, open_store
+from llmrec_tasks.core.errors import StoreError
+from llmrec_tasks.storage.store import (
+    LocalStore,
+    ObjectNotFound,
+    PreconditionFailed,
+    content_etag,
+    open_store,
+)
 from tests.bundle_factory import race
 
 

@@ -11,15 +11,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llmrec_tasks import constants as C
-from llmrec_tasks.benchmark import loo_split, loo_stages
-from llmrec_tasks.candidates import CandidateParams, Histories, context_from_artifacts, generate_candidates
-from llmrec_tasks.config import RankerConfig, RunConfig
-from llmrec_tasks.data import Dataset, write_snapshot
-from llmrec_tasks.errors import DataContractError
-from llmrec_tasks.features import build_features
-from llmrec_tasks.store import open_store
-from llmrec_tasks.train import (
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.config import RankerConfig, RunConfig
+from llmrec_tasks.core.errors import DataContractError
+from llmrec_tasks.data.contract import Dataset, write_snapshot
+from llmrec_tasks.ranking.benchmark import loo_split, loo_stages
+from llmrec_tasks.ranking.candidates import (
+    CandidateParams,
+    Histories,
+    context_from_artifacts,
+    generate_candidates,
+)
+from llmrec_tasks.ranking.features import build_features
+from llmrec_tasks.ranking.train import (
     evaluate_published_ranker,
     feature_columns,
     fit_ranker,
@@ -27,6 +31,7 @@ from llmrec_tasks.train import (
     run_train,
     time_windows,
 )
+from llmrec_tasks.storage.store import open_store
 from tests.unit.ranking_data import chain_interactions, embeddings, items_frame
 
 MODELS = {"ranker", "ranker_no_llm", "popularity", "itemknn", "ease", "semantic", "covis"}
@@ -108,7 +113,7 @@ def test_serving_recomputes_features_from_the_artifacts(trained, sample_data):
     cands = generate_candidates(ctx, hist, CandidateParams(**spec["candidates"]))
     X = build_features(ctx, hist, cands)
     booster = lgb.Booster(model_str=work.get_bytes(C.RANKER_MODEL).decode())
-    from llmrec_tasks.features import FEATURE_NAMES
+    from llmrec_tasks.ranking.features import FEATURE_NAMES
 
     scores = booster.predict(X[:, [FEATURE_NAMES.index(f) for f in spec["features"]]])
     assert scores.shape == (len(cands.items),) and len(cands.items) == spec["candidates"]["num_candidates"]
@@ -139,9 +144,9 @@ def test_time_windows():
 
 def test_stage_with_a_user_without_candidates():
     """A user who has seen the whole catalog gets no candidates; grouping must still work."""
-    from llmrec_tasks.candidates import Histories
-    from llmrec_tasks.evaluate import Targets
-    from llmrec_tasks.train import _dataset, make_stage
+    from llmrec_tasks.ranking.candidates import Histories
+    from llmrec_tasks.ranking.evaluate import Targets
+    from llmrec_tasks.ranking.train import _dataset, make_stage
     from tests.unit.ranking_data import N_ITEMS, chain_context, chain_events
 
     events, users = chain_events()
@@ -162,7 +167,7 @@ def test_stage_with_a_user_without_candidates():
 def test_smoothed_early_stopping_ignores_an_early_spike():
     from types import SimpleNamespace
 
-    from llmrec_tasks.train import SmoothedEarlyStopping
+    from llmrec_tasks.ranking.train import SmoothedEarlyStopping
 
     # Rises to a plateau at rounds 40-60 and decays; a chance spike at round 3 beats every later value.
     curve = [0.2, 0.2, 0.26] + [0.2 + 0.001 * r for r in range(37)] + [0.24] * 20 + [0.22] * 100
@@ -179,8 +184,8 @@ def test_smoothed_early_stopping_ignores_an_early_spike():
 
 
 def test_windows_sample_at_most_max_users_per_window_with_the_seed():
-    from llmrec_tasks.config import RankerConfig
-    from llmrec_tasks.train import production_stages
+    from llmrec_tasks.core.config import RankerConfig
+    from llmrec_tasks.ranking.train import production_stages
     from tests.unit.ranking_data import chain_events, embeddings, items_frame
 
     events, users = chain_events()

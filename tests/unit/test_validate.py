@@ -9,14 +9,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from llmrec_tasks import constants as C
-from llmrec_tasks.config import RunConfig
-from llmrec_tasks.data import read_snapshot
-from llmrec_tasks.errors import ConfigError, ValidationFailedError
-from llmrec_tasks.paths import bundle_prefix, current_key
-from llmrec_tasks.sample import write_sample
-from llmrec_tasks.store import open_store
-from llmrec_tasks.validate import format_failures, run_validate
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.config import RunConfig
+from llmrec_tasks.core.errors import ConfigError, ValidationFailedError
+from llmrec_tasks.data.contract import read_snapshot
+from llmrec_tasks.data.sample import write_sample
+from llmrec_tasks.data.validate import format_failures, run_validate
+from llmrec_tasks.storage.paths import bundle_prefix, current_key
+from llmrec_tasks.storage.store import open_store
 
 
 def read_json(uri: str) -> dict:

@@ -38,11 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from llmrec_tasks import constants as C
-from llmrec_tasks import paths
-from llmrec_tasks.config import DEFAULT_ENCODER, EncoderConfig, RunConfig
-from llmrec_tasks.errors import BundleError, ModelLoadError, StoreError
-from llmrec_tasks.store import LocalStore, ObjectStore, open_store, split_uri
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.config import DEFAULT_ENCODER, EncoderConfig, RunConfig
+from llmrec_tasks.core.errors import BundleError, ModelLoadError, StoreError
+from llmrec_tasks.storage import paths
+from llmrec_tasks.storage.store import LocalStore, ObjectStore, open_store, split_uri
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ class _Runner:
             torch.set_num_threads(cpu_threads())
             self.model = load_encoder(spec.model)[1]
         else:
-            from llmrec_tasks.onnx_encoder import OnnxEncoder
+            from llmrec_tasks.text.onnx_encoder import OnnxEncoder
 
             self.onnx = OnnxEncoder(
                 lambda: load_encoder(spec.model)[:2],
@@ -397,7 +397,7 @@ def _read_snapshot_items(store: ObjectStore) -> tuple[list[str], list[str]]:
     """(item ids, texts to encode) in snapshot order."""
     import pandas as pd
 
-    from llmrec_tasks.data import item_texts
+    from llmrec_tasks.data.contract import item_texts
 
     items = pd.read_parquet(io.BytesIO(store.get_bytes(C.SNAPSHOT_ITEMS)))
     return items[C.ITEM_ID].astype(str).tolist(), item_texts(items)

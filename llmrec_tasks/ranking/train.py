@@ -10,13 +10,13 @@ EASE, popularity, ...) of a stage only come from interactions known before its t
   ``train_windows`` earlier windows give training groups. A window's targets are the items each
   user interacted with in it (not already in the history); its statistics and histories are the
   interactions before the window's start, which is also the reference time of the ranking.
-- Leave-one-out protocol (:mod:`llmrec_tasks.benchmark`): the same, by position in each user's
+- Leave-one-out protocol (:mod:`llmrec_tasks.ranking.benchmark`): the same, by position in each user's
   sequence instead of time.
 
 The ranker is fitted on the training stages with early stopping on the validation stage (groups
 without a positive are left out), then refitted on training + validation stages with the chosen
 number of rounds: the published model never saw the test stage, so its test metrics are honest
-and the quality gate (:func:`llmrec_tasks.evaluate.quality_gate`, re-exported here) can compare it
+and the quality gate (:func:`llmrec_tasks.ranking.evaluate.quality_gate`, re-exported here) can compare it
 with the published ranker on the same evaluation data (:func:`evaluate_published_ranker`).
 """
 
@@ -33,9 +33,12 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
-from llmrec_tasks import constants as C
-from llmrec_tasks.baselines import baseline_rankings
-from llmrec_tasks.candidates import (
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.config import RankerConfig, RunConfig
+from llmrec_tasks.core.errors import ConfigError, DataContractError
+from llmrec_tasks.data.contract import read_snapshot
+from llmrec_tasks.ranking.baselines import baseline_rankings
+from llmrec_tasks.ranking.candidates import (
     DAY,
     SOURCES,
     CandidateParams,
@@ -50,11 +53,7 @@ from llmrec_tasks.candidates import (
     generate_candidates,
     serving_frames,
 )
-from llmrec_tasks.config import RankerConfig, RunConfig
-from llmrec_tasks.data import read_snapshot
-from llmrec_tasks.embed import read_embeddings
-from llmrec_tasks.errors import ConfigError, DataContractError
-from llmrec_tasks.evaluate import (
+from llmrec_tasks.ranking.evaluate import (
     PRIMARY,
     Targets,
     paired_bootstrap,
@@ -64,9 +63,10 @@ from llmrec_tasks.evaluate import (
     restrict,
     summarize_runs,
 )
-from llmrec_tasks.features import FEATURE_NAMES, LLM_FEATURES, build_features
-from llmrec_tasks.index import retrieval_index, user_profile_queries
-from llmrec_tasks.store import open_store
+from llmrec_tasks.ranking.features import FEATURE_NAMES, LLM_FEATURES, build_features
+from llmrec_tasks.retrieval.index import retrieval_index, user_profile_queries
+from llmrec_tasks.storage.store import open_store
+from llmrec_tasks.text.embed import read_embeddings
 
 __all__ = [
     "Stage",
@@ -448,7 +448,7 @@ def align_items(items: pd.DataFrame, item_ids: list[str]) -> pd.DataFrame:
 
 def run_train(cfg: RunConfig, validated: dict[str, Any], embedded: dict[str, Any]) -> dict[str, Any]:
     """Production protocol end to end; writes the ranker, spec, metrics, report and serving stats."""
-    from llmrec_tasks.report import build_report
+    from llmrec_tasks.ranking.report import build_report
 
     started = time.monotonic()
     rcfg = cfg.ranker

@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from llmrec_tasks import constants as C
-from llmrec_tasks.candidates import ContextParams, Events, Histories, build_context, encode_events
-from llmrec_tasks.config import EncoderConfig, RankerConfig
-from llmrec_tasks.data import Dataset, item_texts, normalize, read_raw
-from llmrec_tasks.errors import ConfigError, DataContractError
-from llmrec_tasks.evaluate import Targets
-from llmrec_tasks.train import (
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.config import EncoderConfig, RankerConfig
+from llmrec_tasks.core.errors import ConfigError, DataContractError
+from llmrec_tasks.data.contract import Dataset, item_texts, normalize, read_raw
+from llmrec_tasks.ranking.candidates import ContextParams, Events, Histories, build_context, encode_events
+from llmrec_tasks.ranking.evaluate import Targets
+from llmrec_tasks.ranking.train import (
     RANKER,
     Stage,
     evaluate_stages,
@@ -107,7 +107,7 @@ def loo_split(data: Dataset, min_count: int = 5) -> LooData:
 def cached_embeddings(items: pd.DataFrame, encoder: EncoderConfig, cache_dir: Path = CACHE_DIR) -> np.ndarray:
     """Encode item texts, cached on disk by a hash of the texts and the encoder's cache id
     (weights, max length, backend, precision)."""
-    from llmrec_tasks.embed import EncoderSpec, encode_texts
+    from llmrec_tasks.text.embed import EncoderSpec, encode_texts
 
     texts = item_texts(items)
     digest = hashlib.sha256()
@@ -194,7 +194,7 @@ def run_benchmark(
         "seconds": round(time.monotonic() - started, 1),
     }
     if out is not None:
-        from llmrec_tasks.report import build_report
+        from llmrec_tasks.ranking.report import build_report
 
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from llmrec_tasks.config import validate_name
-from llmrec_tasks.constants import CURRENT_POINTER, MANIFEST
+from llmrec_tasks.core.config import validate_name
+from llmrec_tasks.core.constants import CURRENT_POINTER, MANIFEST
 
 
 def make_version(cutoff: datetime, fingerprint: str, params_hash: str) -> str:

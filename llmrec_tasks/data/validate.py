@@ -17,13 +17,19 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from llmrec_tasks import constants as C
-from llmrec_tasks import expectations
-from llmrec_tasks.config import RunConfig
-from llmrec_tasks.data import Dataset, apply_cutoff, normalize, read_raw, write_snapshot
-from llmrec_tasks.errors import ConfigError, StoreError, ValidationFailedError
-from llmrec_tasks.paths import bundle_prefix, current_key, make_version, run_prefix
-from llmrec_tasks.store import ObjectStore, open_store
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.config import RunConfig
+from llmrec_tasks.core.errors import ConfigError, StoreError, ValidationFailedError
+from llmrec_tasks.data import expectations
+from llmrec_tasks.data.contract import (
+    Dataset,
+    apply_cutoff,
+    normalize,
+    read_raw,
+    write_snapshot,
+)
+from llmrec_tasks.storage.paths import bundle_prefix, current_key, make_version, run_prefix
+from llmrec_tasks.storage.store import ObjectStore, open_store
 
 if TYPE_CHECKING:
     from great_expectations.core import ExpectationSuiteValidationResult

@@ -5,7 +5,7 @@
   "k": 10, "exclude_seen": true}``: recent events personalise this request
 - ``GET /healthz`` (503 until a bundle is loaded), ``GET /version`` (the version being served)
 
-A new ``current`` is picked up without a restart (:class:`llmrec_tasks.serving.BundleHolder`).
+A new ``current`` is picked up without a restart (:class:`llmrec_tasks.serving.recommender.BundleHolder`).
 Bad requests get a 4xx with ``{"error": "..."}``: k outside [1, 100], malformed ids, too many
 events, bodies over 64 KiB.
 """
@@ -23,8 +23,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from llmrec_tasks.constants import DEFAULT_NAMESPACE
-from llmrec_tasks.serving import BundleHolder, Event, Recommender
+from llmrec_tasks.core.constants import DEFAULT_NAMESPACE
+from llmrec_tasks.serving.recommender import BundleHolder, Event, Recommender
 
 log = logging.getLogger(__name__)
 

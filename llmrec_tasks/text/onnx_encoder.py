@@ -14,7 +14,7 @@ per-channel 0.979 (mean 0.993); per-channel with the feed-forward down-projectio
 fed by GELU, whose outputs int8 represents badly) left in fp32 0.985 (mean 0.996), at ~30% less
 speed than quantising everything. We keep the latter.
 
-Pooling and normalisation stay in :mod:`llmrec_tasks.embed`, shared with the torch backend.
+Pooling and normalisation stay in :mod:`llmrec_tasks.text.embed`, shared with the torch backend.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from llmrec_tasks.errors import ModelLoadError
+from llmrec_tasks.core.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from llmrec_tasks import constants as C
-from llmrec_tasks.errors import ConfigError, DataContractError
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.errors import ConfigError, DataContractError
 
 log = logging.getLogger(__name__)
 
@@ -791,7 +791,7 @@ def generate_candidates(
     """Union of each source's top ``per_source`` items (history excluded), capped at ``num_candidates``.
 
     When the cap bites, candidates with the best rank in any source are kept (then by item index);
-    otherwise they come in item order. ``targets`` (an :class:`llmrec_tasks.evaluate.Targets`)
+    otherwise they come in item order. ``targets`` (an :class:`llmrec_tasks.ranking.evaluate.Targets`)
     fills ``source_recall``: the share of target items each source's list contains, and ``all`` for
     the final set. Work and memory grow with users x list lengths, not with the catalog size.
     """

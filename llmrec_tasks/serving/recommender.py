@@ -35,12 +35,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from llmrec_tasks import constants as C
-from llmrec_tasks.config import validate_name
-from llmrec_tasks.errors import BundleError, ConfigError, DataContractError, LlmrecError
-from llmrec_tasks.paths import bundle_prefix
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.config import validate_name
+from llmrec_tasks.core.errors import BundleError, ConfigError, DataContractError, LlmrecError
 from llmrec_tasks.publish import CURRENT, REQUIRED_FILES, read_manifest, read_pointer, resolve_version
-from llmrec_tasks.store import ObjectNotFound, ObjectStore, open_store
+from llmrec_tasks.storage.paths import bundle_prefix
+from llmrec_tasks.storage.store import ObjectNotFound, ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def load_bundle(store_uri: str, namespace: str, version: str = CURRENT) -> Bundl
     """Load and verify a bundle by store URI + namespace + version (``current`` or a version id)."""
     import lightgbm
 
-    from llmrec_tasks.index import load_index
+    from llmrec_tasks.retrieval.index import load_index
 
     validate_name("namespace", namespace)
     store = open_store(store_uri)
@@ -304,7 +304,7 @@ def ranker_scorer(bundle: Bundle) -> Scorer:
     """The ranking stage's candidates and features over this bundle (context built once)."""
     import dataclasses
 
-    from llmrec_tasks import candidates, features
+    from llmrec_tasks.ranking import candidates, features
 
     spec = bundle.feature_spec
     missing = [k for k in ("context", "stats_end", "candidates") if k not in spec]

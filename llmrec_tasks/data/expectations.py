@@ -3,7 +3,7 @@
 GX checks columns, so every rule that needs parsing or a lookup gets a helper column first
 (:func:`prepare_frames`): e.g. ``timestamp_unparseable`` holds the raw value where parsing failed and
 is expected to be null, so a failure shows the offending values themselves. Thresholds come from
-:class:`~llmrec_tasks.config.ValidationConfig`; volume and drift expectations compare with the
+:class:`~llmrec_tasks.core.config.ValidationConfig`; volume and drift expectations compare with the
 statistics of the previous published run (:func:`compute_stats`) and are skipped without them.
 """
 
@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from llmrec_tasks import constants as C
-from llmrec_tasks.config import ValidationConfig
-from llmrec_tasks.data import Dataset, parse_timestamps
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.config import ValidationConfig
+from llmrec_tasks.data.contract import Dataset, parse_timestamps
 
 log = logging.getLogger(__name__)
 # Importing GX logs ~150 INFO lines about its docs registry: keep its logger to warnings.

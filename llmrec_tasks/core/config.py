@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
-from llmrec_tasks.constants import DEFAULT_NAMESPACE
-from llmrec_tasks.errors import ConfigError
+from llmrec_tasks.core.constants import DEFAULT_NAMESPACE
+from llmrec_tasks.core.errors import ConfigError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 DEFAULT_ENCODER = "default"

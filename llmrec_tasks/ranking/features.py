@@ -26,7 +26,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from llmrec_tasks.candidates import (
+from llmrec_tasks.core.errors import ConfigError
+from llmrec_tasks.ranking.candidates import (
     DAY,
     SOURCES,
     CandidateSet,
@@ -35,7 +36,6 @@ from llmrec_tasks.candidates import (
     rowwise_dot,
     user_profiles,
 )
-from llmrec_tasks.errors import ConfigError
 
 LAST_K = 5  # similarity to each of the last k items
 RECENT_N = 20  # max / mean similarity over the last n items

@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from llmrec_tasks import constants as C
-from llmrec_tasks.config import RunConfig
-from llmrec_tasks.embed import read_embeddings
-from llmrec_tasks.errors import ConfigError, IndexRecallError
-from llmrec_tasks.store import open_store
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.config import RunConfig
+from llmrec_tasks.core.errors import ConfigError, IndexRecallError
+from llmrec_tasks.storage.store import open_store
+from llmrec_tasks.text.embed import read_embeddings
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from llmrec_tasks.errors import StoreError
+from llmrec_tasks.core.errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def _transfer_config() -> Any:
 class S3Store:
     """An S3 (or S3-compatible) bucket prefix through boto3.
 
-    The client comes from :func:`llmrec_tasks.aws.s3_client` (Airflow's ``aws_default`` inside a
+    The client comes from :func:`llmrec_tasks.storage.aws.s3_client` (Airflow's ``aws_default`` inside a
     task, the standard AWS environment outside) unless a ready ``client`` is given.
     """
 
@@ -212,7 +212,7 @@ class S3Store:
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         if client is None:
-            from llmrec_tasks.aws import s3_client
+            from llmrec_tasks.storage.aws import s3_client
 
             client = s3_client()
         self.client = client

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmrec_tasks.candidates import Histories, RankContext, recent_weights, user_profiles
+from llmrec_tasks.ranking.candidates import Histories, RankContext, recent_weights, user_profiles
 
 BASELINES = ("popularity", "itemknn", "ease", "semantic", "covis")
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from llmrec_tasks import constants as C
-from llmrec_tasks.errors import DataContractError, StoreError
-from llmrec_tasks.store import ObjectStore, open_store
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.errors import DataContractError, StoreError
+from llmrec_tasks.storage.store import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _require_columns(frame: pd.DataFrame, required: tuple[str, ...], table: str,
 def read_raw(uri: str) -> Dataset:
     """Read the tables as they are (strings for CSV), contract columns renamed, nothing coerced."""
     if uri == "sample" or uri.startswith("sample:"):
-        from llmrec_tasks.sample import generate_sample
+        from llmrec_tasks.data.sample import generate_sample
 
         seed = int(uri.split(":", 1)[1]) if ":" in uri else 7
         return generate_sample(seed=seed)
