@@ -27,13 +27,15 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any setting by its flat name, e.g. encoder_model=/models/e5 or ranker_learning_rate=0.1",
+        help="any setting by its flat name (llmrec_tasks/core/settings.py), e.g. encoder_model=/models/e5, "
+        "ranker_learning_rate=0.1 or validation_duplicates_mostly=0.95; checked like the DAG's params",
     )
 
 
 def _config(args: argparse.Namespace) -> Any:
     from llmrec_tasks.core.config import RunConfig
     from llmrec_tasks.core.errors import ConfigError
+    from llmrec_tasks.core.settings import parse_text
 
     values: dict[str, Any] = {
         "data_uri": args.data,
@@ -46,7 +48,8 @@ def _config(args: argparse.Namespace) -> Any:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        values[key.strip().replace("-", "_")] = value
+        key = key.strip().replace("-", "_")
+        values[key] = parse_text(key, value)
     return RunConfig.from_dict(values)
 
 
