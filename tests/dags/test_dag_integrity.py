@@ -34,11 +34,10 @@ SECTIONS = {
 # Modules a DAG file may import at its top level (everything else goes inside the tasks).
 TOP_LEVEL_IMPORTS = {
     "__future__",
-    "dataclasses",
     "datetime",
     "airflow.sdk",
     "llmrec_tasks.airflow_glue",
-    "llmrec_tasks.core.config",
+    "llmrec_tasks.core.settings",
 }
 
 
@@ -240,15 +239,24 @@ def test_params_cover_the_run_config(daily):
         expected |= {f"{prefix}_{f.name}" for f in fields(section)}
     assert set(daily.params) == expected
 
-    # Settings that only got the DAG's generic fallback Param: give them a titled, bounded one.
-    generic = [
-        n for n in daily.params if "(llmrec_tasks/config.py)" in (daily.params.get_param(n).description or "")
-    ]
-    assert generic == [], f"add a proper Param for {generic} in dags/llmrec_daily.py"
-
     values = daily.params.validate()
     cfg = RunConfig.from_dict({**values, "store_uri": "file:///tmp/llmrec"})
     assert cfg == RunConfig(store_uri="file:///tmp/llmrec")
+
+
+def test_params_are_the_settings_table(scheduler_daily):
+    """The DAG's params are built from llmrec_tasks/core/settings.py alone (no hand-written copy)."""
+    from airflow.sdk import Param
+
+    from llmrec_tasks.core.settings import form_params
+
+    params = scheduler_daily.params
+    expected = {key: Param(**kwargs) for key, kwargs in form_params().items()}
+    assert list(params) == list(expected)
+    for key, param in expected.items():
+        assert params.get_param(key).schema == param.schema, key
+        assert params.get_param(key).description == param.description, key
+        assert params.get_param(key).value == param.value, key
 
 
 @pytest.mark.parametrize(
@@ -270,6 +278,9 @@ def test_params_cover_the_run_config(daily):
         {"promote": "maybe"},
         {"validation": {"ids_mostly": 2}},
         {"validation": {"no_such_threshold": 1}},
+        {"validation": {"min_year": 1990.5}},
+        {"ranker_max_users_per_window": 0},
+        {"namespace": "prod\n"},
     ],
     ids=lambda c: json.dumps(c),
 )
@@ -293,3 +304,16 @@ def test_valid_experiment_conf_is_accepted(scheduler_daily):
     }
     values = scheduler_daily.params.deep_merge(conf).validate()
     assert values["namespace"] == "exp-small-lr" and values["encoder_shards"] == 4
+
+
+@pytest.mark.parametrize("kind", ["auto", "flat", "hnsw", "ivf", "ivfsq8", "ivfpq"])
+def test_every_index_kind_of_the_config_is_selectable(scheduler_daily, kind):
+    """The form's enum once lacked ivfsq8, which the config and the index stage support."""
+    values = scheduler_daily.params.deep_merge({"index_kind": kind}).validate()
+    assert values["index_kind"] == kind
+
+
+def test_the_form_takes_one_user_per_window_like_the_config(scheduler_daily):
+    """The form's minimum was 100 while the config allowed 1."""
+    values = scheduler_daily.params.deep_merge({"ranker_max_users_per_window": 1}).validate()
+    assert values["ranker_max_users_per_window"] == 1
