@@ -123,7 +123,7 @@ class Setting:
             return self._check_text(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self._type_error(value)
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{self.key} must be a finite number, got {value!r}")
         if self.type is int:
             if isinstance(value, float) and not value.is_integer():
@@ -155,20 +155,13 @@ class Setting:
 
     def range_text(self) -> str:
         """The bounds in words: ``in [8, 512]``, ``in (0, 1]``, ``at least 16``, ``greater than 0``."""
-        low = (
-            f"[{self.minimum:g}"
-            if self.minimum is not None
-            else f"({self.exclusive_minimum:g}"
-            if self.exclusive_minimum is not None
-            else None
-        )
-        if low and self.maximum is not None:
-            return f"in {low}, {self.maximum:g}]"
-        if self.maximum is not None:
-            return f"at most {self.maximum:g}"
         if self.minimum is not None:
-            return f"at least {self.minimum:g}"
-        return f"greater than {self.exclusive_minimum:g}"
+            low, low_words = f"[{self.minimum:g}", f"at least {self.minimum:g}"
+        elif self.exclusive_minimum is not None:
+            low, low_words = f"({self.exclusive_minimum:g}", f"greater than {self.exclusive_minimum:g}"
+        else:
+            return f"at most {self.maximum:g}"
+        return f"in {low}, {self.maximum:g}]" if self.maximum is not None else low_words
 
     def parse_text(self, text: str) -> Any:
         """A command-line value (always text) in the setting's type, then :meth:`check`\\ ed."""

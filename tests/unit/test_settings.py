@@ -92,12 +92,13 @@ def form_accepts(s: settings.Setting, value) -> bool:
     return True
 
 
-def config_accepts(s: settings.Setting, value) -> bool:
-    """``RunConfig.from_dict`` on the value as the DAG passes it (the validation object nested)."""
+def config_accepts(s: settings.Setting, value, nested: bool = True) -> bool:
+    """``RunConfig.from_dict`` on the value as the DAG passes it (the validation object nested) or,
+    with ``nested=False``, as the CLI does (flat ``validation_*`` keys)."""
     if s.key == "store_uri" and value in (None, ""):
         value = STORE  # empty: the deployment default, which airflow_glue resolves at run time
     conf: dict = {"store_uri": STORE, **PARTNERS.get(s.key, {})}
-    if s.section in settings.OBJECT_PARAMS:
+    if s.section in settings.OBJECT_PARAMS and nested:
         conf[s.section] = {s.name: value}
     else:
         conf[s.key] = value
@@ -115,6 +116,10 @@ def test_form_and_config_accept_and_refuse_the_same_values(key):
     verdicts = {repr(v): (form_accepts(s, v), config_accepts(s, v)) for v in values}
     disagree = {v: f"form {f}, config {c}" for v, (f, c) in verdicts.items() if f != c}
     assert disagree == {}
+    if s.section in settings.OBJECT_PARAMS:
+        assert {repr(v): config_accepts(s, v, nested=False) for v in values} == {
+            v: c for v, (_, c) in verdicts.items()
+        }
     # The candidates really probe both sides: the default passes, something is refused.
     assert verdicts[repr(s.default)] == (True, True)
     assert (False, False) in verdicts.values()
