@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 
 from llmrec_tasks.core import constants as C
-from llmrec_tasks.ranking.candidates import ContextParams, Events, build_context, encode_events
+from llmrec_tasks.ranking.context import ContextParams, build_context
+from llmrec_tasks.ranking.events import Events, encode_events
 
 N_ITEMS = 30
 N_USERS = 24

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from llmrec_tasks.ranking.baselines import BASELINES, baseline_rankings, top_items
-from llmrec_tasks.ranking.candidates import Histories
+from llmrec_tasks.ranking.events import Histories
 from tests.unit.ranking_data import N_ITEMS, chain_context, chain_events
 
 

@@ -7,19 +7,11 @@ import pandas as pd
 import pytest
 
 from llmrec_tasks.core import constants as C
-from llmrec_tasks.ranking.candidates import (
-    SOURCES,
-    CandidateParams,
-    Histories,
-    ItemTimes,
-    context_from_artifacts,
-    encode_events,
-    generate_candidates,
-    item_order,
-    serving_frames,
-)
+from llmrec_tasks.ranking.context import context_from_artifacts, serving_frames
 from llmrec_tasks.ranking.evaluate import Targets
+from llmrec_tasks.ranking.events import Histories, ItemTimes, encode_events, item_order
 from llmrec_tasks.ranking.features import build_features
+from llmrec_tasks.ranking.sources import SOURCES, CandidateParams, generate_candidates
 from tests.unit.ranking_data import N_ITEMS, N_USERS, chain_context, chain_events, embeddings, items_frame
 
 PARAMS = CandidateParams(num_candidates=12, per_source=5, rank_depth=20)
@@ -147,7 +139,7 @@ def test_item_times_with_epoch_timestamps():
 def test_blockwise_sparse_item_knn_matches_dense_cosine():
     import scipy.sparse as sp
 
-    from llmrec_tasks.ranking.candidates import _cooc_cosine
+    from llmrec_tasks.ranking.relations import cooc_cosine
 
     rng = np.random.default_rng(5)
     x = sp.csr_matrix((rng.random((40, 25)) < 0.2).astype(np.float32))
@@ -155,7 +147,7 @@ def test_blockwise_sparse_item_knn_matches_dense_cosine():
     norms = np.sqrt(np.maximum(np.diag(dense), 1.0))
     cosine = dense / np.outer(norms, norms)
     np.fill_diagonal(cosine, 0.0)
-    knn = _cooc_cosine(x, k=3, block_items=2).toarray()
+    knn = cooc_cosine(x, k=3, block_items=2).toarray()
     for row in range(25):
         kept = np.flatnonzero(knn[row])
         assert len(kept) <= 3
@@ -174,7 +166,7 @@ def _dense_top(scores: np.ndarray, seen: np.ndarray, depth: int) -> list[list[in
 
 
 def test_sparse_source_lists_match_a_dense_brute_force(chain):
-    from llmrec_tasks.ranking.candidates import _batch_scores, _pop_score, collaborative_scores
+    from llmrec_tasks.ranking.sources import _batch_scores, _pop_score, collaborative_scores
 
     events, users, ctx = chain
     hist = Histories.from_events(events, len(users))

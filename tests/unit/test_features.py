@@ -9,8 +9,9 @@ from llmrec_tasks.core.config import RankerConfig
 from llmrec_tasks.core.errors import ConfigError
 from llmrec_tasks.data.contract import Dataset
 from llmrec_tasks.ranking.benchmark import LooData, loo_split, loo_stages
-from llmrec_tasks.ranking.candidates import CandidateParams, Events, Histories, generate_candidates
+from llmrec_tasks.ranking.events import Events, Histories
 from llmrec_tasks.ranking.features import FEATURE_NAMES, LLM_FEATURES, build_features
+from llmrec_tasks.ranking.sources import CandidateParams, generate_candidates
 from tests.unit.ranking_data import chain_context, chain_events, chain_interactions, embeddings, items_frame
 
 PARAMS = CandidateParams(num_candidates=12, per_source=5, rank_depth=20)

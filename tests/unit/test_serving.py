@@ -180,7 +180,7 @@ def test_holder_picks_up_a_new_current_and_survives_a_bad_one(store_uri: str, pu
 def test_real_ranker_scorer_serves_the_ranking_stage_features(
     store_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The default scorer: candidates + features from llmrec_tasks.ranking.candidates/features."""
+    """The default scorer: candidates + features from llmrec_tasks.ranking.sources/features."""
     monkeypatch.undo()  # the real scorer, not the toy one
     from llmrec_tasks.ranking.features import FEATURE_NAMES
 

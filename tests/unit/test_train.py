@@ -16,21 +16,14 @@ from llmrec_tasks.core.config import RankerConfig, RunConfig
 from llmrec_tasks.core.errors import DataContractError
 from llmrec_tasks.data.contract import Dataset, write_snapshot
 from llmrec_tasks.ranking.benchmark import loo_split, loo_stages
-from llmrec_tasks.ranking.candidates import (
-    CandidateParams,
-    Histories,
-    context_from_artifacts,
-    generate_candidates,
-)
+from llmrec_tasks.ranking.context import context_from_artifacts
+from llmrec_tasks.ranking.evaluate import quality_gate
+from llmrec_tasks.ranking.events import Histories
 from llmrec_tasks.ranking.features import build_features
-from llmrec_tasks.ranking.train import (
-    evaluate_published_ranker,
-    feature_columns,
-    fit_ranker,
-    quality_gate,
-    run_train,
-    time_windows,
-)
+from llmrec_tasks.ranking.protocols import time_windows
+from llmrec_tasks.ranking.ranker import evaluate_published_ranker, feature_columns, fit_ranker
+from llmrec_tasks.ranking.sources import CandidateParams, generate_candidates
+from llmrec_tasks.ranking.train import run_train
 from llmrec_tasks.storage.store import open_store
 from tests.unit.ranking_data import chain_interactions, embeddings, items_frame
 
@@ -144,9 +137,8 @@ def test_time_windows():
 
 def test_stage_with_a_user_without_candidates():
     """A user who has seen the whole catalog gets no candidates; grouping must still work."""
-    from llmrec_tasks.ranking.candidates import Histories
     from llmrec_tasks.ranking.evaluate import Targets
-    from llmrec_tasks.ranking.train import _dataset, make_stage
+    from llmrec_tasks.ranking.ranker import _dataset, make_stage
     from tests.unit.ranking_data import N_ITEMS, chain_context, chain_events
 
     events, users = chain_events()
@@ -167,7 +159,7 @@ def test_stage_with_a_user_without_candidates():
 def test_smoothed_early_stopping_ignores_an_early_spike():
     from types import SimpleNamespace
 
-    from llmrec_tasks.ranking.train import SmoothedEarlyStopping
+    from llmrec_tasks.ranking.ranker import SmoothedEarlyStopping
 
     # Rises to a plateau at rounds 40-60 and decays; a chance spike at round 3 beats every later value.
     curve = [0.2, 0.2, 0.26] + [0.2 + 0.001 * r for r in range(37)] + [0.24] * 20 + [0.22] * 100
@@ -185,7 +177,7 @@ def test_smoothed_early_stopping_ignores_an_early_spike():
 
 def test_windows_sample_at_most_max_users_per_window_with_the_seed():
     from llmrec_tasks.core.config import RankerConfig
-    from llmrec_tasks.ranking.train import production_stages
+    from llmrec_tasks.ranking.protocols import production_stages
     from tests.unit.ranking_data import chain_events, embeddings, items_frame
 
     events, users = chain_events()
