@@ -156,7 +156,7 @@ class SmoothedEarlyStopping:
     NDCG@10 over a few hundred validation users jumps by several points between rounds, so the raw
     curve can peak by chance after a handful of rounds; the average over ``window`` rounds does
     not. Only full windows count; ``best_round`` is the centre of the best one (every round when
-    training ended before a window filled).
+    training ended before a window filled). ``patience`` 0 disables stopping: every round is kept.
     """
 
     def __init__(self, patience: int, window: int) -> None:
@@ -174,12 +174,17 @@ class SmoothedEarlyStopping:
 
     @property
     def score(self) -> float:
-        """The smoothed metric at ``best_round`` (the raw last value when no window filled)."""
-        return self.best if self.best_end else self.values[-1]
+        """The smoothed metric at ``best_round``: the last full window when stopping is disabled,
+        the raw last value when no window filled."""
+        if self.best_end:
+            return self.best
+        if len(self.values) >= self.window:
+            return float(np.mean(self.values[-self.window :]))
+        return self.values[-1]
 
     def __call__(self, env: lgb.callback.CallbackEnv) -> None:
         self.values.append(float(env.evaluation_result_list[0][2]))
-        if len(self.values) < self.window:
+        if self.patience == 0 or len(self.values) < self.window:
             return
         smoothed = float(np.mean(self.values[-self.window :]))
         if smoothed > self.best:
@@ -196,7 +201,8 @@ def fit_ranker(
     columns: list[int],
     params: RankerParams | None = None,
 ) -> tuple[lgb.Booster, dict[str, Any]]:
-    """Early stopping on ``valid`` (NDCG@10, smoothed), then a refit on train + valid with that many rounds."""
+    """Early stopping on ``valid`` (NDCG@10, smoothed), then a refit on train + valid with that many
+    rounds; ``early_stopping_rounds`` 0 keeps all ``n_estimators`` rounds."""
     params = params or RankerParams()
     started = time.monotonic()
     booster_params = lgb_params(rcfg, seed)

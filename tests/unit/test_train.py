@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -112,16 +113,36 @@ def test_serving_recomputes_features_from_the_artifacts(trained, sample_data):
     assert scores.shape == (len(cands.items),) and len(cands.items) == spec["candidates"]["num_candidates"]
 
 
-def test_fit_is_reproducible():
+SMALL_FIT = RankerConfig(
+    num_candidates=12, per_source=5, train_windows=2, min_data_in_leaf=5, n_estimators=30
+)
+
+
+@pytest.fixture(scope="module")
+def chain_loo_stages():
+    """Training and validation stages of the chain data (leave-one-out)."""
     data = Dataset(items=items_frame(), interactions=chain_interactions(n_users=60))
     loo = loo_split(data)
     vectors = embeddings()[loo.items[C.ITEM_ID].astype(int).to_numpy()]
-    rcfg = RankerConfig(num_candidates=12, per_source=5, train_windows=2, min_data_in_leaf=5, n_estimators=30)
-    train, valid, _ = loo_stages(loo, vectors, rcfg)
+    train, valid, _ = loo_stages(loo, vectors, SMALL_FIT)
+    return train, valid
+
+
+def test_fit_is_reproducible(chain_loo_stages):
+    train, valid = chain_loo_stages
     columns = feature_columns(include_llm=True)
-    a, _ = fit_ranker(train, valid, rcfg, 7, columns)
-    b, _ = fit_ranker(train, valid, rcfg, 7, columns)
+    a, _ = fit_ranker(train, valid, SMALL_FIT, 7, columns)
+    b, _ = fit_ranker(train, valid, SMALL_FIT, 7, columns)
     assert a.model_to_string() == b.model_to_string()
+
+
+def test_zero_early_stopping_rounds_trains_every_round(chain_loo_stages):
+    """0 disables early stopping (as documented): all n_estimators rounds, in the fit and the refit."""
+    train, valid = chain_loo_stages
+    rcfg = dataclasses.replace(SMALL_FIT, early_stopping_rounds=0)
+    booster, info = fit_ranker(train, valid, rcfg, 7, feature_columns(include_llm=True))
+    assert info["best_iteration"] == rcfg.n_estimators
+    assert booster.current_iteration() == rcfg.n_estimators
 
 
 def test_time_windows():
@@ -173,6 +194,19 @@ def test_smoothed_early_stopping_ignores_an_early_spike():
     for value in (0.1, 0.2, 0.3):
         short(SimpleNamespace(evaluation_result_list=[("valid", "ndcg@10", value, True)]))
     assert short.best_round == 3  # no full window: keep every round
+
+
+def test_smoothed_early_stopping_with_zero_patience_never_stops():
+    from types import SimpleNamespace
+
+    from llmrec_tasks.ranking.ranker import SmoothedEarlyStopping
+
+    curve = [0.3] * 10 + [0.2] * 30  # falls after the first window: any patience would stop
+    stopper = SmoothedEarlyStopping(patience=0, window=10)
+    for value in curve:
+        stopper(SimpleNamespace(evaluation_result_list=[("valid", "ndcg@10", value, True)]))
+    assert stopper.best_round == len(curve)
+    assert stopper.score == pytest.approx(0.2)  # the last full window, where training ended
 
 
 def test_windows_sample_at_most_max_users_per_window_with_the_seed():
