@@ -12,16 +12,9 @@ from llmrec_tasks.ranking.evaluate import Targets
 from llmrec_tasks.ranking.events import Histories, ItemTimes, encode_events, item_order
 from llmrec_tasks.ranking.features import build_features
 from llmrec_tasks.ranking.sources import SOURCES, CandidateParams, generate_candidates
-from tests.unit.ranking_data import N_ITEMS, N_USERS, chain_context, chain_events, embeddings, items_frame
+from tests.unit.ranking_data import N_ITEMS, N_USERS, embeddings, items_frame
 
 PARAMS = CandidateParams(num_candidates=12, per_source=5, rank_depth=20)
-
-
-@pytest.fixture(scope="module")
-def chain():
-    events, users = chain_events()
-    ctx = chain_context(events, len(users))
-    return events, users, ctx
 
 
 def test_next_item_is_a_top_candidate(chain):

@@ -16,14 +16,11 @@ from llmrec_tasks.core.errors import BundleError
 from llmrec_tasks.serving import recommender as serving
 from llmrec_tasks.storage.paths import bundle_prefix, manifest_key
 from llmrec_tasks.storage.store import open_store
-from tests.bundle_factory import make_run, toy_scorer
+from tests.bundle_factory import make_run
 
 NS = C.DEFAULT_NAMESPACE
 
-
-@pytest.fixture(autouse=True)
-def toy_ranker_features(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serving, "ranker_scorer", toy_scorer)
+pytestmark = pytest.mark.usefixtures("toy_ranker_features")
 
 
 @pytest.fixture

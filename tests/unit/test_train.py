@@ -15,8 +15,8 @@ import pytest
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import RankerConfig, RunConfig
 from llmrec_tasks.core.errors import DataContractError
-from llmrec_tasks.data.contract import Dataset, write_snapshot
-from llmrec_tasks.ranking.benchmark import loo_split, loo_stages
+from llmrec_tasks.data.contract import write_snapshot
+from llmrec_tasks.ranking.benchmark import loo_stages
 from llmrec_tasks.ranking.context import context_from_artifacts
 from llmrec_tasks.ranking.evaluate import quality_gate
 from llmrec_tasks.ranking.events import Histories
@@ -26,7 +26,7 @@ from llmrec_tasks.ranking.ranker import evaluate_published_ranker, feature_colum
 from llmrec_tasks.ranking.sources import CandidateParams, generate_candidates
 from llmrec_tasks.ranking.train import run_train
 from llmrec_tasks.storage.store import open_store
-from tests.unit.ranking_data import chain_interactions, embeddings, items_frame
+from tests.unit.ranking_data import embeddings, items_frame
 
 MODELS = {"ranker", "ranker_no_llm", "popularity", "itemknn", "ease", "semantic", "covis"}
 
@@ -119,12 +119,10 @@ SMALL_FIT = RankerConfig(
 
 
 @pytest.fixture(scope="module")
-def chain_loo_stages():
+def chain_loo_stages(chain_loo):
     """Training and validation stages of the chain data (leave-one-out)."""
-    data = Dataset(items=items_frame(), interactions=chain_interactions(n_users=60))
-    loo = loo_split(data)
-    vectors = embeddings()[loo.items[C.ITEM_ID].astype(int).to_numpy()]
-    train, valid, _ = loo_stages(loo, vectors, SMALL_FIT)
+    vectors = embeddings()[chain_loo.items[C.ITEM_ID].astype(int).to_numpy()]
+    train, valid, _ = loo_stages(chain_loo, vectors, SMALL_FIT)
     return train, valid
 
 
@@ -156,14 +154,13 @@ def test_time_windows():
         time_windows(ts, RankerConfig(eval_days=40, train_windows=3))
 
 
-def test_stage_with_a_user_without_candidates():
+def test_stage_with_a_user_without_candidates(chain):
     """A user who has seen the whole catalog gets no candidates; grouping must still work."""
     from llmrec_tasks.ranking.evaluate import Targets
     from llmrec_tasks.ranking.ranker import _dataset, make_stage
-    from tests.unit.ranking_data import N_ITEMS, chain_context, chain_events
+    from tests.unit.ranking_data import N_ITEMS
 
-    events, users = chain_events()
-    ctx = chain_context(events, len(users))
+    _, _, ctx = chain
     everything = np.arange(N_ITEMS)
     hist = Histories.from_lists(
         [np.array([0, 1]), everything],
@@ -212,7 +209,7 @@ def test_smoothed_early_stopping_with_zero_patience_never_stops():
 def test_windows_sample_at_most_max_users_per_window_with_the_seed():
     from llmrec_tasks.core.config import RankerConfig
     from llmrec_tasks.ranking.protocols import production_stages
-    from tests.unit.ranking_data import chain_events, embeddings, items_frame
+    from tests.unit.ranking_data import chain_events, embeddings
 
     events, users = chain_events()
     capped = RankerConfig(max_users_per_window=1, train_windows=2)
