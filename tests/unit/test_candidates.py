@@ -172,3 +172,29 @@ def test_sparse_source_lists_match_a_dense_brute_force(chain):
     for name, scores in dense.items():
         got = [[c for c in row if c >= 0] for row in batch.lists[name].tolist()]
         assert got == _dense_top(scores, seen, PARAMS.rank_depth), name
+
+
+def test_context_params_round_trip_and_older_specs_get_the_defaults():
+    from llmrec_tasks.ranking.context import ContextParams
+
+    params = ContextParams(cooc_half_life_factor=2.0, recent_similarity_items=8, burst_seconds=5.0)
+    assert ContextParams.from_dict(params.to_dict()) == params
+    older = {k: v for k, v in ContextParams().to_dict().items() if k not in ("burst_seconds",)}
+    assert ContextParams.from_dict(older) == ContextParams()
+
+
+def test_faiss_last_items_sets_how_many_recent_items_feed_faiss_last(chain):
+    import dataclasses
+
+    from llmrec_tasks.ranking.sources import _batch_scores
+
+    events, users, ctx = chain
+    hist = Histories.from_events(events, len(users))
+    only_last = _batch_scores(ctx, hist, dataclasses.replace(PARAMS, faiss_last_items=1)).lists["faiss_last"]
+    last = hist.last(1)[:, 0]
+    for u in range(hist.n_users):
+        sims = ctx.embeddings @ ctx.embeddings[last[u]]
+        sims[hist.items[hist.indptr[u] : hist.indptr[u + 1]]] = -np.inf
+        assert only_last[u, 0] == np.argmax(sims)
+    assert PARAMS.faiss_last_items == 3
+    assert not np.array_equal(only_last, _batch_scores(ctx, hist, PARAMS).lists["faiss_last"])

@@ -105,3 +105,14 @@ def test_named_columns_follow_the_requested_order(chain_candidates):
     np.testing.assert_array_equal(picked, full[:, [FEATURE_NAMES.index(n) for n in names]])
     with pytest.raises(ConfigError, match="unknown feature"):
         build_features(ctx, hist, cands, ["nope"])
+
+
+def test_recent_similarity_items_below_last_k_is_refused(chain_candidates):
+    import dataclasses
+
+    ctx, hist, cands = chain_candidates
+    short = dataclasses.replace(
+        ctx, params=dataclasses.replace(ctx.params, recent_similarity_items=2), cache={}
+    )
+    with pytest.raises(ConfigError, match="recent_similarity_items"):
+        build_features(short, hist, cands)

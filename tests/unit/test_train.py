@@ -22,7 +22,12 @@ from llmrec_tasks.ranking.evaluate import quality_gate
 from llmrec_tasks.ranking.events import Histories
 from llmrec_tasks.ranking.features import build_features
 from llmrec_tasks.ranking.protocols import time_windows
-from llmrec_tasks.ranking.ranker import evaluate_published_ranker, feature_columns, fit_ranker
+from llmrec_tasks.ranking.ranker import (
+    candidate_params,
+    evaluate_published_ranker,
+    feature_columns,
+    fit_ranker,
+)
 from llmrec_tasks.ranking.sources import CandidateParams, generate_candidates
 from llmrec_tasks.ranking.train import run_train
 from llmrec_tasks.storage.store import open_store
@@ -74,6 +79,9 @@ def test_artifacts_are_written_and_consistent(trained):
     spec = json.loads(work.get_bytes(C.FEATURE_SPEC))
     booster = lgb.Booster(model_str=work.get_bytes(C.RANKER_MODEL).decode())
     assert booster.feature_name() == spec["features"]
+    # Serving rebuilds the candidate parameters from the spec: every field, not only some.
+    assert CandidateParams(**spec["candidates"]) == candidate_params(RankerConfig())
+    assert set(spec["candidates"]) == {f.name for f in dataclasses.fields(CandidateParams)}
     full = json.loads(work.get_bytes(C.METRICS))
     assert full["protocol"] == "time" and set(full["models"]) == MODELS
     assert "cold_items" in full["models"]["ranker"]["slices"]
