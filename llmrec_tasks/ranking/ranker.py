@@ -64,6 +64,7 @@ class Stage:
 
 
 def candidate_params(rcfg: RankerConfig) -> CandidateParams:
+    """The run's candidate settings; ``rank_depth`` never below ``per_source`` (each list holds its share)."""
     return CandidateParams(
         num_candidates=rcfg.num_candidates,
         per_source=rcfg.per_source,
