@@ -501,7 +501,7 @@ def current_ranker_metrics(store: ObjectStore, namespace: str, version: str, wor
     features), so the gate compares like with like. When the published ranker needs features this
     run does not compute, its own recorded metrics are the only comparison left (logged)."""
     from llmrec_tasks.core.errors import DataContractError
-    from llmrec_tasks.ranking.train import evaluate_published_ranker
+    from llmrec_tasks.ranking.ranker import evaluate_published_ranker
 
     prefix = bundle_prefix(namespace, version)
     model_text = store.get_bytes(f"{prefix}/{C.RANKER_MODEL}").decode()

@@ -97,16 +97,16 @@ def real_ranker(items: pd.DataFrame, inter: pd.DataFrame, vectors: np.ndarray, s
 
     import lightgbm
 
-    from llmrec_tasks.ranking import candidates, features
+    from llmrec_tasks.ranking import context, events, features, sources
 
     item_index = pd.Index(items[C.ITEM_ID])
-    events, users = candidates.encode_events(inter, item_index)
-    params = candidates.ContextParams(neighbors_k=20, ease_max_items=100, pop_windows=(10, 50))
-    ctx = candidates.build_context(events, len(users), vectors, items, params)
-    stats, neighbours = candidates.serving_frames(ctx, item_index.tolist())
-    cand_params = candidates.CandidateParams(num_candidates=30, per_source=10, rank_depth=20)
-    hist = candidates.Histories.from_events(events, len(users))
-    cands = candidates.generate_candidates(ctx, hist, cand_params)
+    encoded, users = events.encode_events(inter, item_index)
+    params = context.ContextParams(neighbors_k=20, ease_max_items=100, pop_windows=(10, 50))
+    ctx = context.build_context(encoded, len(users), vectors, items, params)
+    stats, neighbours = context.serving_frames(ctx, item_index.tolist())
+    cand_params = sources.CandidateParams(num_candidates=30, per_source=10, rank_depth=20)
+    hist = events.Histories.from_events(encoded, len(users))
+    cands = sources.generate_candidates(ctx, hist, cand_params)
     x = features.build_features(ctx, hist, cands)
     y = np.random.default_rng(seed).random(len(x)) < 0.2
     train_params = {"objective": "binary", "num_leaves": 7, "verbose": -1, "seed": seed, "num_threads": 1}

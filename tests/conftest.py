@@ -1,4 +1,5 @@
-"""Shared fixtures: the generated sample, a temporary local store, the MovieLens folder."""
+"""Shared fixtures: the generated sample, a temporary local store, the MovieLens folder, the toy
+ranker's features, and the ranking tests' chain data (tests.unit.ranking_data)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from tests.airflow_env import use_test_airflow_home
 # Before anything imports Airflow: tests never touch ~/airflow.
 use_test_airflow_home()
 
-# The moto S3 server fixtures (moto_server, s3_env, s3_store_uri, flaky_proxy).
-pytest_plugins = ["tests.s3server"]
+# The moto S3 server fixtures (moto_server, s3_env, s3_store_uri, flaky_proxy); the ranking tests'
+# chain data (chain, chain_loo).
+pytest_plugins = ["tests.s3server", "tests.unit.ranking_data"]
 
 ROOT = Path(__file__).resolve().parents[1]
 # CI clones the project next to shared/; a developer checkout sits at the same place.
@@ -47,3 +49,12 @@ def sample_data():
 @pytest.fixture
 def store_uri(tmp_path: Path) -> str:
     return (tmp_path / "store").as_uri()
+
+
+@pytest.fixture
+def toy_ranker_features(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serve the toy ranker with its own features (the real ones belong to the ranking stage)."""
+    from llmrec_tasks.serving import recommender
+    from tests.bundle_factory import toy_scorer
+
+    monkeypatch.setattr(recommender, "ranker_scorer", toy_scorer)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmrec_tasks.ranking.candidates import Histories, RankContext, recent_weights, user_profiles
+from llmrec_tasks.ranking.context import RankContext, recent_weights, user_profiles
+from llmrec_tasks.ranking.events import Histories
 
 BASELINES = ("popularity", "itemknn", "ease", "semantic", "covis")
 

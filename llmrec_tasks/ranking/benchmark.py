@@ -27,16 +27,11 @@ from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import EncoderConfig, RankerConfig
 from llmrec_tasks.core.errors import ConfigError, DataContractError
 from llmrec_tasks.data.contract import Dataset, item_texts, normalize, read_raw
-from llmrec_tasks.ranking.candidates import ContextParams, Events, Histories, build_context, encode_events
+from llmrec_tasks.ranking.context import ContextParams, build_context
 from llmrec_tasks.ranking.evaluate import Targets
-from llmrec_tasks.ranking.train import (
-    RANKER,
-    Stage,
-    evaluate_stages,
-    json_default,
-    make_stage,
-    production_stages,
-)
+from llmrec_tasks.ranking.events import Events, Histories, encode_events
+from llmrec_tasks.ranking.protocols import RANKER, evaluate_stages, json_default, production_stages
+from llmrec_tasks.ranking.ranker import Stage, make_stage
 
 log = logging.getLogger(__name__)
 

@@ -195,7 +195,8 @@ def quality_gate(
     on the production protocol. ``current_metrics`` holds the currently published ranker's metrics
     *on the same evaluation data* (``{"ranker": {...}}`` or the flat ``{"ndcg@10": ...}``), or None
     when nothing is published yet. The new ranker must beat popularity on NDCG@10 and must not be
-    worse than the current ranker by more than ``tolerance`` (absolute NDCG@10).
+    worse than the current ranker by more than ``tolerance`` relative to it: it passes while
+    ``new >= current * (1 - tolerance)`` (0.02 = at most 2% below the published NDCG@10).
     """
     if "ranker" not in new_metrics or "popularity" not in new_metrics:
         return False, "metrics lack 'ranker' or 'popularity': the train stage did not evaluate the ranker"
@@ -207,12 +208,13 @@ def quality_gate(
         return True, f"ranker {PRIMARY} {new:.4f} beats popularity {pop:.4f}; nothing published yet"
     current_block = current_metrics.get("ranker", current_metrics)
     current = float(current_block[PRIMARY])
-    if new < current - tolerance:
+    floor = current * (1 - tolerance)
+    if new < floor:
         return False, (
             f"ranker {PRIMARY} {new:.4f} is worse than the published ranker {current:.4f} "
-            f"by more than the tolerance {tolerance:.4f}"
+            f"by more than the relative tolerance {tolerance:.1%} (floor {floor:.4f})"
         )
     return True, (
-        f"ranker {PRIMARY} {new:.4f} beats popularity {pop:.4f} and is within {tolerance:.4f} "
-        f"of the published ranker {current:.4f}"
+        f"ranker {PRIMARY} {new:.4f} beats popularity {pop:.4f} and is within {tolerance:.1%} "
+        f"(relative) of the published ranker {current:.4f}"
     )

@@ -2,10 +2,10 @@
 
 Serving (per request), from a published bundle::
 
-    ctx = candidates.context_from_artifacts(item_ids, embeddings, serving_stats, item_neighbors,
-                                            spec["context"], spec["stats_end"])
-    hist = candidates.Histories.from_lists([history_item_indices], [history_unix_seconds], [now])
-    cands = candidates.generate_candidates(ctx, hist, candidates.CandidateParams(**spec["candidates"]))
+    ctx = context.context_from_artifacts(item_ids, embeddings, serving_stats, item_neighbors,
+                                         spec["context"], spec["stats_end"])
+    hist = events.Histories.from_lists([history_item_indices], [history_unix_seconds], [now])
+    cands = sources.generate_candidates(ctx, hist, sources.CandidateParams(**spec["candidates"]))
     X = features.build_features(ctx, hist, cands, spec["features"])
     scores = booster.predict(X)                             # LightGBM from ranker.txt
 
@@ -27,18 +27,11 @@ import numpy as np
 import scipy.sparse as sp
 
 from llmrec_tasks.core.errors import ConfigError
-from llmrec_tasks.ranking.candidates import (
-    DAY,
-    SOURCES,
-    CandidateSet,
-    Histories,
-    RankContext,
-    rowwise_dot,
-    user_profiles,
-)
+from llmrec_tasks.ranking.context import RankContext, user_profiles
+from llmrec_tasks.ranking.events import DAY, Histories
+from llmrec_tasks.ranking.sources import SOURCES, CandidateSet, rowwise_dot
 
-LAST_K = 5  # similarity to each of the last k items
-RECENT_N = 20  # max / mean similarity over the last n items
+LAST_K = 5  # similarity to each of the last k items (one column each: part of the feature names)
 
 SOURCE_FEATURES = [f"{s}_score" for s in SOURCES] + [f"{s}_rank" for s in SOURCES]
 LLM_FEATURES = [
@@ -126,7 +119,9 @@ def build_features(
     prev_ts = ts[np.where(lengths > 1, hist.indptr[1:] - 2, len(hist.ts))]
     user_of_hist = np.repeat(np.arange(hist.n_users), lengths)
     burst = np.bincount(
-        user_of_hist, weights=(hist.ts >= last_ts[user_of_hist] - 60.0), minlength=hist.n_users
+        user_of_hist,
+        weights=(hist.ts >= last_ts[user_of_hist] - ctx.params.burst_seconds),
+        minlength=hist.n_users,
     )
     pop_log = np.log1p(ctx.item_pop[hist.items])
     user_pop = np.bincount(user_of_hist, weights=pop_log, minlength=hist.n_users) / np.maximum(lengths, 1)
@@ -169,8 +164,13 @@ def _semantic(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[st
     _, longterm = user_profiles(ctx, hist)
     user_of = cands.user_of
     out = {"sem_longterm": rowwise_dot(emb, cands.items, longterm, user_of)}
-    recent = hist.last(RECENT_N)
-    sims = np.full((len(cands.items), RECENT_N), np.nan, dtype=np.float32)
+    n_recent = ctx.params.recent_similarity_items
+    if n_recent < LAST_K:
+        raise ConfigError(
+            f"recent_similarity_items ({n_recent}) must be at least {LAST_K}: the sem_last_k features read them"
+        )
+    recent = hist.last(n_recent)
+    sims = np.full((len(cands.items), n_recent), np.nan, dtype=np.float32)
     for u in range(cands.n_users):
         lo, hi = cands.indptr[u], cands.indptr[u + 1]
         valid = recent[u][recent[u] >= 0]

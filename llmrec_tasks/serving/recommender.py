@@ -304,7 +304,7 @@ def ranker_scorer(bundle: Bundle) -> Scorer:
     """The ranking stage's candidates and features over this bundle (context built once)."""
     import dataclasses
 
-    from llmrec_tasks.ranking import candidates, features
+    from llmrec_tasks.ranking import context, events, features, sources
 
     spec = bundle.feature_spec
     missing = [k for k in ("context", "stats_end", "candidates") if k not in spec]
@@ -312,7 +312,7 @@ def ranker_scorer(bundle: Bundle) -> Scorer:
     if missing:
         raise BundleError(f"{bundle.uri}: the ranker cannot be served, the bundle lacks {missing}")
     try:
-        ctx = candidates.context_from_artifacts(
+        ctx = context.context_from_artifacts(
             bundle.item_ids,
             bundle.embeddings,
             bundle.tables[C.SERVING_STATS],
@@ -320,14 +320,14 @@ def ranker_scorer(bundle: Bundle) -> Scorer:
             spec["context"],
             float(spec["stats_end"]),
         )
-        params = candidates.CandidateParams(**spec["candidates"])
+        params = sources.CandidateParams(**spec["candidates"])
     except (DataContractError, ConfigError, KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{bundle.uri}: the ranker's serving artifacts do not fit together: {exc}") from exc
     ctx = dataclasses.replace(ctx, _index=bundle.index)  # the published index, not a rebuilt one
 
     def score(history: History, now: float) -> tuple[np.ndarray, np.ndarray]:
-        hist = candidates.Histories.from_lists([history.items], [history.timestamps], np.array([now]))
-        cands = candidates.generate_candidates(ctx, hist, params)
+        hist = events.Histories.from_lists([history.items], [history.timestamps], np.array([now]))
+        cands = sources.generate_candidates(ctx, hist, params)
         return cands.items, features.build_features(ctx, hist, cands)
 
     return score

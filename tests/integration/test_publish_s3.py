@@ -24,18 +24,13 @@ from llmrec_tasks.serving import api
 from llmrec_tasks.serving import recommender as serving
 from llmrec_tasks.storage.paths import bundle_prefix, current_key
 from llmrec_tasks.storage.store import open_store
-from tests.bundle_factory import make_run, race, toy_scorer
+from tests.bundle_factory import make_run, race
 from tests.s3server import FlakyProxy, create_bucket, free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("toy_ranker_features")]
 NS = DEFAULT_NAMESPACE
 DAY1 = datetime(2024, 2, 1, tzinfo=UTC)
 DAY2 = datetime(2024, 2, 2, tzinfo=UTC)
-
-
-@pytest.fixture(autouse=True)
-def toy_ranker_features(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serving, "ranker_scorer", toy_scorer)
 
 
 @pytest.fixture

@@ -1,12 +1,19 @@
-"""Small synthetic data for the ranking tests: users walk through items in order (i -> i+1)."""
+"""Small synthetic data for the ranking tests: users walk through items in order (i -> i+1).
+
+Also a pytest plugin (registered in tests/conftest.py): the session fixtures ``chain`` and
+``chain_loo`` share that data between the ranking test modules.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from llmrec_tasks.core import constants as C
-from llmrec_tasks.ranking.candidates import ContextParams, Events, build_context, encode_events
+from llmrec_tasks.data.contract import Dataset
+from llmrec_tasks.ranking.context import ContextParams, build_context
+from llmrec_tasks.ranking.events import Events, encode_events
 
 N_ITEMS = 30
 N_USERS = 24
@@ -50,3 +57,18 @@ def chain_events(**kwargs: int) -> tuple[Events, pd.Index]:
 
 def chain_context(events: Events, n_users: int) -> object:
     return build_context(events, n_users, embeddings(), items_frame(), ContextParams(neighbors_k=20))
+
+
+@pytest.fixture(scope="session")
+def chain() -> tuple[Events, pd.Index, object]:
+    """Events, user index and context of the chain data."""
+    events, users = chain_events()
+    return events, users, chain_context(events, len(users))
+
+
+@pytest.fixture(scope="session")
+def chain_loo() -> object:
+    """The leave-one-out split of the chain data with 60 users."""
+    from llmrec_tasks.ranking.benchmark import loo_split
+
+    return loo_split(Dataset(items=items_frame(), interactions=chain_interactions(n_users=60)))

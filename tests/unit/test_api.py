@@ -12,13 +12,9 @@ from fastapi.testclient import TestClient
 from llmrec_tasks import publish
 from llmrec_tasks.core.constants import DEFAULT_NAMESPACE
 from llmrec_tasks.serving import api
-from llmrec_tasks.serving import recommender as serving
-from tests.bundle_factory import make_run, toy_scorer
+from tests.bundle_factory import make_run
 
-
-@pytest.fixture(autouse=True)
-def toy_ranker_features(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serving, "ranker_scorer", toy_scorer)
+pytestmark = pytest.mark.usefixtures("toy_ranker_features")
 
 
 @pytest.fixture

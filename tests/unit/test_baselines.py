@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 
 from llmrec_tasks.ranking.baselines import BASELINES, baseline_rankings, top_items
-from llmrec_tasks.ranking.candidates import Histories
-from tests.unit.ranking_data import N_ITEMS, chain_context, chain_events
+from llmrec_tasks.ranking.events import Histories
+from tests.unit.ranking_data import N_ITEMS
 
 
 @pytest.fixture(scope="module")
-def ranked():
-    events, users = chain_events()
-    ctx = chain_context(events, len(users))
+def ranked(chain):
+    events, users, ctx = chain
     hist = Histories.from_events(events, len(users))
     return ctx, hist, baseline_rankings(ctx, hist, depth=10)
 

@@ -7,29 +7,14 @@ import pandas as pd
 import pytest
 
 from llmrec_tasks.core import constants as C
-from llmrec_tasks.ranking.candidates import (
-    SOURCES,
-    CandidateParams,
-    Histories,
-    ItemTimes,
-    context_from_artifacts,
-    encode_events,
-    generate_candidates,
-    item_order,
-    serving_frames,
-)
+from llmrec_tasks.ranking.context import context_from_artifacts, serving_frames
 from llmrec_tasks.ranking.evaluate import Targets
+from llmrec_tasks.ranking.events import Histories, ItemTimes, encode_events, item_order
 from llmrec_tasks.ranking.features import build_features
-from tests.unit.ranking_data import N_ITEMS, N_USERS, chain_context, chain_events, embeddings, items_frame
+from llmrec_tasks.ranking.sources import SOURCES, CandidateParams, generate_candidates
+from tests.unit.ranking_data import N_ITEMS, N_USERS, embeddings, items_frame
 
 PARAMS = CandidateParams(num_candidates=12, per_source=5, rank_depth=20)
-
-
-@pytest.fixture(scope="module")
-def chain():
-    events, users = chain_events()
-    ctx = chain_context(events, len(users))
-    return events, users, ctx
 
 
 def test_next_item_is_a_top_candidate(chain):
@@ -147,7 +132,7 @@ def test_item_times_with_epoch_timestamps():
 def test_blockwise_sparse_item_knn_matches_dense_cosine():
     import scipy.sparse as sp
 
-    from llmrec_tasks.ranking.candidates import _cooc_cosine
+    from llmrec_tasks.ranking.relations import cooc_cosine
 
     rng = np.random.default_rng(5)
     x = sp.csr_matrix((rng.random((40, 25)) < 0.2).astype(np.float32))
@@ -155,7 +140,7 @@ def test_blockwise_sparse_item_knn_matches_dense_cosine():
     norms = np.sqrt(np.maximum(np.diag(dense), 1.0))
     cosine = dense / np.outer(norms, norms)
     np.fill_diagonal(cosine, 0.0)
-    knn = _cooc_cosine(x, k=3, block_items=2).toarray()
+    knn = cooc_cosine(x, k=3, block_items=2).toarray()
     for row in range(25):
         kept = np.flatnonzero(knn[row])
         assert len(kept) <= 3
@@ -174,7 +159,7 @@ def _dense_top(scores: np.ndarray, seen: np.ndarray, depth: int) -> list[list[in
 
 
 def test_sparse_source_lists_match_a_dense_brute_force(chain):
-    from llmrec_tasks.ranking.candidates import _batch_scores, _pop_score, collaborative_scores
+    from llmrec_tasks.ranking.sources import _batch_scores, _pop_score, collaborative_scores
 
     events, users, ctx = chain
     hist = Histories.from_events(events, len(users))
@@ -187,3 +172,29 @@ def test_sparse_source_lists_match_a_dense_brute_force(chain):
     for name, scores in dense.items():
         got = [[c for c in row if c >= 0] for row in batch.lists[name].tolist()]
         assert got == _dense_top(scores, seen, PARAMS.rank_depth), name
+
+
+def test_context_params_round_trip_and_older_specs_get_the_defaults():
+    from llmrec_tasks.ranking.context import ContextParams
+
+    params = ContextParams(cooc_half_life_factor=2.0, recent_similarity_items=8, burst_seconds=5.0)
+    assert ContextParams.from_dict(params.to_dict()) == params
+    older = {k: v for k, v in ContextParams().to_dict().items() if k not in ("burst_seconds",)}
+    assert ContextParams.from_dict(older) == ContextParams()
+
+
+def test_faiss_last_items_sets_how_many_recent_items_feed_faiss_last(chain):
+    import dataclasses
+
+    from llmrec_tasks.ranking.sources import _batch_scores
+
+    events, users, ctx = chain
+    hist = Histories.from_events(events, len(users))
+    only_last = _batch_scores(ctx, hist, dataclasses.replace(PARAMS, faiss_last_items=1)).lists["faiss_last"]
+    last = hist.last(1)[:, 0]
+    for u in range(hist.n_users):
+        sims = ctx.embeddings @ ctx.embeddings[last[u]]
+        sims[hist.items[hist.indptr[u] : hist.indptr[u + 1]]] = -np.inf
+        assert only_last[u, 0] == np.argmax(sims)
+    assert PARAMS.faiss_last_items == 3
+    assert not np.array_equal(only_last, _batch_scores(ctx, hist, PARAMS).lists["faiss_last"])

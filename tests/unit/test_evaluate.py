@@ -93,7 +93,7 @@ def test_summarize_runs_over_seeds_and_slices():
             False,
             "worse than the published",
         ),
-        ({"ranker": 0.10, "popularity": 0.06}, {"ndcg@10": 0.11}, True, "within"),
+        ({"ranker": 0.108, "popularity": 0.06}, {"ndcg@10": 0.11}, True, "within 2.0% (relative)"),
     ],
 )
 def test_quality_gate(new, current, passed, reason):
@@ -101,6 +101,21 @@ def test_quality_gate(new, current, passed, reason):
     ok, why = quality_gate(metrics, current, tolerance=0.02)
     assert ok is passed
     assert reason in why
+
+
+@pytest.mark.parametrize(
+    ("new", "current", "passed"),
+    [
+        (0.10, 0.11, False),  # 9% below: an absolute 0.02 would have let it through
+        (0.485, 0.50, False),  # 3% below
+        (0.495, 0.50, True),  # 1% below
+        (0.49, 0.50, True),  # exactly 2% below: on the floor
+    ],
+)
+def test_quality_gate_tolerance_is_relative_to_the_published_ranker(new, current, passed):
+    metrics = {"ranker": {"ndcg@10": new}, "popularity": {"ndcg@10": 0.01}}
+    ok, why = quality_gate(metrics, {"ndcg@10": current}, tolerance=0.02)
+    assert ok is passed, why
 
 
 def test_quality_gate_needs_ranker_metrics():

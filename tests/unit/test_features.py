@@ -7,27 +7,26 @@ import pytest
 
 from llmrec_tasks.core.config import RankerConfig
 from llmrec_tasks.core.errors import ConfigError
-from llmrec_tasks.data.contract import Dataset
-from llmrec_tasks.ranking.benchmark import LooData, loo_split, loo_stages
-from llmrec_tasks.ranking.candidates import CandidateParams, Events, Histories, generate_candidates
+from llmrec_tasks.ranking.benchmark import LooData, loo_stages
+from llmrec_tasks.ranking.events import Events, Histories
 from llmrec_tasks.ranking.features import FEATURE_NAMES, LLM_FEATURES, build_features
-from tests.unit.ranking_data import chain_context, chain_events, chain_interactions, embeddings, items_frame
+from llmrec_tasks.ranking.sources import CandidateParams, generate_candidates
+from tests.unit.ranking_data import embeddings
 
 PARAMS = CandidateParams(num_candidates=12, per_source=5, rank_depth=20)
 SMALL = RankerConfig(num_candidates=12, per_source=5, train_windows=2)
 
 
 @pytest.fixture(scope="module")
-def chain():
+def chain_candidates(chain):
     """Context, histories and candidates of the chain data."""
-    events, users = chain_events()
-    ctx = chain_context(events, len(users))
+    events, users, ctx = chain
     hist = Histories.from_events(events, len(users))
     return ctx, hist, generate_candidates(ctx, hist, PARAMS)
 
 
-def test_feature_matrix_shape_and_values(chain):
-    ctx, hist, cands = chain
+def test_feature_matrix_shape_and_values(chain_candidates):
+    ctx, hist, cands = chain_candidates
     X = build_features(ctx, hist, cands)
     assert X.shape == (len(cands.items), len(FEATURE_NAMES)) and X.dtype == np.float32
     assert len(set(FEATURE_NAMES)) == len(FEATURE_NAMES)
@@ -44,9 +43,8 @@ def test_feature_matrix_shape_and_values(chain):
         assert best == expected[u]
 
 
-def test_cold_user_features_are_missing_not_wrong():
-    events, users = chain_events()
-    ctx = chain_context(events, len(users))
+def test_cold_user_features_are_missing_not_wrong(chain):
+    _, _, ctx = chain
     hist = Histories.from_lists([np.zeros(0, np.int64)], [np.zeros(0)], np.array([ctx.stats_end]))
     cands = generate_candidates(ctx, hist, PARAMS)
     X = build_features(ctx, hist, cands)
@@ -56,9 +54,8 @@ def test_cold_user_features_are_missing_not_wrong():
 
 
 @pytest.fixture(scope="module")
-def loo() -> LooData:
-    data = Dataset(items=items_frame(), interactions=chain_interactions(n_users=60))
-    return loo_split(data)
+def loo(chain_loo) -> LooData:
+    return chain_loo
 
 
 def _vectors(loo: LooData) -> np.ndarray:
@@ -100,11 +97,22 @@ def test_stage_statistics_exclude_later_positions(loo):
     assert train[-1].ctx.item_pop.sum() == (loo.pos > 2).sum()
 
 
-def test_named_columns_follow_the_requested_order(chain):
-    ctx, hist, cands = chain
+def test_named_columns_follow_the_requested_order(chain_candidates):
+    ctx, hist, cands = chain_candidates
     full = build_features(ctx, hist, cands)
     names = ["sem_last_1", "next_score"]
     picked = build_features(ctx, hist, cands, names)
     np.testing.assert_array_equal(picked, full[:, [FEATURE_NAMES.index(n) for n in names]])
     with pytest.raises(ConfigError, match="unknown feature"):
         build_features(ctx, hist, cands, ["nope"])
+
+
+def test_recent_similarity_items_below_last_k_is_refused(chain_candidates):
+    import dataclasses
+
+    ctx, hist, cands = chain_candidates
+    short = dataclasses.replace(
+        ctx, params=dataclasses.replace(ctx.params, recent_similarity_items=2), cache={}
+    )
+    with pytest.raises(ConfigError, match="recent_similarity_items"):
+        build_features(short, hist, cands)

@@ -21,11 +21,7 @@ DAY1 = datetime(2024, 2, 1, tzinfo=UTC)
 DAY2 = datetime(2024, 2, 2, tzinfo=UTC)
 DAY3 = datetime(2024, 2, 3, tzinfo=UTC)
 
-
-@pytest.fixture(autouse=True)
-def toy_ranker_features(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Serve the toy ranker with its own features (the real ones belong to the ranking stage)."""
-    monkeypatch.setattr(serving, "ranker_scorer", toy_scorer)
+pytestmark = pytest.mark.usefixtures("toy_ranker_features")
 
 
 def publish_run(store_uri: str, **kwargs: object) -> dict:

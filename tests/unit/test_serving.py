@@ -16,14 +16,11 @@ from llmrec_tasks.core.errors import BundleError
 from llmrec_tasks.serving import recommender as serving
 from llmrec_tasks.storage.paths import bundle_prefix, manifest_key
 from llmrec_tasks.storage.store import open_store
-from tests.bundle_factory import make_run, toy_scorer
+from tests.bundle_factory import make_run
 
 NS = C.DEFAULT_NAMESPACE
 
-
-@pytest.fixture(autouse=True)
-def toy_ranker_features(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serving, "ranker_scorer", toy_scorer)
+pytestmark = pytest.mark.usefixtures("toy_ranker_features")
 
 
 @pytest.fixture
@@ -180,7 +177,7 @@ def test_holder_picks_up_a_new_current_and_survives_a_bad_one(store_uri: str, pu
 def test_real_ranker_scorer_serves_the_ranking_stage_features(
     store_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The default scorer: candidates + features from llmrec_tasks.ranking.candidates/features."""
+    """The default scorer: candidates + features from llmrec_tasks.ranking.sources/features."""
     monkeypatch.undo()  # the real scorer, not the toy one
     from llmrec_tasks.ranking.features import FEATURE_NAMES
 

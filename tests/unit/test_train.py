@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -14,25 +15,23 @@ import pytest
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import RankerConfig, RunConfig
 from llmrec_tasks.core.errors import DataContractError
-from llmrec_tasks.data.contract import Dataset, write_snapshot
-from llmrec_tasks.ranking.benchmark import loo_split, loo_stages
-from llmrec_tasks.ranking.candidates import (
-    CandidateParams,
-    Histories,
-    context_from_artifacts,
-    generate_candidates,
-)
+from llmrec_tasks.data.contract import write_snapshot
+from llmrec_tasks.ranking.benchmark import loo_stages
+from llmrec_tasks.ranking.context import context_from_artifacts
+from llmrec_tasks.ranking.evaluate import quality_gate
+from llmrec_tasks.ranking.events import Histories
 from llmrec_tasks.ranking.features import build_features
-from llmrec_tasks.ranking.train import (
+from llmrec_tasks.ranking.protocols import time_windows
+from llmrec_tasks.ranking.ranker import (
+    candidate_params,
     evaluate_published_ranker,
     feature_columns,
     fit_ranker,
-    quality_gate,
-    run_train,
-    time_windows,
 )
+from llmrec_tasks.ranking.sources import CandidateParams, generate_candidates
+from llmrec_tasks.ranking.train import run_train
 from llmrec_tasks.storage.store import open_store
-from tests.unit.ranking_data import chain_interactions, embeddings, items_frame
+from tests.unit.ranking_data import embeddings, items_frame
 
 MODELS = {"ranker", "ranker_no_llm", "popularity", "itemknn", "ease", "semantic", "covis"}
 
@@ -80,6 +79,9 @@ def test_artifacts_are_written_and_consistent(trained):
     spec = json.loads(work.get_bytes(C.FEATURE_SPEC))
     booster = lgb.Booster(model_str=work.get_bytes(C.RANKER_MODEL).decode())
     assert booster.feature_name() == spec["features"]
+    # Serving rebuilds the candidate parameters from the spec: every field, not only some.
+    assert CandidateParams(**spec["candidates"]) == candidate_params(RankerConfig())
+    assert set(spec["candidates"]) == {f.name for f in dataclasses.fields(CandidateParams)}
     full = json.loads(work.get_bytes(C.METRICS))
     assert full["protocol"] == "time" and set(full["models"]) == MODELS
     assert "cold_items" in full["models"]["ranker"]["slices"]
@@ -119,16 +121,34 @@ def test_serving_recomputes_features_from_the_artifacts(trained, sample_data):
     assert scores.shape == (len(cands.items),) and len(cands.items) == spec["candidates"]["num_candidates"]
 
 
-def test_fit_is_reproducible():
-    data = Dataset(items=items_frame(), interactions=chain_interactions(n_users=60))
-    loo = loo_split(data)
-    vectors = embeddings()[loo.items[C.ITEM_ID].astype(int).to_numpy()]
-    rcfg = RankerConfig(num_candidates=12, per_source=5, train_windows=2, min_data_in_leaf=5, n_estimators=30)
-    train, valid, _ = loo_stages(loo, vectors, rcfg)
+SMALL_FIT = RankerConfig(
+    num_candidates=12, per_source=5, train_windows=2, min_data_in_leaf=5, n_estimators=30
+)
+
+
+@pytest.fixture(scope="module")
+def chain_loo_stages(chain_loo):
+    """Training and validation stages of the chain data (leave-one-out)."""
+    vectors = embeddings()[chain_loo.items[C.ITEM_ID].astype(int).to_numpy()]
+    train, valid, _ = loo_stages(chain_loo, vectors, SMALL_FIT)
+    return train, valid
+
+
+def test_fit_is_reproducible(chain_loo_stages):
+    train, valid = chain_loo_stages
     columns = feature_columns(include_llm=True)
-    a, _ = fit_ranker(train, valid, rcfg, 7, columns)
-    b, _ = fit_ranker(train, valid, rcfg, 7, columns)
+    a, _ = fit_ranker(train, valid, SMALL_FIT, 7, columns)
+    b, _ = fit_ranker(train, valid, SMALL_FIT, 7, columns)
     assert a.model_to_string() == b.model_to_string()
+
+
+def test_zero_early_stopping_rounds_trains_every_round(chain_loo_stages):
+    """0 disables early stopping (as documented): all n_estimators rounds, in the fit and the refit."""
+    train, valid = chain_loo_stages
+    rcfg = dataclasses.replace(SMALL_FIT, early_stopping_rounds=0)
+    booster, info = fit_ranker(train, valid, rcfg, 7, feature_columns(include_llm=True))
+    assert info["best_iteration"] == rcfg.n_estimators
+    assert booster.current_iteration() == rcfg.n_estimators
 
 
 def test_time_windows():
@@ -142,15 +162,13 @@ def test_time_windows():
         time_windows(ts, RankerConfig(eval_days=40, train_windows=3))
 
 
-def test_stage_with_a_user_without_candidates():
+def test_stage_with_a_user_without_candidates(chain):
     """A user who has seen the whole catalog gets no candidates; grouping must still work."""
-    from llmrec_tasks.ranking.candidates import Histories
     from llmrec_tasks.ranking.evaluate import Targets
-    from llmrec_tasks.ranking.train import _dataset, make_stage
-    from tests.unit.ranking_data import N_ITEMS, chain_context, chain_events
+    from llmrec_tasks.ranking.ranker import _dataset, make_stage
+    from tests.unit.ranking_data import N_ITEMS
 
-    events, users = chain_events()
-    ctx = chain_context(events, len(users))
+    _, _, ctx = chain
     everything = np.arange(N_ITEMS)
     hist = Histories.from_lists(
         [np.array([0, 1]), everything],
@@ -167,7 +185,7 @@ def test_stage_with_a_user_without_candidates():
 def test_smoothed_early_stopping_ignores_an_early_spike():
     from types import SimpleNamespace
 
-    from llmrec_tasks.ranking.train import SmoothedEarlyStopping
+    from llmrec_tasks.ranking.ranker import SmoothedEarlyStopping
 
     # Rises to a plateau at rounds 40-60 and decays; a chance spike at round 3 beats every later value.
     curve = [0.2, 0.2, 0.26] + [0.2 + 0.001 * r for r in range(37)] + [0.24] * 20 + [0.22] * 100
@@ -183,10 +201,23 @@ def test_smoothed_early_stopping_ignores_an_early_spike():
     assert short.best_round == 3  # no full window: keep every round
 
 
+def test_smoothed_early_stopping_with_zero_patience_never_stops():
+    from types import SimpleNamespace
+
+    from llmrec_tasks.ranking.ranker import SmoothedEarlyStopping
+
+    curve = [0.3] * 10 + [0.2] * 30  # falls after the first window: any patience would stop
+    stopper = SmoothedEarlyStopping(patience=0, window=10)
+    for value in curve:
+        stopper(SimpleNamespace(evaluation_result_list=[("valid", "ndcg@10", value, True)]))
+    assert stopper.best_round == len(curve)
+    assert stopper.score == pytest.approx(0.2)  # the last full window, where training ended
+
+
 def test_windows_sample_at_most_max_users_per_window_with_the_seed():
     from llmrec_tasks.core.config import RankerConfig
-    from llmrec_tasks.ranking.train import production_stages
-    from tests.unit.ranking_data import chain_events, embeddings, items_frame
+    from llmrec_tasks.ranking.protocols import production_stages
+    from tests.unit.ranking_data import chain_events, embeddings
 
     events, users = chain_events()
     capped = RankerConfig(max_users_per_window=1, train_windows=2)

@@ -1,0 +1,241 @@
+"""Evaluation protocols: the stages a ranker is trained, validated and tested on, and the comparison.
+
+Both protocols share one code path (:func:`evaluate_stages`): a list of training *stages*, a
+validation stage and a test stage. Statistics (co-visitation, EASE, popularity, ...) of a stage
+only come from interactions known before its targets.
+
+- Production protocol (:func:`production_stages`, the daily DAG): a global time cutoff. The latest
+  window (``eval_days``, or ``eval_fraction`` of the time span) is the test window, the window
+  before it validates, ``train_windows`` earlier windows give training groups. A window's targets
+  are the items each user interacted with in it (not already in the history); its statistics and
+  histories are the interactions before the window's start, which is also the reference time of
+  the ranking.
+- Leave-one-out protocol (:mod:`llmrec_tasks.ranking.benchmark`): the same, by position in each
+  user's sequence instead of time.
+
+The published model never saw the test stage, so its test metrics are honest and the quality gate
+(:func:`llmrec_tasks.ranking.evaluate.quality_gate`) can compare it with the published ranker on
+the same evaluation data (:func:`llmrec_tasks.ranking.ranker.evaluate_published_ranker`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+
+from llmrec_tasks.core.config import RankerConfig
+from llmrec_tasks.core.errors import ConfigError, DataContractError
+from llmrec_tasks.ranking.baselines import baseline_rankings
+from llmrec_tasks.ranking.context import ContextParams, build_context
+from llmrec_tasks.ranking.evaluate import (
+    PRIMARY,
+    Targets,
+    paired_bootstrap,
+    per_user_mean,
+    per_user_metrics,
+    restrict,
+    summarize_runs,
+)
+from llmrec_tasks.ranking.events import DAY, Events, Histories
+from llmrec_tasks.ranking.features import FEATURE_NAMES
+from llmrec_tasks.ranking.ranker import (
+    RankerParams,
+    Stage,
+    feature_columns,
+    fit_ranker,
+    make_stage,
+    ranked_lists,
+)
+from llmrec_tasks.retrieval.index import retrieval_index, user_profile_queries
+
+log = logging.getLogger(__name__)
+
+RANKER = "ranker"
+ABLATION = "ranker_no_llm"
+
+
+def evaluate_stages(
+    train: list[Stage],
+    valid: Stage,
+    test: Stage,
+    rcfg: RankerConfig,
+    *,
+    seeds: int = 1,
+    n_boot: int = 1000,
+    params: RankerParams | None = None,
+) -> tuple[dict[str, Any], lgb.Booster, dict[str, Any]]:
+    """Fit the ranker and its no-LLM ablation per seed, score baselines, compare on the test users.
+
+    Returns (results, the first seed's ranker, its fit info). ``results["models"]`` maps each
+    model to its metrics (mean over seeds, spread, bootstrap CI, cold-start slice).
+    """
+    params = params or RankerParams()
+    if seeds < 1:
+        raise ConfigError(f"seeds must be at least 1, got {seeds}")
+    runs: dict[str, list[np.ndarray]] = {RANKER: [], ABLATION: []}
+    importance = np.zeros(len(FEATURE_NAMES))
+    infos: dict[str, list[dict[str, Any]]] = {RANKER: [], ABLATION: []}
+    boosters: list[lgb.Booster] = []
+    for i in range(seeds):
+        seed = rcfg.seed + i
+        for model, include_llm in ((RANKER, True), (ABLATION, False)):
+            columns = feature_columns(include_llm)
+            booster, info = fit_ranker(train, valid, rcfg, seed, columns, params)
+            scores = booster.predict(test.X[:, columns], num_threads=rcfg.num_threads)
+            runs[model].append(ranked_lists(test.cands, scores, params.list_depth))
+            infos[model].append(info)
+            if model == RANKER:
+                gain = booster.feature_importance("gain")
+                importance[columns] += gain / max(gain.sum(), 1e-12)
+                boosters.append(booster)
+        log.info(
+            "seed %d: test NDCG@10 ranker %.4f, without LLM features %.4f",
+            seed,
+            per_user_metrics(runs[RANKER][-1], test.targets)[PRIMARY].mean(),
+            per_user_metrics(runs[ABLATION][-1], test.targets)[PRIMARY].mean(),
+        )
+    for name, ranked in baseline_rankings(test.ctx, test.hist, depth=params.list_depth).items():
+        runs[name] = [ranked]
+    cold = restrict(test.targets, test.ctx.item_pop[test.targets.items] < params.cold_max_interactions)
+    models = {
+        name: summarize_runs(r, test.targets, test.ctx.n_items, slices={"cold_items": cold}, n_boot=n_boot)
+        for name, r in runs.items()
+    }
+    ranker_users = per_user_mean(runs[RANKER], test.targets)
+    comparisons = {
+        f"{RANKER}_vs_{name}": {
+            key: paired_bootstrap(
+                per_user_mean(runs[RANKER], test.targets, key),
+                per_user_mean(r, test.targets, key),
+                n_boot=n_boot,
+            )
+            for key in ("ndcg@10", "recall@10")
+        }
+        for name, r in runs.items()
+        if name != RANKER
+    }
+    results = {
+        "models": models,
+        "comparisons": comparisons,
+        "candidate_recall": {"test": test.cands.source_recall, "valid": valid.cands.source_recall},
+        "feature_importance": {
+            FEATURE_NAMES[j]: float(importance[j] / seeds)
+            for j in np.argsort(-importance)
+            if importance[j] > 0
+        },
+        "training": {
+            "seeds": [rcfg.seed + i for i in range(seeds)],
+            "fits": infos,
+            "stages": {
+                s.name: {
+                    "users": s.n_users,
+                    "rows": len(s.y),
+                    "users_with_positive": int((s.positives() > 0).sum()),
+                }
+                for s in [*train, valid, test]
+            },
+            "test_users": int(ranker_users.size),
+        },
+    }
+    return results, boosters[0], infos[RANKER][0]
+
+
+def small_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The XCom-sized summary: NDCG@10 and Recall@10 per model."""
+    return {
+        name: {key: round(float(m[key]), 6) for key in ("ndcg@10", "recall@10")}
+        for name, m in results["models"].items()
+    }
+
+
+# --- production protocol ----------------------------------------------------------------------
+
+
+def time_windows(
+    ts: np.ndarray, rcfg: RankerConfig, params: RankerParams | None = None
+) -> list[tuple[float, float]]:
+    """``[start, end)`` of the training windows (oldest first), then validation, then test."""
+    params = params or RankerParams()
+    if ts.size == 0:
+        raise DataContractError("no interactions with known items: nothing to train on")
+    t_min, t_max = float(ts.min()), float(ts.max())
+    length = rcfg.eval_days * DAY if rcfg.eval_days > 0 else params.eval_fraction * (t_max - t_min)
+    if length <= 0:
+        raise DataContractError("all interactions have the same timestamp: a time-based split is impossible")
+    end = t_max + 1.0
+    windows = [(end - (j + 1) * length, end - j * length) for j in range(rcfg.train_windows + 2)][::-1]
+    windows = [w for w in windows if w[0] > t_min]
+    if len(windows) < 3:
+        raise DataContractError(
+            f"interactions span {(t_max - t_min) / DAY:.1f} days: too short for a training, a validation "
+            f"and a test window of {length / DAY:.1f} days each; lower ranker eval_days"
+        )
+    return windows
+
+
+def window_stage(
+    name: str,
+    events: Events,
+    n_users: int,
+    embeddings: np.ndarray,
+    items: pd.DataFrame,
+    window: tuple[float, float],
+    rcfg: RankerConfig,
+    index: Any = None,
+) -> Stage:
+    """Users active in ``window`` predicted from everything before its start; at most
+    ``max_users_per_window`` of them, sampled with the run's seed. ``index``: a shared retrieval
+    index over ``embeddings`` (built per context when omitted)."""
+    start, end = window
+    known = events.take(events.ts < start)
+    ctx = build_context(known, n_users, embeddings, items, ContextParams(), index=index)
+    n_items = embeddings.shape[0]
+    inside = events.take((events.ts >= start) & (events.ts < end))
+    keys = np.unique(inside.user * n_items + inside.item)  # one target per (user, item)
+    keys = keys[~np.isin(keys, known.user * n_items + known.item)]  # only items new to the user
+    hist_all = Histories.from_events(known, n_users, ref_ts=np.full(n_users, start))
+    t_user, t_item = keys // n_items, keys % n_items
+    users = np.unique(t_user)
+    users = users[hist_all.lengths[users] > 0]
+    if len(users) > rcfg.max_users_per_window:
+        rng = np.random.default_rng([rcfg.seed, int(start)])
+        users = np.sort(rng.choice(users, size=rcfg.max_users_per_window, replace=False))
+    keep = np.isin(t_user, users)
+    t_user, t_item = t_user[keep], t_item[keep]
+    counts = np.bincount(np.searchsorted(users, t_user), minlength=len(users))
+    targets = Targets(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), t_item)
+    return make_stage(name, ctx, hist_all.subset(users), targets, rcfg)
+
+
+def production_stages(
+    events: Events,
+    n_users: int,
+    embeddings: np.ndarray,
+    items: pd.DataFrame,
+    rcfg: RankerConfig,
+    params: RankerParams | None = None,
+) -> tuple[list[Stage], Stage, Stage, dict[str, tuple[float, float]]]:
+    """The production protocol's groups: training windows, then validation, then the latest (test);
+    plus each group's time window."""
+    windows = time_windows(events.ts, rcfg, params)
+    names = [f"train{j}" for j in range(len(windows) - 2)] + ["valid", "test"]
+    index = retrieval_index(embeddings, user_profile_queries(events.user, events.item, embeddings))
+    stages = []
+    for name, window in zip(names, windows, strict=True):
+        stage = window_stage(name, events, n_users, embeddings, items, window, rcfg, index)
+        if name != "test":
+            stage.ctx = None  # each window's relations would otherwise stay in memory to the end
+        stages.append(stage)
+    return stages[:-2], stages[-2], stages[-1], dict(zip(names, windows, strict=True))
+
+
+def json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot serialise {type(value).__name__}")

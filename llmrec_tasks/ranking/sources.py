@@ -1,0 +1,297 @@
+"""Candidate generation: what the ranker chooses from, per user.
+
+:func:`generate_candidates` takes a :class:`~llmrec_tasks.ranking.events.Histories` (each user's
+items, oldest first, and the time the recommendation is made) and unions the top lists of the
+sources :data:`SOURCES`, each recording its score and rank for the ranker:
+
+- ``faiss_profile`` / ``faiss_last``: retrieval-index neighbours of the recency-weighted profile /
+  of the most recent items;
+- ``next``, ``prev``, ``cooc``, ``ease``: the context's relations from the recent (``next``,
+  ``prev``), long-term (``cooc``) or whole (``ease``) history;
+- ``pop``: the most popular items at the reference time.
+
+The same code runs in training, in the benchmark and at serving time (where the context is rebuilt
+from published artifacts, see :func:`llmrec_tasks.ranking.context.context_from_artifacts`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from llmrec_tasks.core.errors import ConfigError
+from llmrec_tasks.ranking.context import RankContext, recent_weights, user_profiles
+from llmrec_tasks.ranking.events import Histories
+from llmrec_tasks.ranking.keys import csr_keys, in_sorted, lookup, rank_lists
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("faiss_profile", "faiss_last", "next", "prev", "cooc", "ease", "pop")
+POP_PRIOR = 1e-3  # weight of overall popularity in the `pop` score: below one count, a tie-breaker
+
+
+@dataclass(frozen=True)
+class CandidateParams:
+    """Per-source list lengths and the cap on the union."""
+
+    num_candidates: int = 200
+    per_source: int = 60  # each source contributes its top `per_source` items
+    rank_depth: int = 200  # ranks beyond this are recorded as rank_depth + 1
+    faiss_last_items: int = 3  # `faiss_last`: neighbours of this many most recent items (scored by max)
+
+    def __post_init__(self) -> None:
+        if self.per_source > self.rank_depth:
+            raise ConfigError(
+                f"per_source ({self.per_source}) must not exceed rank_depth ({self.rank_depth})"
+            )
+
+
+@dataclass
+class CandidateSet:
+    """Candidates per user (ragged) with each source's score and rank for every candidate."""
+
+    indptr: np.ndarray  # int64, n_users + 1
+    items: np.ndarray  # int64
+    scores: np.ndarray  # (n, len(SOURCES)) float32
+    ranks: np.ndarray  # (n, len(SOURCES)) float32; rank_depth + 1 when outside a source's top list
+    source_recall: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.indptr) - 1
+
+    @property
+    def user_of(self) -> np.ndarray:
+        return np.repeat(np.arange(self.n_users), np.diff(self.indptr))
+
+
+@dataclass
+class _Batch:
+    """Per-source scores and top lists of one batch of users; sparse, so a batch costs what its
+    users' histories touch, not the catalog size."""
+
+    scores: dict[str, sp.csr_matrix]  # relation sources, (B, n_items); seen items included
+    lists: dict[str, np.ndarray]  # (B, rank_depth) item indices, -1 padded
+    profile: np.ndarray  # (B, dim) recency-weighted profile
+    seen: np.ndarray  # sorted keys ``user * n_items + item`` of the batch's histories
+
+
+def collaborative_scores(ctx: RankContext, hist: Histories) -> dict[str, sp.csr_matrix]:
+    """Sparse ``(n_users, n_items)`` scores of the relation sources for a batch of users."""
+    pos = hist.position_from_end()
+    recent = hist.weight_matrix(ctx.n_items, recent_weights(ctx, hist))
+    half_life = ctx.params.cooc_half_life_factor * ctx.params.profile_half_life
+    longterm = hist.weight_matrix(ctx.n_items, np.power(0.5, pos / half_life))
+    binary = hist.weight_matrix(ctx.n_items, np.ones(len(pos)))
+    binary.data[:] = 1.0
+    products = {
+        "next": recent @ ctx.relations["next"],
+        "prev": recent @ ctx.relations["prev"],
+        "cooc": longterm @ ctx.relations["cooc"],
+        "ease": binary @ ctx.relations["ease"],
+    }
+    for matrix in products.values():
+        matrix.sum_duplicates()  # canonical: sorted indices, so (row, item) keys come out sorted
+    return products
+
+
+def _relation_lists(matrix: sp.csr_matrix, seen: np.ndarray, depth: int) -> np.ndarray:
+    keys = csr_keys(matrix)
+    unseen = ~in_sorted(seen, keys)
+    n_items = matrix.shape[1]
+    return rank_lists(
+        keys[unseen] // n_items, keys[unseen] % n_items, matrix.data[unseen], matrix.shape[0], depth
+    )
+
+
+def _pop_score(ctx: RankContext, items: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Popularity in the first window, plus a tiny prior that breaks ties deterministically."""
+    counts = ctx.window_counts(items, ref, ctx.params.pop_windows[0])
+    prior = ctx.cached("pop_prior", lambda: ctx.item_pop / (ctx.item_pop.max(initial=0) + 1) * POP_PRIOR)
+    return counts + prior[items]
+
+
+def _pop_lists(ctx: RankContext, hist: Histories, seen: np.ndarray, depth: int) -> np.ndarray:
+    """Most popular unseen items at each user's reference time. Only items in the window or among
+    the most popular overall can make a list, so only those are scored."""
+    n_users, n_items = hist.n_users, ctx.n_items
+    need = min(n_items, depth + int(hist.lengths.max(initial=0)))
+    prior_top = ctx.cached(
+        ("prior_top", need),
+        lambda: (
+            np.sort(np.argpartition(-ctx.item_pop, need - 1)[:need]) if need < n_items else np.arange(n_items)
+        ),
+    )
+    refs, ref_of_user = np.unique(hist.ref_ts, return_inverse=True)
+    ordered = np.full((len(refs), need), -1, dtype=np.int64)
+    for j, ref in enumerate(refs):
+        pool = np.union1d(ctx.window_items(ref, ctx.params.pop_windows[0]), prior_top)
+        score = _pop_score(ctx, pool, np.full(len(pool), ref))
+        ordered[j] = rank_lists(np.zeros(len(pool), np.int64), pool, score, 1, need)[0]
+    cand = ordered[ref_of_user.ravel()]
+    valid = (cand >= 0) & ~in_sorted(seen, np.arange(n_users)[:, None] * n_items + cand)
+    order = np.argsort(~valid, axis=1, kind="stable")[:, : min(depth, n_items)]
+    return np.where(np.take_along_axis(valid, order, axis=1), np.take_along_axis(cand, order, axis=1), -1)
+
+
+def _faiss_lists(
+    ctx: RankContext, queries: np.ndarray, hist: Histories, seen: np.ndarray, depth: int
+) -> tuple[np.ndarray, ...]:
+    """FAISS top lists for one query vector per user, history removed; returns (items, scores)."""
+    extra = int(hist.lengths.max(initial=0))
+    k = min(ctx.n_items, depth + extra)
+    scores, idx = ctx.faiss_index().search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    keys = np.arange(hist.n_users)[:, None] * ctx.n_items + np.maximum(idx, 0)
+    valid = (idx >= 0) & ~in_sorted(seen, keys)
+    # Stable compaction: valid entries first, keeping FAISS order.
+    order = np.argsort(~valid, axis=1, kind="stable")[:, :depth]
+    items = np.where(np.take_along_axis(valid, order, axis=1), np.take_along_axis(idx, order, axis=1), -1)
+    return items, np.take_along_axis(scores, order, axis=1)
+
+
+def _batch_scores(ctx: RankContext, hist: Histories, params: CandidateParams) -> _Batch:
+    n_users, n_items = hist.n_users, ctx.n_items
+    depth = min(params.rank_depth, n_items)
+    seen = np.unique(np.repeat(np.arange(n_users, dtype=np.int64), hist.lengths) * n_items + hist.items)
+    scores = collaborative_scores(ctx, hist)
+    lists = {name: _relation_lists(matrix, seen, depth) for name, matrix in scores.items()}
+    lists["pop"] = _pop_lists(ctx, hist, seen, depth)
+    profile, _ = user_profiles(ctx, hist)
+    lists["faiss_profile"], _ = _faiss_lists(ctx, profile, hist, seen, depth)
+    lists["faiss_profile"][hist.lengths == 0] = -1
+    last = hist.last(ctx.params.recent_items)
+    rows, cols, vals = [], [], []
+    for p in range(min(params.faiss_last_items, last.shape[1])):
+        items_p, sims_p = _faiss_lists(ctx, ctx.embeddings[np.maximum(last[:, p], 0)], hist, seen, depth)
+        ok = (items_p >= 0) & (last[:, p : p + 1] >= 0)
+        rows.append(np.broadcast_to(np.arange(n_users)[:, None], items_p.shape)[ok])
+        cols.append(items_p[ok])
+        vals.append(ctx.params.recent_decay**p * sims_p[ok])
+    keys = np.concatenate(rows) * n_items + np.concatenate(cols) if rows else np.zeros(0, np.int64)
+    vals = np.concatenate(vals) if vals else np.zeros(0, np.float32)
+    order = np.argsort(keys, kind="stable")
+    keys, first = np.unique(keys[order], return_index=True)
+    best = np.maximum.reduceat(vals[order], first) if len(first) else vals[:0]
+    lists["faiss_last"] = rank_lists(keys // n_items, keys % n_items, best + 2.0, n_users, depth)
+    return _Batch(scores=scores, lists=lists, profile=profile, seen=seen)
+
+
+def rowwise_dot(a: np.ndarray, rows_a: np.ndarray, b: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
+    """``a[rows_a[i]] . b[rows_b[i]]`` for every i, in chunks (bounded memory)."""
+    out = np.empty(len(rows_a), dtype=np.float32)
+    for lo in range(0, len(rows_a), 65_536):
+        hi = lo + 65_536
+        out[lo:hi] = np.einsum("nd,nd->n", a[rows_a[lo:hi]], b[rows_b[lo:hi]])
+    return out
+
+
+def generate_candidates(
+    ctx: RankContext,
+    hist: Histories,
+    params: CandidateParams,
+    *,
+    targets: Any = None,
+    batch_size: int = 512,
+) -> CandidateSet:
+    """Union of each source's top ``per_source`` items (history excluded), capped at ``num_candidates``.
+
+    When the cap bites, candidates with the best rank in any source are kept (then by item index);
+    otherwise they come in item order. ``targets`` (an :class:`llmrec_tasks.ranking.evaluate.Targets`)
+    fills ``source_recall``: the share of target items each source's list contains, and ``all`` for
+    the final set. Work and memory grow with users x list lengths, not with the catalog size.
+    """
+    started = time.monotonic()
+    n_items, absent = ctx.n_items, np.float32(params.rank_depth + 1)
+    parts_items, parts_scores, parts_ranks, counts = [], [], [], []
+    source_found = dict.fromkeys(SOURCES, 0)
+    for start in range(0, hist.n_users, batch_size):
+        rows = np.arange(start, min(start + batch_size, hist.n_users))
+        sub = hist.subset(rows)
+        batch = _batch_scores(ctx, sub, params)
+        ranked = {}  # source -> (sorted keys user * n_items + item, rank)
+        for name in SOURCES:
+            lst = batch.lists[name]
+            r, c = np.nonzero(lst >= 0)
+            keys = r * n_items + lst[r, c]
+            order = np.argsort(keys)
+            ranked[name] = (keys[order], (c[order] + 1).astype(np.float32))
+        keys = np.concatenate([k[rank <= params.per_source] for k, rank in ranked.values()])
+        best = np.concatenate([rank[rank <= params.per_source] for _, rank in ranked.values()])
+        order = np.lexsort((best, keys))
+        keys, first = np.unique(keys[order], return_index=True)
+        best = best[order][first]
+        user, item = keys // n_items, keys % n_items
+        per_user = np.bincount(user, minlength=len(rows))
+        capped = per_user > params.num_candidates
+        if capped.any():
+            order = np.lexsort((item, best, user))
+            pos = np.arange(len(order)) - np.searchsorted(user[order], user[order])
+            keep = np.sort(order[pos < params.num_candidates])
+            keys, best, user, item = keys[keep], best[keep], user[keep], item[keep]
+            order = np.lexsort((item, np.where(capped[user], best, 0), user))
+            keys, user, item = keys[order], user[order], item[order]
+        counts.extend(np.bincount(user, minlength=len(rows)).tolist())
+        parts_items.append(item)
+        parts_ranks.append(np.stack([lookup(k, rank, keys, absent) for k, rank in ranked.values()], axis=1))
+        sc = [rowwise_dot(ctx.embeddings, item, batch.profile, user)]
+        last_items = sub.last(params.faiss_last_items)
+        recent = np.full(len(item), -np.inf, dtype=np.float32)
+        for p in range(last_items.shape[1]):
+            has = last_items[user, p] >= 0
+            sims = rowwise_dot(ctx.embeddings, item[has], ctx.embeddings, last_items[user[has], p])
+            recent[has] = np.maximum(recent[has], sims)
+        sc.append(np.where(np.isfinite(recent), recent, 0.0))
+        for name in ("next", "prev", "cooc", "ease"):
+            matrix = batch.scores[name]
+            sc.append(lookup(csr_keys(matrix), matrix.data, keys, 0.0))
+        sc.append(_pop_score(ctx, item, sub.ref_ts[user]))
+        parts_scores.append(np.stack(sc, axis=1).astype(np.float32))
+        if targets is not None:
+            local = np.repeat(np.arange(len(rows)), targets.counts[rows])
+            tgt_items = np.concatenate(
+                [targets.items[targets.indptr[u] : targets.indptr[u + 1]] for u in rows]
+            ).astype(np.int64)
+            tgt_keys = local * n_items + tgt_items
+            for name, (k, rank) in ranked.items():
+                source_found[name] += int((lookup(k, rank, tgt_keys, absent) <= params.per_source).sum())
+        if hist.n_users > batch_size:
+            log.info("candidates: %d/%d users", rows[-1] + 1, hist.n_users)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    items = np.concatenate(parts_items).astype(np.int64) if parts_items else np.zeros(0, np.int64)
+    n_src = len(SOURCES)
+    cands = CandidateSet(
+        indptr=indptr,
+        items=items,
+        scores=np.concatenate(parts_scores) if parts_scores else np.zeros((0, n_src), np.float32),
+        ranks=np.concatenate(parts_ranks) if parts_ranks else np.zeros((0, n_src), np.float32),
+    )
+    if targets is not None:
+        total = max(len(targets.items), 1)
+        cands.source_recall = {name: source_found[name] / total for name in SOURCES}
+        cands.source_recall["all"] = float(candidate_hits(cands, targets).sum() / total)
+    # Per-request calls from serving (one user) log at debug level: an INFO line per request is noise.
+    log.log(
+        logging.INFO if hist.n_users > 1 else logging.DEBUG,
+        "candidates for %d users: %.0f per user (%.1fs)",
+        hist.n_users,
+        len(items) / max(hist.n_users, 1),
+        time.monotonic() - started,
+    )
+    return cands
+
+
+def candidate_hits(cands: CandidateSet, targets: Any) -> np.ndarray:
+    """Boolean per candidate row: is it one of its user's target items."""
+    span = np.int64(max(int(cands.items.max(initial=0)), int(targets.items.max(initial=0))) + 2)
+    tgt_user = np.repeat(np.arange(targets.n_users), targets.counts)
+    relevant = np.unique(tgt_user * span + targets.items)
+    keys = cands.user_of * span + cands.items
+    if relevant.size == 0:
+        return np.zeros(len(keys), dtype=bool)
+    pos = np.searchsorted(relevant, keys).clip(max=len(relevant) - 1)
+    return relevant[pos] == keys
