@@ -133,7 +133,7 @@ def loo_stages(loo: LooData, embeddings: np.ndarray, rcfg: RankerConfig) -> tupl
     stages = []
     for s in range(rcfg.train_windows + 2):
         known = loo.events.take(loo.pos > s)
-        ctx = build_context(known, loo.n_users, embeddings, loo.items, ContextParams())
+        ctx = build_context(known, loo.n_users, embeddings, loo.items, ContextParams.from_config(rcfg))
         target = loo.events.take(loo.pos == s)  # one per user, in user order
         hist = Histories.from_events(known, loo.n_users)
         keep = hist.lengths[target.user] > 0

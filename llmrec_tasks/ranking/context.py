@@ -23,6 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.config import RankerConfig
 from llmrec_tasks.core.errors import DataContractError
 from llmrec_tasks.ranking.events import Events, Histories, ItemTimes
 from llmrec_tasks.ranking.relations import (
@@ -59,6 +60,12 @@ class ContextParams:
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "pop_windows": list(self.pop_windows)}
+
+    @classmethod
+    def from_config(cls, rcfg: RankerConfig) -> ContextParams:
+        """The run's settings (``ranker_*``) of the same names; the two popularity windows as a pair."""
+        named = {f.name: getattr(rcfg, f.name) for f in dataclasses.fields(cls) if f.name != "pop_windows"}
+        return cls(**named, pop_windows=(rcfg.pop_window_short, rcfg.pop_window_long))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ContextParams:

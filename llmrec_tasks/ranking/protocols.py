@@ -73,7 +73,7 @@ def evaluate_stages(
     Returns (results, the first seed's ranker, its fit info). ``results["models"]`` maps each
     model to its metrics (mean over seeds, spread, bootstrap CI, cold-start slice).
     """
-    params = params or RankerParams()
+    params = params or RankerParams.from_config(rcfg)
     if seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {seeds}")
     runs: dict[str, list[np.ndarray]] = {RANKER: [], ABLATION: []}
@@ -159,7 +159,7 @@ def time_windows(
     ts: np.ndarray, rcfg: RankerConfig, params: RankerParams | None = None
 ) -> list[tuple[float, float]]:
     """``[start, end)`` of the training windows (oldest first), then validation, then test."""
-    params = params or RankerParams()
+    params = params or RankerParams.from_config(rcfg)
     if ts.size == 0:
         raise DataContractError("no interactions with known items: nothing to train on")
     t_min, t_max = float(ts.min()), float(ts.max())
@@ -192,7 +192,7 @@ def window_stage(
     index over ``embeddings`` (built per context when omitted)."""
     start, end = window
     known = events.take(events.ts < start)
-    ctx = build_context(known, n_users, embeddings, items, ContextParams(), index=index)
+    ctx = build_context(known, n_users, embeddings, items, ContextParams.from_config(rcfg), index=index)
     n_items = embeddings.shape[0]
     inside = events.take((events.ts >= start) & (events.ts < end))
     keys = np.unique(inside.user * n_items + inside.item)  # one target per (user, item)

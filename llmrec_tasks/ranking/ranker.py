@@ -10,6 +10,7 @@ quality gate.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import time
@@ -41,6 +42,11 @@ class RankerParams:
     cold_max_interactions: int = 10  # cold-start slice: target items with fewer known interactions
     eval_fraction: float = 0.1  # window length when eval_days is 0: this share of the time span
 
+    @classmethod
+    def from_config(cls, rcfg: RankerConfig) -> RankerParams:
+        """The run's settings (``ranker_*``) of the same names."""
+        return cls(**{f.name: getattr(rcfg, f.name) for f in dataclasses.fields(cls)})
+
 
 @dataclass
 class Stage:
@@ -69,6 +75,7 @@ def candidate_params(rcfg: RankerConfig) -> CandidateParams:
         num_candidates=rcfg.num_candidates,
         per_source=rcfg.per_source,
         rank_depth=max(CandidateParams.rank_depth, rcfg.per_source),
+        faiss_last_items=rcfg.faiss_last_items,
     )
 
 
@@ -204,7 +211,7 @@ def fit_ranker(
 ) -> tuple[lgb.Booster, dict[str, Any]]:
     """Early stopping on ``valid`` (NDCG@10, smoothed), then a refit on train + valid with that many
     rounds; ``early_stopping_rounds`` 0 keeps all ``n_estimators`` rounds."""
-    params = params or RankerParams()
+    params = params or RankerParams.from_config(rcfg)
     started = time.monotonic()
     booster_params = lgb_params(rcfg, seed)
     sampling = {"negative_fraction": rcfg.negative_fraction, "seed": seed}

@@ -79,7 +79,7 @@ def run_train(cfg: RunConfig, validated: dict[str, Any], embedded: dict[str, Any
     )
     log.info("quality gate vs popularity: %s", reason)
 
-    serving_ctx = build_context(events, len(user_index), embeddings, items, ContextParams())
+    serving_ctx = build_context(events, len(user_index), embeddings, items, ContextParams.from_config(rcfg))
     stats, neighbours = serving_frames(serving_ctx, item_ids)
     spec = feature_spec(serving_ctx, rcfg, booster, fit_info, embedded)
     _put_parquet(store, C.SERVING_STATS, stats)

@@ -230,3 +230,23 @@ def test_windows_sample_at_most_max_users_per_window_with_the_seed():
         events, len(users), embeddings(), items_frame(), RankerConfig(train_windows=2)
     )
     assert max(stage.hist.n_users for stage in [*uncapped[0], uncapped[1], uncapped[2]]) > 1
+
+
+def test_ranking_numbers_come_from_the_run_settings():
+    """Each former magic number of the ranking core is a ``ranker_*`` setting, inside the params hash."""
+    from llmrec_tasks.core.config import RankerConfig, RunConfig
+    from llmrec_tasks.ranking.context import ContextParams
+    from llmrec_tasks.ranking.ranker import RankerParams, candidate_params
+
+    rcfg = RankerConfig(
+        covis_window=3, pop_window_short=7, pop_window_long=70, list_depth=60, faiss_last_items=5
+    )
+    ctx = ContextParams.from_config(rcfg)
+    assert (ctx.covis_window, ctx.pop_windows) == (3, (7, 70))
+    assert RankerParams.from_config(rcfg).list_depth == 60
+    assert candidate_params(rcfg).faiss_last_items == 5
+    assert ContextParams.from_config(RankerConfig()) == ContextParams()
+    assert RankerParams.from_config(RankerConfig()) == RankerParams()
+    base = RunConfig(store_uri="file:///tmp/x")
+    changed = RunConfig.from_dict({"store_uri": "file:///tmp/x", "ranker_ease_lambda": 50.0})
+    assert base.params_hash() != changed.params_hash()

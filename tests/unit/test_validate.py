@@ -109,9 +109,7 @@ def test_thresholds_come_from_config(tmp_path, store_uri):
     with pytest.raises(ValidationFailedError, match=r"weight/rating within \[0, 5\]"):
         run_validate(RunConfig(data_uri=str(folder), store_uri=store_uri))
 
-    cfg = RunConfig.from_dict(
-        {"data_uri": str(folder), "store_uri": store_uri, "validation_max_weight": 10}
-    )
+    cfg = RunConfig.from_dict({"data_uri": str(folder), "store_uri": store_uri, "validation_max_weight": 10})
     assert run_validate(cfg)["counts"]["interactions"] == len(inter)
 
 
