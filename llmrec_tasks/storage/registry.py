@@ -58,8 +58,9 @@ ARTIFACTS: dict[str, str] = {
 }
 # Written by publish from the run's snapshot (not an upstream artifact).
 DERIVED_FILES = (C.BUNDLE_ITEMS, C.USER_HISTORIES)
-BUNDLE_FILES = frozenset(ARTIFACTS.values()) | frozenset(DERIVED_FILES)
+# Folders copied whole: any file below them belongs to the bundle.
 FOLDERS = frozenset({C.VALIDATION_DOCS_DIR})
+BUNDLE_FILES = (frozenset(ARTIFACTS.values()) - FOLDERS) | frozenset(DERIVED_FILES)
 # A manifest lacking one of these is not a servable bundle (publish refuses to write it).
 REQUIRED_FILES = (
     C.EMBEDDINGS,
@@ -105,7 +106,7 @@ def bundle_prefix(namespace: str, version: str) -> str:
 
 def is_bundle_file(name: str) -> bool:
     """Whether ``name`` may be part of a bundle (the allow-list, or a file inside an allowed folder)."""
-    return name in BUNDLE_FILES - FOLDERS or any(name.startswith(f"{folder}/") for folder in FOLDERS)
+    return name in BUNDLE_FILES or any(name.startswith(f"{folder}/") for folder in FOLDERS)
 
 
 def bundle_key(namespace: str, version: str, name: str) -> str:

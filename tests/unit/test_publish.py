@@ -92,7 +92,7 @@ def test_bundle_holds_exactly_the_allow_list_and_evaluation_features_stay_in_the
     result = publish.run_publish(cfg, validated, embedded, indexed, trained)
     manifest = registry.read_manifest(store, cfg.namespace, result["version"])
     docs = {f"{C.VALIDATION_DOCS_DIR}/index.html", f"{C.VALIDATION_DOCS_DIR}/static/style.css"}
-    assert set(manifest["files"]) == (registry.BUNDLE_FILES - registry.FOLDERS) | docs
+    assert set(manifest["files"]) == registry.BUNDLE_FILES | docs
     prefix = registry.bundle_prefix(cfg.namespace, result["version"])
     assert {key[len(prefix) + 1 :] for key in store.list(prefix)} == set(manifest["files"]) | {C.MANIFEST}
     assert store.exists(f"{work}/{C.RANKER_EVAL}")  # the quality gate reads it from the run
