@@ -23,7 +23,7 @@ import numpy as np
 from benchmarks.catalog import change_texts, generate_catalog
 from llmrec_tasks.core.config import EncoderConfig, RunConfig
 from llmrec_tasks.data.contract import item_texts, normalize, read_raw, write_snapshot
-from llmrec_tasks.storage import paths
+from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.store import open_store, split_uri
 from llmrec_tasks.text import embed, onnx_encoder
 
@@ -118,8 +118,8 @@ def publish_embeddings(store_uri: str, version: str, result: dict) -> None:
     for key, uri in result.items():
         if key.endswith("_uri"):
             src, name = split_uri(uri)
-            root.put_bytes(f"{paths.bundle_prefix('production', version)}/{name}", src.get_bytes(name))
-    root.put_bytes(paths.current_key("production"), json.dumps({"version": version}).encode())
+            root.put_bytes(f"{registry.bundle_prefix('production', version)}/{name}", src.get_bytes(name))
+    root.put_bytes(registry.current_key("production"), json.dumps({"version": version}).encode())
 
 
 def incremental(n_items: int, fraction: float) -> None:
@@ -132,7 +132,7 @@ def incremental(n_items: int, fraction: float) -> None:
         rows = []
         for version, items in (("full", data.items), ("incremental", changed_items)):
             store = open_store(store_uri)
-            prefix = paths.run_prefix(cfg.namespace, version)
+            prefix = registry.run_prefix(cfg.namespace, version)
             write_snapshot(type(data)(items=items, interactions=data.interactions), store, prefix)
             validated = {"version": version, "work_uri": store.uri_for(prefix)}
             clear_caches()

@@ -34,9 +34,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llmrec_tasks import publish  # noqa: E402
 from llmrec_tasks.core import constants as C  # noqa: E402
 from llmrec_tasks.serving import recommender as serving  # noqa: E402
+from llmrec_tasks.storage import registry  # noqa: E402
 from llmrec_tasks.storage.store import open_store  # noqa: E402
 
 log = logging.getLogger("bench_serving")
@@ -54,7 +54,7 @@ def percentiles(ms: list[float]) -> dict[str, float]:
 
 def ensure_bundle(store_uri: str, namespace: str, data: str | None) -> None:
     """Run the whole pipeline on ``data`` when the namespace has nothing promoted yet."""
-    pointer, _ = publish.read_pointer(open_store(store_uri), namespace)
+    pointer, _ = registry.read_pointer(open_store(store_uri), namespace)
     if pointer is not None:
         return
     if data is None:

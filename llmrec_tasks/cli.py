@@ -99,35 +99,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _bundle_command(args: argparse.Namespace) -> Any:
     from llmrec_tasks import publish
+    from llmrec_tasks.storage import registry
 
     if args.command == "versions":
-        return publish.list_versions(args.store, args.namespace)
+        return registry.list_versions(args.store, args.namespace)
     if args.command == "show":
-        return publish.show(args.store, args.namespace, args.version)
+        return registry.show(args.store, args.namespace, args.version)
     if args.command == "promote":
         return publish.promote(args.store, args.namespace, args.version)
     if args.command == "rollback":
         return publish.rollback(args.store, args.namespace)
-    return publish.gc(args.store, args.namespace, args.keep)
+    return registry.gc(args.store, args.namespace, args.keep)
 
 
 def summary_text(store_uri: str, namespace: str) -> str:
     """Human summary of the newest published version: where it is, whether it is current, metrics."""
-    from llmrec_tasks import publish
     from llmrec_tasks.core.errors import BundleError
-    from llmrec_tasks.storage.paths import bundle_prefix, manifest_key
+    from llmrec_tasks.storage import registry
     from llmrec_tasks.storage.store import open_store
 
-    versions = [v for v in publish.list_versions(store_uri, namespace) if v["complete"]]
+    versions = [v for v in registry.list_versions(store_uri, namespace) if v["complete"]]
     if not versions:
         raise BundleError(f"no complete bundle in {store_uri} namespace {namespace!r}")
     newest = max(versions, key=lambda v: (v["logical_date"], v["created_at"]))
     store = open_store(store_uri)
-    manifest = publish.read_manifest(store, namespace, newest["version"])
+    version = newest["version"]
+    manifest = registry.read_manifest(store, namespace, version)
     lines = [
-        f"bundle:   {store.uri_for(bundle_prefix(namespace, newest['version']))}",
-        f"manifest: {store.uri_for(manifest_key(namespace, newest['version']))}",
-        f"report:   {store.uri_for(bundle_prefix(namespace, newest['version']) + '/' + REPORT_HTML)}",
+        f"bundle:   {store.uri_for(registry.bundle_prefix(namespace, version))}",
+        f"manifest: {store.uri_for(registry.manifest_key(namespace, version))}",
+        f"report:   {store.uri_for(registry.bundle_key(namespace, version, REPORT_HTML))}",
         f"current:  {'yes' if newest['current'] else 'no'} (namespace {namespace})",
         "",
         f"{'model':<24}{'NDCG@10':>10}{'Recall@10':>11}",

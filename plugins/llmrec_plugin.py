@@ -128,35 +128,29 @@ def gate_outcome(published: dict[str, Any] | None) -> dict[str, Any]:
 def version_rows(store: Any, namespace: str, *, limit: int = MAX_VERSIONS) -> dict[str, Any]:
     """Every version of a namespace (newest first) with metrics, gate and promotion status."""
     from llmrec_tasks.core.config import validate_name
-    from llmrec_tasks.storage.paths import bundles_prefix, current_key, manifest_key, run_prefix
+    from llmrec_tasks.storage import registry
 
     validate_name("namespace", namespace)
-    pointer = _read_json(store, current_key(namespace)) or {}
+    pointer = _read_json(store, registry.current_key(namespace)) or {}
     current = pointer.get("version")
     promoted_before = {entry.get("version") for entry in pointer.get("history", [])}
     rolled_back = set(pointer.get("rolled_back", []))
-
-    base = bundles_prefix(namespace) + "/"
-    versions: dict[str, set[str]] = {}
-    for key in store.list(bundles_prefix(namespace)):
-        version, _, rest = key[len(base) :].partition("/")
-        versions.setdefault(version, set()).add(rest)
+    versions = registry.scan_versions(store, namespace)
 
     rows = []
     for version in sorted(versions, reverse=True)[:limit]:
-        files = versions[version]
         row: dict[str, Any] = {
             "version": version,
             "namespace": namespace,
-            "complete": "manifest.json" in files,
+            "complete": registry.manifest_key(namespace, version) in versions[version],
         }
         if not row["complete"]:
             row.update(status="incomplete", gate={"status": "unknown", "reason": "publishing or crashed"})
             rows.append(row)
             continue
-        manifest = _read_json(store, manifest_key(namespace, version)) or {}
+        manifest = _read_json(store, registry.manifest_key(namespace, version)) or {}
         lineage = manifest.get("lineage") or {}
-        published = _read_json(store, f"{run_prefix(namespace, version)}/stages/publish.json")
+        published = _read_json(store, f"{registry.run_prefix(namespace, version)}/stages/publish.json")
         models = _models(manifest.get("metrics") or {})
         ranker = models.get("ranker", {})
         # Baselines: every other model except the ranker's own variants (e.g. ranker_no_llm).
@@ -298,12 +292,12 @@ def create_app(
 
     @app.get("/versions/{namespace}/{version}", response_class=HTMLResponse, dependencies=guard)
     def version_page(request: Request, namespace: str, version: str) -> HTMLResponse:
-        from llmrec_tasks.storage.paths import manifest_key
+        from llmrec_tasks.storage import registry
 
         namespace, version = checked_name("namespace", namespace), checked_name("version", version)
         store = store_or_503()
         row = next((r for r in version_rows(store, namespace)["versions"] if r["version"] == version), None)
-        manifest = _read_json(store, manifest_key(namespace, version))
+        manifest = _read_json(store, registry.manifest_key(namespace, version))
         if row is None or manifest is None:
             raise HTTPException(status_code=404, detail=f"no published version {version!r} in {namespace!r}")
         html = env.get_template("version.html").render(
@@ -318,15 +312,15 @@ def create_app(
 
     @app.get("/report/{namespace}/{version}", dependencies=guard)
     def report(namespace: str, version: str) -> Response:
-        from llmrec_tasks.storage.paths import bundle_prefix, manifest_key
+        from llmrec_tasks.storage import registry
         from llmrec_tasks.storage.store import ObjectNotFound
 
         namespace, version = checked_name("namespace", namespace), checked_name("version", version)
         store = store_or_503()
-        if not store.exists(manifest_key(namespace, version)):  # unfinished bundles are not shown
+        if not store.exists(registry.manifest_key(namespace, version)):  # unfinished bundles are not shown
             raise HTTPException(status_code=404, detail=f"no published version {version!r} in {namespace!r}")
         try:
-            body = store.get_bytes(f"{bundle_prefix(namespace, version)}/report.html")
+            body = store.get_bytes(registry.bundle_key(namespace, version, "report.html"))
         except ObjectNotFound as exc:
             raise HTTPException(status_code=404, detail=f"version {version} has no report.html") from exc
         return Response(body, media_type="text/html; charset=utf-8", headers=REPORT_HEADERS)

@@ -22,7 +22,7 @@ import pandas as pd
 
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import RunConfig
-from llmrec_tasks.storage.paths import make_version, run_prefix
+from llmrec_tasks.storage.registry import make_version, run_prefix
 from llmrec_tasks.storage.store import PreconditionFailed, open_store
 
 FEATURES = ["profile_sim", "log_popularity", "last_item_sim"]

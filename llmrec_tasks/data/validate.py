@@ -19,7 +19,7 @@ import pandas as pd
 
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import RunConfig
-from llmrec_tasks.core.errors import ConfigError, StoreError, ValidationFailedError
+from llmrec_tasks.core.errors import BundleError, ConfigError, StoreError, ValidationFailedError
 from llmrec_tasks.data import expectations
 from llmrec_tasks.data.contract import (
     Dataset,
@@ -28,7 +28,8 @@ from llmrec_tasks.data.contract import (
     read_raw,
     write_snapshot,
 )
-from llmrec_tasks.storage.paths import bundle_prefix, current_key, make_version, run_prefix
+from llmrec_tasks.storage import registry
+from llmrec_tasks.storage.registry import make_version, run_prefix
 from llmrec_tasks.storage.store import ObjectStore, open_store
 
 if TYPE_CHECKING:
@@ -140,14 +141,14 @@ def _previous_stats(store: ObjectStore, namespace: str) -> tuple[dict[str, Any] 
 
     Returns ``({"version", "uri", "stats"} or None, notes)``; any gap only skips those checks.
     """
-    pointer = current_key(namespace)
-    if not store.exists(pointer):
-        return None, _note(f"nothing published in {namespace!r} yet: volume and drift checks skipped")
+    pointer = registry.current_key(namespace)
     try:
-        version = json.loads(store.get_bytes(pointer))["version"]
-        key = f"{bundle_prefix(namespace, version)}/{C.VALIDATION_STATS}"
+        version = registry.current_version(store, namespace)
+        if version is None:
+            return None, _note(f"nothing published in {namespace!r} yet: volume and drift checks skipped")
+        key = registry.bundle_key(namespace, version, C.VALIDATION_STATS)
         stats = json.loads(store.get_bytes(key))
-    except (StoreError, ConfigError, KeyError, TypeError, ValueError) as exc:
+    except (StoreError, BundleError, ConfigError, KeyError, TypeError, ValueError) as exc:
         return None, _note(
             f"no usable statistics for {store.uri_for(pointer)} ({exc}): volume and drift checks skipped"
         )

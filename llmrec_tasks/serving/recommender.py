@@ -21,7 +21,6 @@ lets seen items into the popularity fill.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -38,8 +37,7 @@ import pandas as pd
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import validate_name
 from llmrec_tasks.core.errors import BundleError, ConfigError, DataContractError, LlmrecError
-from llmrec_tasks.publish import CURRENT, REQUIRED_FILES, read_manifest, read_pointer, resolve_version
-from llmrec_tasks.storage.paths import bundle_prefix
+from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.store import ObjectNotFound, ObjectStore, open_store
 
 log = logging.getLogger(__name__)
@@ -117,34 +115,26 @@ Scorer = Callable[[History, float], tuple[np.ndarray, np.ndarray]]
 # --- loading -------------------------------------------------------------------------------------
 
 
-def _fetch_verified(store: ObjectStore, prefix: str, manifest: dict[str, Any]) -> dict[str, bytes]:
-    """Fetch every file of the manifest and check its size and sha256."""
+def _fetch_verified(
+    store: ObjectStore, namespace: str, version: str, manifest: dict[str, Any]
+) -> dict[str, bytes]:
+    """Fetch every file of the manifest and check it against the manifest (size and sha256)."""
+    where = store.uri_for(registry.bundle_prefix(namespace, version))
     files: dict[str, dict[str, Any]] = manifest["files"]
-    missing = [name for name in REQUIRED_FILES if name not in files]
+    missing = registry.missing_required(files)
     if missing:
-        raise BundleError(f"{store.uri_for(prefix)}: manifest lacks {missing}; re-publish this version")
+        raise BundleError(f"{where}: manifest lacks {missing}; re-publish this version")
 
     def fetch(name: str) -> tuple[str, bytes]:
         try:
-            return name, store.get_bytes(f"{prefix}/{name}")
+            return name, store.get_bytes(registry.bundle_key(namespace, version, name))
         except ObjectNotFound as exc:
-            raise BundleError(f"{store.uri_for(prefix)} is partial: {name} cannot be read ({exc})") from exc
+            raise BundleError(f"{where} is partial: {name} cannot be read ({exc})") from exc
 
     with ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS) as pool:
         blobs = dict(pool.map(fetch, sorted(files)))
-    for name, meta in files.items():
-        data = blobs[name]
-        if len(data) != meta["size"]:
-            raise BundleError(
-                f"{store.uri_for(prefix)} is corrupt: {name} has {len(data)} bytes, manifest says {meta['size']}; "
-                "roll back (`llmrec rollback`) or re-publish"
-            )
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != meta["sha256"]:
-            raise BundleError(
-                f"{store.uri_for(prefix)} is corrupt: sha256 of {name} is {digest[:12]}…, manifest says "
-                f"{meta['sha256'][:12]}…; roll back (`llmrec rollback`) or re-publish"
-            )
+    for name, data in blobs.items():
+        registry.verify_file(where, name, data, manifest)
     return blobs
 
 
@@ -158,7 +148,7 @@ def _parse(name: str, parse: Callable[[], Any], where: str) -> Any:
         raise BundleError(f"{where}: {name} passed its checksum but cannot be loaded: {exc}") from exc
 
 
-def load_bundle(store_uri: str, namespace: str, version: str = CURRENT) -> Bundle:
+def load_bundle(store_uri: str, namespace: str, version: str = registry.CURRENT) -> Bundle:
     """Load and verify a bundle by store URI + namespace + version (``current`` or a version id)."""
     import lightgbm
 
@@ -166,11 +156,10 @@ def load_bundle(store_uri: str, namespace: str, version: str = CURRENT) -> Bundl
 
     validate_name("namespace", namespace)
     store = open_store(store_uri)
-    version = resolve_version(store, namespace, version)
-    manifest = read_manifest(store, namespace, version)
-    prefix = bundle_prefix(namespace, version)
-    where = store.uri_for(prefix)
-    blobs = _fetch_verified(store, prefix, manifest)
+    version = registry.resolve_version(store, namespace, version)
+    manifest = registry.read_manifest(store, namespace, version)
+    where = store.uri_for(registry.bundle_prefix(namespace, version))
+    blobs = _fetch_verified(store, namespace, version, manifest)
 
     embeddings = _parse(
         C.EMBEDDINGS, lambda: np.load(io.BytesIO(blobs[C.EMBEDDINGS]), allow_pickle=False), where
@@ -517,8 +506,7 @@ class BundleHolder:
         """Load ``current`` if it moved; returns True when a new bundle was swapped in."""
         with self._load_lock:
             try:
-                pointer, _ = read_pointer(open_store(self.store_uri), self.namespace)
-                self.pointer_version = pointer["version"] if pointer else None
+                self.pointer_version = registry.current_version(open_store(self.store_uri), self.namespace)
                 loaded = self.recommender.bundle.version if self.recommender else None
                 if self.pointer_version is None or self.pointer_version == loaded:
                     return False

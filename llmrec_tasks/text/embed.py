@@ -41,7 +41,7 @@ import numpy as np
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import DEFAULT_ENCODER, EncoderConfig, RunConfig
 from llmrec_tasks.core.errors import BundleError, ModelLoadError, StoreError
-from llmrec_tasks.storage import paths
+from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.store import LocalStore, ObjectStore, open_store, split_uri
 
 log = logging.getLogger(__name__)
@@ -406,12 +406,11 @@ def _read_snapshot_items(store: ObjectStore) -> tuple[list[str], list[str]]:
 def _previous_bundle(cfg: RunConfig) -> tuple[str, list[str]] | None:
     """(version, embedding keys) of the namespace's current bundle, if it has reusable vectors."""
     root = open_store(cfg.store_uri)
-    pointer = paths.current_key(cfg.namespace)
-    if not root.exists(pointer):
+    version = registry.current_version(root, cfg.namespace)
+    if version is None:
         log.info("no current bundle in namespace %s: full refresh", cfg.namespace)
         return None
-    version = json.loads(root.get_bytes(pointer))["version"]
-    keys_key = f"{paths.bundle_prefix(cfg.namespace, version)}/{C.EMBEDDING_KEYS}"
+    keys_key = registry.bundle_key(cfg.namespace, version, C.EMBEDDING_KEYS)
     if not root.exists(keys_key):
         log.info("current bundle %s has no %s: full refresh", version, C.EMBEDDING_KEYS)
         return None
@@ -624,7 +623,7 @@ def _copy_previous(
     (bounded extra memory at millions of rows)."""
     version = meta["previous_version"]
     root = open_store(cfg.store_uri)
-    matrix = _load_npy(root, f"{paths.bundle_prefix(cfg.namespace, version)}/{C.EMBEDDINGS}", tmp)
+    matrix = _load_npy(root, registry.bundle_key(cfg.namespace, version, C.EMBEDDINGS), tmp)
     if matrix.shape != (meta["previous_n_keys"], out.shape[1]):
         raise BundleError(
             f"bundle {version} has embeddings of shape {matrix.shape} for {meta['previous_n_keys']} embedding "

@@ -10,7 +10,7 @@ import pytest
 from llmrec_tasks import publish
 from llmrec_tasks.core.errors import BundleError
 from llmrec_tasks.serving.recommender import load_bundle
-from llmrec_tasks.storage.paths import bundle_prefix
+from llmrec_tasks.storage.registry import bundle_prefix
 from llmrec_tasks.storage.store import open_store
 from tests.dags.test_dag_e2e import run_dag
 

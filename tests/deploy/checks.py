@@ -33,7 +33,7 @@ def production_conf(store_uri: str, shards: int = 2) -> dict:
     }
 
 
-# The files every bundle must have (llmrec_tasks.publish.REQUIRED_FILES, by name).
+# The files every bundle must have (llmrec_tasks.storage.registry.REQUIRED_FILES, by name).
 BUNDLE_FILES = ("embeddings.npy", "item_ids.json", "manifest.json")
 
 

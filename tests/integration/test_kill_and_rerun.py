@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from llmrec_tasks import publish
 from llmrec_tasks.serving.recommender import load_bundle
+from llmrec_tasks.storage import registry
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ def test_killed_run_is_completed_by_a_rerun(tmp_path: Path, store_uri: str) -> N
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     result = json.loads(rerun.stdout)["publish"]
     assert result["promoted"] is True, result["reason"]
-    (version,) = [row["version"] for row in publish.list_versions(store_uri, "production")]
+    (version,) = [row["version"] for row in registry.list_versions(store_uri, "production")]
     assert version == result["version"]
     assert len(list(store.glob("production/runs/*"))) == 1  # same version id: no duplicate run
     assert load_bundle(store_uri, "production").version == version  # every checksum verified

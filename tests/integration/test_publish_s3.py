@@ -22,7 +22,8 @@ from llmrec_tasks.core.constants import DEFAULT_NAMESPACE, MANIFEST, RANKER_MODE
 from llmrec_tasks.core.errors import BundleError, StoreError
 from llmrec_tasks.serving import api
 from llmrec_tasks.serving import recommender as serving
-from llmrec_tasks.storage.paths import bundle_prefix, current_key
+from llmrec_tasks.storage import registry
+from llmrec_tasks.storage.registry import bundle_prefix, current_key
 from llmrec_tasks.storage.store import open_store
 from tests.bundle_factory import make_run, race
 from tests.s3server import FlakyProxy, create_bucket, free_port
@@ -77,7 +78,7 @@ def test_publish_promote_rollback_corrupt_and_serve(s3_store_uri: str, http_serv
     assert posted.status_code == 200 and posted.json()["version"] == second["version"]
     assert httpx.get(f"{http_service}/recommendations/u1", params={"k": 0}).status_code == 422
 
-    versions = publish.list_versions(s3_store_uri, NS)
+    versions = registry.list_versions(s3_store_uri, NS)
     assert [(v["version"], v["current"]) for v in versions] == [
         (first["version"], False),
         (second["version"], True),
@@ -96,7 +97,7 @@ def test_publish_promote_rollback_corrupt_and_serve(s3_store_uri: str, http_serv
         serving.load_bundle(s3_store_uri, NS, second["version"])
     with pytest.raises(BundleError, match="corrupt"):
         publish.promote(s3_store_uri, NS, second["version"])  # the check refuses it
-    assert publish.read_pointer(store, NS)[0]["version"] == first["version"]
+    assert registry.read_pointer(store, NS)[0]["version"] == first["version"]
     assert httpx.get(f"{http_service}/version").json()["version"] == first["version"]
 
 
@@ -134,9 +135,9 @@ def test_store_down_mid_publish_leaves_nothing_visible(flaky_proxy: FlakyProxy) 
             publish.run_publish(*args)
     flaky_proxy.plan.fail_next = 0
     assert 3 <= len(store.list(prefix)) < 12 and not store.exists(f"{prefix}/{MANIFEST}")
-    rows = {r["version"]: r for r in publish.list_versions(uri, NS)}
+    rows = {r["version"]: r for r in registry.list_versions(uri, NS)}
     assert rows[args[1]["version"]]["complete"] is False
-    assert publish.read_pointer(store, NS)[0]["version"] == first["version"]
+    assert registry.read_pointer(store, NS)[0]["version"] == first["version"]
     with pytest.raises(BundleError, match="not published"):
         serving.load_bundle(uri, NS, args[1]["version"])
     # The cleared task re-runs once the store is back: the bundle completes and is promoted.
@@ -146,15 +147,15 @@ def test_store_down_mid_publish_leaves_nothing_visible(flaky_proxy: FlakyProxy) 
 
 def test_racing_promotions_on_s3_have_exactly_one_winner(s3_store_uri: str) -> None:
     store = open_store(s3_store_uri)
-    publish.swap_current(store, NS, {"version": "v0"}, None)
+    registry.swap_current(store, NS, {"version": "v0"}, None)
     for trial in range(10):
         _, etag = store.get_with_etag(current_key(NS))
         versions = [f"v{trial}-{i}" for i in range(3)]
         winners = race(
-            [functools.partial(publish.swap_current, store, NS, {"version": v}, etag) for v in versions]
+            [functools.partial(registry.swap_current, store, NS, {"version": v}, etag) for v in versions]
         )
         assert len(winners) == 1
-        assert publish.read_pointer(store, NS)[0] == {"version": versions[winners[0]]}
+        assert registry.read_pointer(store, NS)[0] == {"version": versions[winners[0]]}
 
 
 def test_gc_on_s3(s3_store_uri: str) -> None:
@@ -162,7 +163,7 @@ def test_gc_on_s3(s3_store_uri: str) -> None:
         publish.run_publish(*make_run(s3_store_uri, cutoff=d, seed=i))["version"]
         for i, d in enumerate([DAY1, DAY2, datetime(2024, 2, 3, tzinfo=UTC)])
     ]
-    result = publish.gc(s3_store_uri, NS, keep=1)
+    result = registry.gc(s3_store_uri, NS, keep=1)
     # current (the newest) and the rollback target survive
     assert result["deleted"] == versions[:1] and result["kept"] == versions[1:]
     assert not open_store(s3_store_uri).list(bundle_prefix(NS, versions[0]))

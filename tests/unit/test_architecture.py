@@ -87,7 +87,6 @@ def test_no_import_circle():
     assert find_cycle(import_graph()) is None, " -> ".join(find_cycle(import_graph()) or [])
 
 
-@pytest.mark.xfail(strict=True, reason="serving -> publish: removed by the registry")
 def test_imports_point_down_the_layers():
     upward = [
         f"{src} imports {dst}"

@@ -25,7 +25,7 @@ from llmrec_tasks.core.config import RunConfig
 from llmrec_tasks.core.errors import DataContractError, LlmrecError, ValidationFailedError
 from llmrec_tasks.data.sample import write_sample
 from llmrec_tasks.data.validate import run_validate
-from llmrec_tasks.storage.paths import bundle_prefix, current_key
+from llmrec_tasks.storage.registry import bundle_prefix, current_key
 from llmrec_tasks.storage.store import open_store
 
 PUBLISHED = "20261027T000000Z-0123abcd-456789"

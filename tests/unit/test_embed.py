@@ -13,7 +13,7 @@ from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import EncoderConfig, RunConfig
 from llmrec_tasks.core.errors import ModelLoadError, StoreError
 from llmrec_tasks.data.contract import Dataset, write_snapshot
-from llmrec_tasks.storage import paths
+from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.store import open_store
 from llmrec_tasks.text import embed, onnx_encoder
 
@@ -163,7 +163,7 @@ def _items(
 def _run(store_uri: str, version: str, data: Dataset, **encoder: object) -> tuple[RunConfig, dict, dict]:
     cfg = RunConfig.from_dict({"store_uri": store_uri, "encoder": encoder})
     store = open_store(store_uri)
-    prefix = paths.run_prefix(cfg.namespace, version)
+    prefix = registry.run_prefix(cfg.namespace, version)
     write_snapshot(data, store, prefix)
     validated = {"version": version, "work_uri": store.uri_for(prefix)}
     return cfg, validated, embed.run_embed(cfg, validated)

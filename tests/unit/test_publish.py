@@ -13,7 +13,8 @@ from llmrec_tasks import publish
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.errors import BundleError, ConfigError
 from llmrec_tasks.serving import recommender as serving
-from llmrec_tasks.storage.paths import current_key, manifest_key
+from llmrec_tasks.storage import registry
+from llmrec_tasks.storage.registry import current_key, manifest_key
 from llmrec_tasks.storage.store import open_store
 from tests.bundle_factory import make_run, race, toy_scorer
 
@@ -29,7 +30,7 @@ def publish_run(store_uri: str, **kwargs: object) -> dict:
 
 
 def current_version(store_uri: str, namespace: str = C.DEFAULT_NAMESPACE) -> str | None:
-    pointer, _ = publish.read_pointer(open_store(store_uri), namespace)
+    pointer, _ = registry.read_pointer(open_store(store_uri), namespace)
     return pointer and pointer["version"]
 
 
@@ -66,6 +67,32 @@ def test_publish_writes_a_verified_bundle_and_moves_current(store_uri: str) -> N
     assert manifest["metrics"]["ranker"]["ndcg@10"] == pytest.approx(0.30)
     assert current_version(store_uri) == result["version"]
     assert result["manifest_uri"].endswith(f"bundles/{result['version']}/manifest.json")
+
+
+def test_bundle_holds_exactly_the_allow_list_and_evaluation_features_stay_in_the_run(
+    store_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: every upstream ``*_uri`` used to be copied, ranker_eval.npz (most of a bundle) too."""
+    monkeypatch.undo()  # the real scorer: the run has the real features and item neighbours
+    cfg, validated, embedded, indexed, trained = make_run(store_uri, real_features=True)
+    store = open_store(store_uri)
+    work = registry.run_prefix(cfg.namespace, validated["version"])
+    for result, key, name, data in (
+        (trained, "ranker_eval_uri", C.RANKER_EVAL, b"evaluation features"),
+        (embedded, "embedding_keys_uri", C.EMBEDDING_KEYS, json.dumps({"keys": []}).encode()),
+        (validated, "validation_stats_uri", C.VALIDATION_STATS, b"{}"),
+    ):
+        store.put_bytes(f"{work}/{name}", data)
+        result[key] = store.uri_for(f"{work}/{name}")
+
+    result = publish.run_publish(cfg, validated, embedded, indexed, trained)
+    manifest = registry.read_manifest(store, cfg.namespace, result["version"])
+    docs = {f"{C.VALIDATION_DOCS_DIR}/index.html", f"{C.VALIDATION_DOCS_DIR}/static/style.css"}
+    assert set(manifest["files"]) == registry.BUNDLE_FILES | docs
+    prefix = registry.bundle_prefix(cfg.namespace, result["version"])
+    assert {key[len(prefix) + 1 :] for key in store.list(prefix)} == set(manifest["files"]) | {C.MANIFEST}
+    assert store.exists(f"{work}/{C.RANKER_EVAL}")  # the quality gate reads it from the run
+    assert serving.load_bundle(store_uri, cfg.namespace).version == result["version"]
 
 
 def test_folders_of_the_run_are_copied_and_the_input_is_not(store_uri: str) -> None:
@@ -130,7 +157,7 @@ def test_unfinished_publish_is_invisible_and_completed_by_a_rerun(store_uri: str
     store = open_store(store_uri)
     leftover = f"{C.DEFAULT_NAMESPACE}/bundles/{validated['version']}/{C.EMBEDDINGS}"
     store.put_bytes(leftover, b"half-written garbage")
-    rows = publish.list_versions(store_uri, C.DEFAULT_NAMESPACE)
+    rows = registry.list_versions(store_uri, C.DEFAULT_NAMESPACE)
     assert rows == [{"version": validated["version"], "complete": False, "current": False}]
     with pytest.raises(BundleError, match="not published"):
         serving.load_bundle(store_uri, cfg.namespace, validated["version"])
@@ -142,7 +169,7 @@ def test_second_run_publishes_a_new_version_and_rollback_returns(store_uri: str)
     first = publish_run(store_uri, cutoff=DAY1)
     second = publish_run(store_uri, cutoff=DAY2, seed=1)
     assert second["version"] != first["version"] and second["promoted"]
-    rows = publish.list_versions(store_uri, C.DEFAULT_NAMESPACE)
+    rows = registry.list_versions(store_uri, C.DEFAULT_NAMESPACE)
     assert [r["version"] for r in rows] == [first["version"], second["version"]]
     assert [r["current"] for r in rows] == [False, True]
     assert rows[0]["metrics"]["ndcg@10"] == pytest.approx(0.30)
@@ -196,7 +223,7 @@ def test_promote_false_publishes_without_moving_current(store_uri: str) -> None:
     result = publish_run(store_uri, promote=False)
     assert not result["promoted"] and "promote=False" in result["reason"]
     assert current_version(store_uri) is None
-    assert publish.list_versions(store_uri, C.DEFAULT_NAMESPACE)[0]["complete"]
+    assert registry.list_versions(store_uri, C.DEFAULT_NAMESPACE)[0]["complete"]
 
 
 def test_namespaces_are_isolated(store_uri: str) -> None:
@@ -205,23 +232,23 @@ def test_namespaces_are_isolated(store_uri: str) -> None:
     assert backfill["promoted"] and backfill["bundle_uri"].startswith(f"{store_uri}/backfill-2024/bundles/")
     assert current_version(store_uri) == prod["version"]
     assert current_version(store_uri, "backfill-2024") == backfill["version"]
-    assert [r["version"] for r in publish.list_versions(store_uri, C.DEFAULT_NAMESPACE)] == [prod["version"]]
+    assert [r["version"] for r in registry.list_versions(store_uri, C.DEFAULT_NAMESPACE)] == [prod["version"]]
 
 
 @pytest.mark.parametrize("name", ["", "..", "a/b", "../prod", "x..y"])
 def test_bad_namespace_or_version_names_are_refused(store_uri: str, name: str) -> None:
     with pytest.raises(ConfigError):
-        publish.list_versions(store_uri, name)
+        registry.list_versions(store_uri, name)
     with pytest.raises(ConfigError):
-        publish.show(store_uri, C.DEFAULT_NAMESPACE, name)
+        registry.show(store_uri, C.DEFAULT_NAMESPACE, name)
 
 
 def test_show_returns_the_manifest(store_uri: str) -> None:
     result = publish_run(store_uri)
-    assert publish.show(store_uri, C.DEFAULT_NAMESPACE, result["version"])["version"] == result["version"]
-    assert publish.show(store_uri, C.DEFAULT_NAMESPACE, "current")["version"] == result["version"]
+    assert registry.show(store_uri, C.DEFAULT_NAMESPACE, result["version"])["version"] == result["version"]
+    assert registry.show(store_uri, C.DEFAULT_NAMESPACE, "current")["version"] == result["version"]
     with pytest.raises(BundleError, match="not published"):
-        publish.show(store_uri, C.DEFAULT_NAMESPACE, "20990101T000000Z-deadbeef-abcdef")
+        registry.show(store_uri, C.DEFAULT_NAMESPACE, "20990101T000000Z-deadbeef-abcdef")
 
 
 def test_gc_keeps_newest_current_and_rollback_target(store_uri: str) -> None:
@@ -230,14 +257,14 @@ def test_gc_keeps_newest_current_and_rollback_target(store_uri: str) -> None:
         for d in range(1, 6)
     ]
     publish.promote(store_uri, C.DEFAULT_NAMESPACE, versions[0])  # current: the oldest; previous: the newest
-    result = publish.gc(store_uri, C.DEFAULT_NAMESPACE, keep=2)
+    result = registry.gc(store_uri, C.DEFAULT_NAMESPACE, keep=2)
     assert result["deleted"] == versions[1:3]
     assert result["kept"] == sorted([versions[0], versions[3], versions[4]])
-    remaining = {r["version"] for r in publish.list_versions(store_uri, C.DEFAULT_NAMESPACE)}
+    remaining = {r["version"] for r in registry.list_versions(store_uri, C.DEFAULT_NAMESPACE)}
     assert remaining == {versions[0], versions[3], versions[4]}
     assert publish.rollback(store_uri, C.DEFAULT_NAMESPACE)["version"] == versions[4]
     with pytest.raises(ConfigError):
-        publish.gc(store_uri, C.DEFAULT_NAMESPACE, keep=0)
+        registry.gc(store_uri, C.DEFAULT_NAMESPACE, keep=0)
 
 
 def test_manifest_holds_no_credentials(store_uri: str) -> None:
@@ -249,15 +276,15 @@ def test_manifest_holds_no_credentials(store_uri: str) -> None:
 
 def test_racing_pointer_swaps_have_exactly_one_winner(store_uri: str) -> None:
     store = open_store(store_uri)
-    publish.swap_current(store, "race", {"version": "v0"}, None)
+    registry.swap_current(store, "race", {"version": "v0"}, None)
     for trial in range(20):
         _, etag = store.get_with_etag(current_key("race"))
         versions = [f"v{trial}-{i}" for i in range(2)]
         winners = race(
-            [functools.partial(publish.swap_current, store, "race", {"version": v}, etag) for v in versions]
+            [functools.partial(registry.swap_current, store, "race", {"version": v}, etag) for v in versions]
         )
         assert len(winners) == 1
-        assert publish.read_pointer(store, "race")[0] == {"version": versions[winners[0]]}
+        assert registry.read_pointer(store, "race")[0] == {"version": versions[winners[0]]}
 
 
 def test_racing_runs_lose_no_promotion(store_uri: str) -> None:
@@ -268,6 +295,6 @@ def test_racing_runs_lose_no_promotion(store_uri: str) -> None:
     results: list[dict] = []
     race([functools.partial(lambda a: results.append(publish.run_publish(*a)), a) for a in runs])
     assert all(r["promoted"] for r in results)
-    pointer, _ = publish.read_pointer(open_store(store_uri), C.DEFAULT_NAMESPACE)
+    pointer, _ = registry.read_pointer(open_store(store_uri), C.DEFAULT_NAMESPACE)
     versions = {r["version"] for r in results}
     assert {pointer["version"], pointer["history"][0]["version"]} == versions

@@ -14,7 +14,7 @@ from llmrec_tasks import publish
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.errors import BundleError
 from llmrec_tasks.serving import recommender as serving
-from llmrec_tasks.storage.paths import bundle_prefix, manifest_key
+from llmrec_tasks.storage.registry import bundle_prefix, manifest_key
 from llmrec_tasks.storage.store import open_store
 from tests.bundle_factory import make_run
 

@@ -15,7 +15,7 @@ from llmrec_tasks.core.errors import ConfigError, ValidationFailedError
 from llmrec_tasks.data.contract import read_snapshot
 from llmrec_tasks.data.sample import write_sample
 from llmrec_tasks.data.validate import format_failures, run_validate
-from llmrec_tasks.storage.paths import bundle_prefix, current_key
+from llmrec_tasks.storage.registry import bundle_prefix, current_key
 from llmrec_tasks.storage.store import open_store
 
 
