@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -29,13 +28,13 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from llmrec_tasks.airflow_glue import DAG_ID
+from llmrec_tasks.core.constants import DEFAULT_NAMESPACE, METRIC_COLUMNS, PRIMARY_METRIC
+from llmrec_tasks.storage import registry
+
 log = logging.getLogger(__name__)
 
 URL_PREFIX = "/llmrec"
-DAG_ID = "llmrec_daily"
-DEFAULT_NAMESPACE = "production"
-PRIMARY_METRIC = "ndcg@10"
-METRIC_COLUMNS = ("ndcg@10", "recall@10", "mrr", "ndcg@50", "recall@50", "coverage@10")
 MAX_VERSIONS = 200
 NAMESPACE_TTL_S = 30.0
 TEMPLATES = Path(__file__).resolve().parent / "llmrec_templates"
@@ -47,7 +46,6 @@ REPORT_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-_NAMESPACE_KEY = re.compile(r"^([^/]+)/(?:current\.json|bundles/[^/]+/manifest\.json)$")
 
 
 # --- reading the store ---------------------------------------------------------------------------
@@ -66,12 +64,6 @@ def open_plugin_store(store_uri: str | None = None) -> Any:
         except Exception as exc:  # no connection defined: the standard AWS environment applies
             log.warning("aws_default connection not usable (%s): using the AWS environment", exc)
     return open_store(uri, s3_client=client)
-
-
-def list_namespaces(store: Any) -> list[str]:
-    """Namespaces that have a bundle or a current pointer (production first)."""
-    found = {m.group(1) for key in store.list("") if (m := _NAMESPACE_KEY.match(key))}
-    return sorted(found, key=lambda ns: (ns != DEFAULT_NAMESPACE, ns))
 
 
 def _read_json(store: Any, key: str) -> dict[str, Any] | None:
@@ -242,7 +234,7 @@ def create_app(
             hit = cache.get(store.uri)
             if hit and time.monotonic() - hit[0] < NAMESPACE_TTL_S:
                 return hit[1]
-        found = list_namespaces(store)
+        found = registry.list_namespaces(store)
         with lock:
             cache[store.uri] = (time.monotonic(), found)
         return found

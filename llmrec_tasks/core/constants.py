@@ -58,3 +58,7 @@ POPULARITY = "popularity"
 CURRENT_POINTER = "current.json"
 
 DEFAULT_NAMESPACE = "production"
+
+# The metric the gate and every comparison rank by, and the metric columns people read first.
+PRIMARY_METRIC = "ndcg@10"
+METRIC_COLUMNS = ("ndcg@10", "recall@10", "mrr", "ndcg@50", "recall@50", "coverage@10")

@@ -23,8 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from llmrec_tasks.core import constants as C
+
 KS = (10, 50)
-PRIMARY = "ndcg@10"
+PRIMARY = C.PRIMARY_METRIC
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -404,3 +405,14 @@ def gc(store_uri: str, namespace: str, keep: int) -> dict[str, Any]:
         "deleted": sorted(deleted),
         "incomplete": sorted(v for v in scanned if v not in complete),
     }
+
+
+_NAMESPACE_KEY = re.compile(
+    r"^([^/]+)/(?:" + re.escape(C.CURRENT_POINTER) + r"|bundles/[^/]+/" + re.escape(C.MANIFEST) + r")$"
+)
+
+
+def list_namespaces(store: ObjectStore) -> list[str]:
+    """Namespaces that have a bundle or a current pointer (the default namespace first)."""
+    found = {m.group(1) for key in store.list("") if (m := _NAMESPACE_KEY.match(key))}
+    return sorted(found, key=lambda ns: (ns != C.DEFAULT_NAMESPACE, ns))
