@@ -11,10 +11,8 @@ The MovieLens ``ml-latest-small`` layout (movies.csv, ratings.csv, tags.csv) is 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -23,30 +21,14 @@ import pandas as pd
 
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.errors import DataContractError, StoreError
+from llmrec_tasks.data.dataset import Dataset
+from llmrec_tasks.data.sample import generate_sample
 from llmrec_tasks.storage.store import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 
 # Delimiters a mis-exported CSV commonly uses instead of ','.
 DELIMITERS = {";": "semicolon", "\t": "tab", "|": "pipe"}
-
-
-@dataclass
-class Dataset:
-    """Typed frames: ids are strings, timestamps tz-aware UTC, weight float."""
-
-    items: pd.DataFrame
-    interactions: pd.DataFrame
-    users: pd.DataFrame | None = None
-
-    def fingerprint(self) -> str:
-        """Content hash of the snapshot: same data, same fingerprint (row order ignored)."""
-        digest = hashlib.sha256()
-        for frame in (self.items, self.interactions):
-            hashed = pd.util.hash_pandas_object(frame.reset_index(drop=True), index=False).to_numpy()
-            digest.update(np.sort(hashed).tobytes())
-            digest.update(",".join(frame.columns).encode())
-        return digest.hexdigest()[:16]
 
 
 def _read_table(store: ObjectStore, name: str, *, required: bool) -> pd.DataFrame | None:
@@ -103,8 +85,6 @@ def _require_columns(frame: pd.DataFrame, required: tuple[str, ...], table: str,
 def read_raw(uri: str) -> Dataset:
     """Read the tables as they are (strings for CSV), contract columns renamed, nothing coerced."""
     if uri == "sample" or uri.startswith("sample:"):
-        from llmrec_tasks.data.sample import generate_sample
-
         seed = int(uri.split(":", 1)[1]) if ":" in uri else 7
         return generate_sample(seed=seed)
     try:
