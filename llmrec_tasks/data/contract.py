@@ -38,7 +38,7 @@ def _read_table(store: ObjectStore, name: str, *, required: bool) -> pd.DataFram
         if not store.exists(key):
             continue
         raw = store.get_bytes(key)
-        if not raw.strip():
+        if not raw or raw.isspace():  # not raw.strip(): that would copy a file of any size
             raise DataContractError(f"{store.uri_for(key)} is empty: expected a header and rows")
         if suffix == ".csv":
             _refuse_nul_bytes(raw, store.uri_for(key))

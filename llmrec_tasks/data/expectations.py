@@ -192,10 +192,12 @@ def bad_rows(frames: Frames, cfg: ValidationConfig, now: datetime) -> tuple[np.n
 
 
 def _too_long(ids: pd.Series) -> pd.Series:
+    """Rows whose id is longer than ``MAX_ID_CHARS`` (missing ids are another rule's)."""
     return (ids.str.len() > C.MAX_ID_CHARS).fillna(False).astype(bool)
 
 
 def _id_length(column: str, cfg: ValidationConfig) -> gxe.Expectation:
+    """Ids are bounded so a runaway value cannot bloat bundles, caches and logs."""
     return gxe.ExpectColumnValueLengthsToBeBetween(
         column=column,
         max_value=C.MAX_ID_CHARS,

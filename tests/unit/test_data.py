@@ -122,3 +122,10 @@ def test_a_symlink_loop_as_data_folder_is_a_contract_error_naming_it(tmp_path):
         DataContractError, match=rf"{re.escape(str(loop))} cannot be opened as a data folder: Symlink loop"
     ):
         read_raw(str(loop))
+
+
+def test_a_whitespace_only_file_is_empty(tmp_path):
+    folder = write_sample(tmp_path / "in")
+    (folder / "items.csv").write_bytes(b"\n  \r\n")
+    with pytest.raises(DataContractError, match=r"items\.csv is empty"):
+        read_raw(str(folder))
