@@ -19,6 +19,9 @@ INTERACTION_OPTIONAL = (WEIGHT,)
 # Accepted aliases for the optional weight column.
 WEIGHT_ALIASES = ("rating", "event_weight", "value")
 CATEGORY_SEPARATOR = "|"
+# Longest id (user_id, item_id) validation accepts, in characters: ids are copied into bundles, caches
+# and logs, so a runaway value (a misaligned column, a pasted document) must not reach them.
+MAX_ID_CHARS = 256
 
 # Dataset table names (file stem in the input folder: items.csv / items.parquet, ...).
 ITEMS = "items"

@@ -11,10 +11,8 @@ The MovieLens ``ml-latest-small`` layout (movies.csv, ratings.csv, tags.csv) is 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -23,30 +21,15 @@ import pandas as pd
 
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.errors import DataContractError, StoreError
+from llmrec_tasks.data.dataset import Dataset
+from llmrec_tasks.data.sample import generate_sample
 from llmrec_tasks.storage.store import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 
 # Delimiters a mis-exported CSV commonly uses instead of ','.
 DELIMITERS = {";": "semicolon", "\t": "tab", "|": "pipe"}
-
-
-@dataclass
-class Dataset:
-    """Typed frames: ids are strings, timestamps tz-aware UTC, weight float."""
-
-    items: pd.DataFrame
-    interactions: pd.DataFrame
-    users: pd.DataFrame | None = None
-
-    def fingerprint(self) -> str:
-        """Content hash of the snapshot: same data, same fingerprint (row order ignored)."""
-        digest = hashlib.sha256()
-        for frame in (self.items, self.interactions):
-            hashed = pd.util.hash_pandas_object(frame.reset_index(drop=True), index=False).to_numpy()
-            digest.update(np.sort(hashed).tobytes())
-            digest.update(",".join(frame.columns).encode())
-        return digest.hexdigest()[:16]
+NUL = b"\x00"
 
 
 def _read_table(store: ObjectStore, name: str, *, required: bool) -> pd.DataFrame | None:
@@ -55,17 +38,15 @@ def _read_table(store: ObjectStore, name: str, *, required: bool) -> pd.DataFram
         if not store.exists(key):
             continue
         raw = store.get_bytes(key)
-        if not raw.strip():
+        if not raw or raw.isspace():  # not raw.strip(): that would copy a file of any size
             raise DataContractError(f"{store.uri_for(key)} is empty: expected a header and rows")
-        if suffix == ".csv" and b"\x00" in raw[:65536]:
-            raise DataContractError(
-                f"{store.uri_for(key)} contains NUL bytes: not UTF-8 CSV text (binary, or UTF-16?); "
-                "re-export it as UTF-8 CSV"
-            )
+        if suffix == ".csv":
+            _refuse_nul_bytes(raw, store.uri_for(key))
         try:
             if suffix == ".parquet":
-                return pd.read_parquet(io.BytesIO(raw))
-            return pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False, na_values=[""])
+                frame = pd.read_parquet(io.BytesIO(raw))
+            else:
+                frame = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False, na_values=[""])
         except UnicodeDecodeError as exc:
             raise DataContractError(f"{store.uri_for(key)} is not UTF-8 text: re-export it as UTF-8") from exc
         except Exception as exc:  # pyarrow/pandas raise many parser types; all mean "unreadable"
@@ -77,11 +58,54 @@ def _read_table(store: ObjectStore, name: str, *, required: bool) -> pd.DataFram
             raise DataContractError(
                 f"{store.uri_for(key)} cannot be parsed as csv: {str(exc).strip()}"
             ) from exc
+        if suffix == ".parquet":
+            _refuse_nul_values(frame, store.uri_for(key))
+        return frame
     if required:
         raise DataContractError(
             f"{store.uri}: no {name}.csv or {name}.parquet found (see README 'Input contract')"
         )
     return None
+
+
+def _refuse_nul_bytes(raw: bytes, uri: str) -> None:
+    """Refuse CSV bytes with a NUL anywhere in them: text never has one; binary, UTF-16 or a damaged copy does.
+
+    Scans the bytes already read in place (no copy), so the check costs no memory whatever the size.
+    """
+    first = raw.find(NUL)
+    if first < 0:
+        return
+    line = raw.count(b"\n", 0, first) + 1
+    raise DataContractError(
+        f"{uri} contains NUL bytes ({raw.count(NUL)}, the first at byte {first}, line {line}): "
+        "not UTF-8 CSV text (binary, UTF-16, or a damaged copy?); re-export it as UTF-8 CSV"
+    )
+
+
+def _refuse_nul_values(frame: pd.DataFrame, uri: str) -> None:
+    """Refuse Parquet string values holding a NUL character.
+
+    Parquet is binary, so its bytes are not scanned, but a NUL inside an id or text is the same damage a
+    NUL byte is in a CSV (a broken writer or padded fixed-width field): it never belongs in the contract.
+    """
+    for column in frame.columns:
+        values = frame[column]
+        if not isinstance(values.dtype, pd.StringDtype):
+            continue
+        hits = np.flatnonzero(values.str.contains(NUL.decode(), regex=False, na=False).to_numpy(dtype=bool))
+        if hits.size:
+            raise DataContractError(
+                f"{uri}: column {column!r} has NUL characters in {hits.size} value(s), the first in row "
+                f"{hits[0]}: a damaged or mis-encoded export; fix the writer and re-export it"
+            )
+
+
+def _csv_bytes(store: ObjectStore, key: str) -> bytes:
+    """A CSV object's bytes, refused if they hold a NUL byte."""
+    raw = store.get_bytes(key)
+    _refuse_nul_bytes(raw, store.uri_for(key))
+    return raw
 
 
 def _require_columns(frame: pd.DataFrame, required: tuple[str, ...], table: str, where: str) -> None:
@@ -103,14 +127,16 @@ def _require_columns(frame: pd.DataFrame, required: tuple[str, ...], table: str,
 def read_raw(uri: str) -> Dataset:
     """Read the tables as they are (strings for CSV), contract columns renamed, nothing coerced."""
     if uri == "sample" or uri.startswith("sample:"):
-        from llmrec_tasks.data.sample import generate_sample
-
         seed = int(uri.split(":", 1)[1]) if ":" in uri else 7
         return generate_sample(seed=seed)
     try:
         store = open_store(uri)
     except StoreError as exc:
         raise DataContractError(str(exc)) from exc
+    except RuntimeError as exc:  # what pathlib's resolve() raises on a symlink loop (Python < 3.13)
+        raise DataContractError(
+            f"{uri} cannot be opened as a data folder: {exc}. Point the data URI at a real folder."
+        ) from exc
     if store.exists("movies.csv") and store.exists("ratings.csv"):
         return _read_movielens(store)
     items = _read_table(store, C.ITEMS, required=True)
@@ -129,8 +155,8 @@ def read_raw(uri: str) -> Dataset:
 
 def _read_movielens(store: ObjectStore) -> Dataset:
     """Adapt MovieLens: movies -> items (genres as categories, user tags as text), ratings -> interactions."""
-    movies = pd.read_csv(io.BytesIO(store.get_bytes("movies.csv")), dtype=str, keep_default_na=False)
-    ratings = pd.read_csv(io.BytesIO(store.get_bytes("ratings.csv")), dtype=str, keep_default_na=False)
+    movies = pd.read_csv(io.BytesIO(_csv_bytes(store, "movies.csv")), dtype=str, keep_default_na=False)
+    ratings = pd.read_csv(io.BytesIO(_csv_bytes(store, "ratings.csv")), dtype=str, keep_default_na=False)
     items = pd.DataFrame(
         {
             C.ITEM_ID: movies["movieId"],
@@ -139,7 +165,7 @@ def _read_movielens(store: ObjectStore) -> Dataset:
         }
     )
     if store.exists("tags.csv"):
-        tags = pd.read_csv(io.BytesIO(store.get_bytes("tags.csv")), dtype=str, keep_default_na=False)
+        tags = pd.read_csv(io.BytesIO(_csv_bytes(store, "tags.csv")), dtype=str, keep_default_na=False)
         # Distinct tags per movie, most used first: item text, not a per-user signal.
         counts = tags.assign(tag=tags["tag"].str.strip().str.lower()).groupby(["movieId", "tag"]).size()
         counts = counts.reset_index(name="n").sort_values(

@@ -48,6 +48,9 @@ TITLE_CHARS = "title_chars"
 TEXT_CHARS = "text_chars"
 UPDATED_AT_UNPARSEABLE = "updated_at_unparseable"
 CATEGORY = "category"
+# Unix timestamps written in a finer unit than seconds (unit -> units per second): they parse as the
+# far future or not at all; a helper column per unit holds such values so the failure names the unit.
+FINER_UNITS = {"milliseconds": 10**3, "microseconds": 10**6, "nanoseconds": 10**9}
 
 # Suite names (also the GX asset names and the Data Docs page names): the tables' plus this one.
 ITEM_CATEGORIES = "item_categories"
@@ -90,8 +93,25 @@ def _unparseable(raw: pd.Series, parsed: pd.Series) -> pd.Series:
     return text.where(text.notna() & parsed.isna())
 
 
-def prepare_frames(raw: Dataset, cfg: ValidationConfig) -> Frames:
-    """Build the frames the suites run on from the raw (unparsed) dataset."""
+def timestamp_in(unit: str) -> str:
+    """Helper column: the raw timestamp where it reads as a plausible time in ``unit``, not seconds."""
+    return f"timestamp_in_{unit}"
+
+
+def _finer_units(raw: pd.Series, floor: datetime, ceiling: datetime) -> dict[str, pd.Series]:
+    """Per finer unit, the raw values too late as seconds but within [floor, ceiling] in that unit."""
+    text = raw.astype("string")
+    numeric = pd.to_numeric(text, errors="coerce").astype(float)
+    low, high = floor.timestamp(), ceiling.timestamp()
+    columns = {}
+    for unit, per_second in FINER_UNITS.items():
+        seconds = numeric / per_second
+        columns[timestamp_in(unit)] = text.where((numeric > high) & (seconds >= low) & (seconds <= high))
+    return columns
+
+
+def prepare_frames(raw: Dataset, cfg: ValidationConfig, now: datetime) -> Frames:
+    """Build the frames the suites run on from the raw (unparsed) dataset (``now``: the run's clock)."""
     items = pd.DataFrame({C.ITEM_ID: _ids(raw.items[C.ITEM_ID]), C.TITLE: _ids(raw.items[C.TITLE])})
     items[TITLE_CHARS] = items[C.TITLE].str.len().fillna(0).astype(int)
     text = raw.items[C.TEXT].astype("string") if C.TEXT in raw.items.columns else None
@@ -105,6 +125,8 @@ def prepare_frames(raw: Dataset, cfg: ValidationConfig) -> Frames:
     frame[C.TIMESTAMP] = inter[C.TIMESTAMP].astype("string")
     frame[TIMESTAMP_UTC] = parse_timestamps(inter[C.TIMESTAMP])
     frame[TIMESTAMP_UNPARSEABLE] = _unparseable(inter[C.TIMESTAMP], frame[TIMESTAMP_UTC])
+    for column, values in _finer_units(inter[C.TIMESTAMP], _floor(cfg), _ceiling(cfg, now)).items():
+        frame[column] = values
     if C.WEIGHT in inter.columns:
         weights = pd.to_numeric(inter[C.WEIGHT].astype("string"), errors="coerce").astype(float)
         frame[WEIGHT_VALUE] = weights
@@ -145,6 +167,7 @@ def bad_rows(frames: Frames, cfg: ValidationConfig, now: datetime) -> tuple[np.n
     items = frames.items
     bad_items = (
         items[C.ITEM_ID].isna()
+        | _too_long(items[C.ITEM_ID])
         | items[C.TITLE].isna()
         | (items[TITLE_CHARS] > cfg.max_title_chars)
         | (items[TEXT_CHARS] > cfg.max_text_chars)
@@ -154,6 +177,8 @@ def bad_rows(frames: Frames, cfg: ValidationConfig, now: datetime) -> tuple[np.n
     bad_inter = (
         inter[C.USER_ID].isna()
         | inter[C.ITEM_ID].isna()
+        | _too_long(inter[C.USER_ID])
+        | _too_long(inter[C.ITEM_ID])
         | ts.isna()
         | (ts < _floor(cfg))
         | (ts > _ceiling(cfg, now))
@@ -164,6 +189,21 @@ def bad_rows(frames: Frames, cfg: ValidationConfig, now: datetime) -> tuple[np.n
         weight = inter[WEIGHT_VALUE]
         bad_inter |= inter[WEIGHT_NOT_NUMERIC].notna() | (weight < cfg.min_weight) | (weight > cfg.max_weight)
     return bad_items.to_numpy(dtype=bool), bad_inter.to_numpy(dtype=bool)
+
+
+def _too_long(ids: pd.Series) -> pd.Series:
+    """Rows whose id is longer than ``MAX_ID_CHARS`` (missing ids are another rule's)."""
+    return (ids.str.len() > C.MAX_ID_CHARS).fillna(False).astype(bool)
+
+
+def _id_length(column: str, cfg: ValidationConfig) -> gxe.Expectation:
+    """Ids are bounded so a runaway value cannot bloat bundles, caches and logs."""
+    return gxe.ExpectColumnValueLengthsToBeBetween(
+        column=column,
+        max_value=C.MAX_ID_CHARS,
+        mostly=cfg.ids_mostly,
+        description=f"{column} at most {C.MAX_ID_CHARS} characters",
+    )
 
 
 def _floor(cfg: ValidationConfig) -> datetime:
@@ -220,6 +260,7 @@ def _items_expectations(cfg: ValidationConfig, frames: Frames) -> list[gxe.Expec
         gxe.ExpectColumnValuesToNotBeNull(
             column=C.ITEM_ID, mostly=cfg.ids_mostly, description="item_id present (not blank)"
         ),
+        _id_length(C.ITEM_ID, cfg),
         gxe.ExpectColumnValuesToBeUnique(
             column=C.ITEM_ID, mostly=cfg.unique_mostly, description="item_id unique"
         ),
@@ -260,8 +301,17 @@ def _interaction_expectations(cfg: ValidationConfig, frames: Frames, now: dateti
             )
             for column in (C.USER_ID, C.ITEM_ID)
         ),
+        *(_id_length(column, cfg) for column in (C.USER_ID, C.ITEM_ID)),
         gxe.ExpectColumnValuesToNotBeNull(
             column=C.TIMESTAMP, mostly=cfg.timestamps_mostly, description="timestamp present"
+        ),
+        *(
+            gxe.ExpectColumnValuesToBeNull(
+                column=timestamp_in(unit),
+                mostly=cfg.timestamps_mostly,
+                description=f"timestamp in unix seconds (these look like {unit}: divide by {per_second:,})",
+            )
+            for unit, per_second in FINER_UNITS.items()
         ),
         gxe.ExpectColumnValuesToBeNull(
             column=TIMESTAMP_UNPARSEABLE,
@@ -312,6 +362,7 @@ def _user_expectations(cfg: ValidationConfig) -> list[gxe.Expectation]:
         gxe.ExpectColumnValuesToNotBeNull(
             column=C.USER_ID, mostly=cfg.ids_mostly, description="user_id present (not blank)"
         ),
+        _id_length(C.USER_ID, cfg),
         gxe.ExpectColumnValuesToBeUnique(
             column=C.USER_ID, mostly=cfg.unique_mostly, description="user_id unique"
         ),

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from llmrec_tasks.core import constants as C
-
-if TYPE_CHECKING:
-    from llmrec_tasks.data.contract import Dataset
+from llmrec_tasks.data.dataset import Dataset
 
 TOPICS: dict[str, tuple[list[str], list[str], list[str]]] = {
     # topic: (title nouns, title adjectives, description phrases)
@@ -160,8 +157,6 @@ DAYS = 180
 
 def generate_sample(seed: int = 7, n_items: int = 720, n_users: int = 400, mean_events: int = 40) -> Dataset:
     """Generate the demo dataset in memory (raw string columns, like a CSV read)."""
-    from llmrec_tasks.data.contract import Dataset
-
     rng = np.random.default_rng(seed)
     topics = list(TOPICS)
     rows = []

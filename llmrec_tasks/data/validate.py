@@ -49,7 +49,7 @@ def run_validate(cfg: RunConfig) -> dict[str, Any]:
     started = time.monotonic()
     now = datetime.now(UTC)
     raw = read_raw(cfg.data_uri)
-    frames = expectations.prepare_frames(raw, cfg.validation)
+    frames = expectations.prepare_frames(raw, cfg.validation, now)
     bad_items, bad_interactions = expectations.bad_rows(frames, cfg.validation, now)
     kept = Dataset(raw.items[~bad_items], raw.interactions[~bad_interactions], raw.users)
     typed = apply_cutoff(normalize(kept), cfg.cutoff)

@@ -82,7 +82,6 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-@pytest.mark.xfail(strict=True, reason="data.contract <-> data.sample: removed by the input-hardening work")
 def test_no_import_circle():
     assert find_cycle(import_graph()) is None, " -> ".join(find_cycle(import_graph()) or [])
 

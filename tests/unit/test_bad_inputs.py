@@ -104,6 +104,27 @@ def boolean_timestamps_parquet(folder: Path) -> None:
     frame.to_parquet(folder / "interactions.parquet", index=False)
 
 
+def nul_after_head(folder: Path) -> None:
+    """One NUL byte well past the first 64 kB: the start of some line of interactions.csv."""
+    path = folder / "interactions.csv"
+    raw = path.read_bytes()
+    at = raw.index(b"\n", 100_000) + 1
+    path.write_bytes(raw[:at] + b"\x00" + raw[at:])
+
+
+def nul_in_parquet_value(folder: Path) -> None:
+    frame = pd.read_csv(folder / "interactions.csv", dtype=str)
+    (folder / "interactions.csv").unlink()
+    frame.loc[3000, C.USER_ID] = "u0001\x00"
+    frame.to_parquet(folder / "interactions.parquet", index=False)
+
+
+def symlink_loop(folder: Path) -> None:
+    """The data folder becomes ``ln -s in in``: a link to itself."""
+    shutil.rmtree(folder)
+    folder.symlink_to(folder.name)
+
+
 def missing_items_table(folder: Path) -> None:
     (folder / "items.csv").unlink()
 
@@ -162,6 +183,20 @@ CASES = [
     ("popularity_drift", replace(C.INTERACTIONS, C.ITEM_ID, "i00000", every(2, 1)), ValidationFailedError,
      r"on_top_item +share of interactions on the top 1% items within"),
     ("duplicate_users", duplicate_users, ValidationFailedError, r"users\.user_id 'user_id unique'"),
+    ("nul_after_64k", nul_after_head, DataContractError,
+     r"interactions\.csv contains NUL bytes \(1, the first at byte 1\d{5}, line \d+\)"),
+    ("nul_in_parquet_value", nul_in_parquet_value, DataContractError,
+     r"interactions\.parquet: column 'user_id' has NUL characters in 1 value\(s\), the first in row 3000"),
+    ("symlink_loop", symlink_loop, DataContractError,
+     r"/in cannot be opened as a data folder: Symlink loop from '[^']*/in'"),
+    ("millisecond_timestamps", replace(C.INTERACTIONS, C.TIMESTAMP, "1780000000000", rows(0, 5)),
+     ValidationFailedError,
+     r"'timestamp in unix seconds \(these look like milliseconds: divide by 1,000\)': 5 of .*'1780000000000'"),
+    ("microsecond_timestamps", replace(C.INTERACTIONS, C.TIMESTAMP, "1780000000000000", rows(0, 5)),
+     ValidationFailedError,
+     r"'timestamp in unix seconds \(these look like microseconds: divide by 1,000,000\)': 5 of "),
+    ("overlong_user_id", replace(C.INTERACTIONS, C.USER_ID, "u" * 10_000, rows(0, 1)), ValidationFailedError,
+     r"interactions\.user_id 'user_id at most 256 characters': 1 of \d+ rows.*'uuuu"),
 ]  # fmt: skip
 
 

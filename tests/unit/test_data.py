@@ -1,3 +1,4 @@
+import re
 from datetime import UTC, datetime
 
 import pandas as pd
@@ -79,3 +80,52 @@ def test_movielens_adapter(movielens_dir):
     assert len(data.interactions) == 100836
     toy = data.items.set_index(C.ITEM_ID).loc["1"]
     assert "Animation" in toy[C.CATEGORIES] and toy[C.TEXT]
+
+
+def test_a_nul_byte_anywhere_in_a_csv_is_refused_with_its_line(tmp_path):
+    folder = write_sample(tmp_path / "in")
+    path = folder / "interactions.csv"
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[9000] = lines[9000].replace(b",", b"\x00,", 1)  # far past the first 64 kB
+    path.write_bytes(b"".join(lines))
+    first = sum(map(len, lines[:9000])) + lines[9000].index(b"\x00")
+    with pytest.raises(DataContractError, match=rf"NUL bytes \(1, the first at byte {first}, line 9001\)"):
+        read_raw(str(folder))
+
+
+def test_a_nul_byte_in_a_movielens_file_is_refused(tmp_path):
+    (tmp_path / "movies.csv").write_text("movieId,title,genres\n1,Toy Story (1995),Animation\n")
+    (tmp_path / "ratings.csv").write_bytes(b"userId,movieId,rating,timestamp\n1,1,4.0,9\x0064982703\n")
+    with pytest.raises(DataContractError, match=r"ratings\.csv contains NUL bytes \(1, .* line 2\)"):
+        read_raw(str(tmp_path))
+
+
+def test_parquet_nul_in_a_string_is_refused_but_binary_columns_may_hold_nul(tmp_path):
+    (tmp_path / "in").mkdir()
+    items = pd.DataFrame({"item_id": ["1", "2"], "title": ["A", "B"], "blob": [b"\x00\x01", b"\x00"]})
+    items.to_parquet(tmp_path / "in/items.parquet")
+    inter = pd.DataFrame({"user_id": ["u1", "u2"], "item_id": ["2", "1"], "timestamp": [10, 11]})
+    inter.to_parquet(tmp_path / "in/interactions.parquet")
+    assert read_raw(str(tmp_path / "in")).items["blob"].tolist() == [b"\x00\x01", b"\x00"]
+
+    inter.assign(item_id=["2", "1\x00"]).to_parquet(tmp_path / "in/interactions.parquet")
+    with pytest.raises(
+        DataContractError, match=r"column 'item_id' has NUL characters in 1 value\(s\), the first in row 1"
+    ):
+        read_raw(str(tmp_path / "in"))
+
+
+def test_a_symlink_loop_as_data_folder_is_a_contract_error_naming_it(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    with pytest.raises(
+        DataContractError, match=rf"{re.escape(str(loop))} cannot be opened as a data folder: Symlink loop"
+    ):
+        read_raw(str(loop))
+
+
+def test_a_whitespace_only_file_is_empty(tmp_path):
+    folder = write_sample(tmp_path / "in")
+    (folder / "items.csv").write_bytes(b"\n  \r\n")
+    with pytest.raises(DataContractError, match=r"items\.csv is empty"):
+        read_raw(str(folder))

@@ -195,3 +195,44 @@ def test_report_survives_a_data_docs_rendering_failure(tmp_path, store_uri, monk
         run_validate(RunConfig(data_uri=str(folder), store_uri=store_uri))
     assert caught.value.report_uri.endswith(f"/{C.VALIDATION_SUMMARY}")
     assert read_json(caught.value.report_uri)["failed"][0]["samples"] == [f"row {i}" for i in range(5)]
+
+
+def test_ids_up_to_the_bound_pass_and_longer_ones_are_bad_rows(tmp_path, store_uri):
+    folder = write_sample(tmp_path / "in")
+    inter = pd.read_csv(folder / "interactions.csv", dtype=str)
+    inter.loc[0, C.USER_ID] = "u" * C.MAX_ID_CHARS
+    inter.loc[1, C.USER_ID] = "u" * (C.MAX_ID_CHARS + 1)
+    inter.to_csv(folder / "interactions.csv", index=False)
+    with pytest.raises(ValidationFailedError, match=rf"'user_id at most {C.MAX_ID_CHARS} characters': 1 of"):
+        run_validate(RunConfig(data_uri=str(folder), store_uri=store_uri))
+
+    tolerant = {"data_uri": str(folder), "store_uri": store_uri, "validation_ids_mostly": 0.99}
+    result = run_validate(RunConfig.from_dict(tolerant))
+    assert read_json(result["validation_uri"])["bad_rows"] == {"items": 0, "interactions": 1}
+    users = read_snapshot(result["snapshot_uri"]).interactions[C.USER_ID]
+    assert users.str.len().max() == C.MAX_ID_CHARS
+
+
+@pytest.mark.parametrize(
+    "stamp, unit",
+    [
+        ("1780000000000", "milliseconds"),
+        ("1780000000000000", "microseconds"),
+        ("1780000000000000000", "nanoseconds"),
+    ],
+)
+def test_timestamps_in_a_finer_unit_are_named_in_the_headline(tmp_path, store_uri, stamp, unit):
+    folder = write_sample(tmp_path / "in")
+    inter = pd.read_csv(folder / "interactions.csv", dtype=str)
+    inter.loc[:2, C.TIMESTAMP] = stamp
+    inter.loc[3, C.TIMESTAMP] = "1780000"  # a valid unix-seconds value (ancient), not a finer unit
+    inter.to_csv(folder / "interactions.csv", index=False)
+    with pytest.raises(ValidationFailedError) as caught:
+        run_validate(RunConfig(data_uri=str(folder), store_uri=store_uri))
+    headline = str(caught.value).splitlines()[0]
+    assert f"interactions.timestamp_in_{unit} 'timestamp in unix seconds (these look like {unit}" in headline
+    assert f"3 of {len(inter)} rows" in headline and repr(stamp) in headline
+    failed = read_json(caught.value.report_uri.replace("validation/index.html", "validation.json"))["failed"]
+    assert [f["column"] for f in failed if f["column"].startswith("timestamp_in_")] == [
+        f"timestamp_in_{unit}"
+    ]
