@@ -32,6 +32,7 @@ import llmrec_tasks
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import RunConfig, validate_name
 from llmrec_tasks.core.errors import BundleError, ConfigError
+from llmrec_tasks.core.results import Embedded, Indexed, Published, Trained, Validated
 from llmrec_tasks.storage.paths import bundle_prefix, bundles_prefix, current_key, manifest_key
 from llmrec_tasks.storage.store import (
     ObjectNotFound,
@@ -429,11 +430,11 @@ def serving_check(store_uri: str, namespace: str, version: str) -> dict[str, Any
 
 def run_publish(
     cfg: RunConfig,
-    validated: dict[str, Any],
-    embedded: dict[str, Any],
-    indexed: dict[str, Any],
-    trained: dict[str, Any],
-) -> dict[str, Any]:
+    validated: Validated,
+    embedded: Embedded,
+    indexed: Indexed,
+    trained: Trained,
+) -> Published:
     """Write the bundle (manifest last), check it through serving, apply the quality gate, move current.
 
     A failed serving check raises BundleError (``current`` untouched). A failed gate, an older
@@ -443,7 +444,9 @@ def run_publish(
     from llmrec_tasks.ranking.evaluate import quality_gate
 
     store = open_store(cfg.store_uri)
-    manifest, written = write_bundle(cfg, validated, embedded, indexed, trained)
+    manifest, written = write_bundle(
+        cfg, validated.to_json(), embedded.to_json(), indexed.to_json(), trained.to_json()
+    )
     version = manifest["version"]
     result: dict[str, Any] = {
         "version": version,
@@ -455,7 +458,7 @@ def run_publish(
     }
     result["check"] = serving_check(cfg.store_uri, cfg.namespace, version)
     if not cfg.promote:
-        return {**result, "promoted": False, "reason": "promote=False: published without moving current"}
+        return Published(**result, promoted=False, reason="promote=False: published without moving current")
     logical = manifest["lineage"]["logical_date"]
     run_ids = {"dag_id": cfg.dag_id, "run_id": cfg.run_id}
 
@@ -477,7 +480,7 @@ def run_publish(
                 ),
             )
         current_metrics = (
-            current_ranker_metrics(store, cfg.namespace, pointer["version"], validated["work_uri"])
+            current_ranker_metrics(store, cfg.namespace, pointer["version"], validated.work_uri)
             if pointer
             else None
         )
@@ -493,7 +496,7 @@ def run_publish(
     promoted, reason = update_current(store, cfg.namespace, decide)
     if not promoted:
         log.warning("bundle %s published but not promoted: %s", version, reason)
-    return {**result, "promoted": promoted, "reason": reason}
+    return Published(**result, promoted=promoted, reason=reason)
 
 
 def current_ranker_metrics(store: ObjectStore, namespace: str, version: str, work_uri: str) -> dict[str, Any]:
