@@ -124,3 +124,19 @@ def test_artifact_fields_are_fields_of_their_result() -> None:
         names = {f.name for f in dataclasses.fields(kind)}
         assert set(kind.ARTIFACTS) <= names, kind
         assert len(set(kind.ARTIFACTS.values())) == len(kind.ARTIFACTS), kind
+
+
+def test_the_pipeline_saves_and_loads_typed_results(results: list[StageResult]) -> None:
+    from llmrec_tasks.pipeline import load_stage, save_stage
+    from llmrec_tasks.storage.store import open_store
+
+    validated = results[0]
+    assert isinstance(validated, Validated)
+    save_stage(validated.work_uri, validated)
+    assert load_stage(validated.work_uri, Validated) == validated
+    with pytest.raises(ConfigError, match=r"stages/embed\.json not found: run `llmrec embed`"):
+        load_stage(validated.work_uri, Embedded)
+    stale = {k: v for k, v in validated.to_json().items() if k != "validation_stats_uri"}
+    open_store(validated.work_uri).put_bytes("stages/validate.json", json.dumps(stale).encode())
+    with pytest.raises(ConfigError, match=r"missing key.*'validation_stats_uri'.*rerun the validate stage"):
+        load_stage(validated.work_uri, Validated)
