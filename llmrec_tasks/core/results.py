@@ -12,6 +12,7 @@ work folder, its snapshot, work-only scratch such as ``ranker_eval_uri``) are no
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Self
@@ -29,8 +30,9 @@ class StageResult:
     ARTIFACTS: ClassVar[Mapping[str, str]] = {}
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON-able dict that travels through XCom and is saved as ``stages/<stage>.json``."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The JSON-able dict that travels through XCom and is saved as ``stages/<stage>.json``
+        (a deep copy: changing it leaves the frozen result as it is)."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Self:
@@ -86,7 +88,7 @@ class Validated(StageResult):
 class EmbedShard(StageResult):
     """One entry of the embed plan: the input of one mapped ``embed_shard`` task."""
 
-    STAGE: ClassVar[str] = "embed plan"
+    STAGE: ClassVar[str] = "plan_shards"
 
     shard: int
     shards: int
@@ -99,7 +101,7 @@ class EmbedShard(StageResult):
 class EncodedShard(StageResult):
     """What one ``embed_shard`` task encoded (its vectors stay in the work folder)."""
 
-    STAGE: ClassVar[str] = "embed shard"
+    STAGE: ClassVar[str] = "embed_shard"
 
     shard: int
     count: int

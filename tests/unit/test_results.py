@@ -53,9 +53,13 @@ def test_every_result_survives_a_json_round_trip(results: list[StageResult]) -> 
         assert list(data) == [f.name for f in dataclasses.fields(result)]
 
 
-def test_results_are_frozen(results: list[StageResult]) -> None:
+def test_results_are_frozen_and_their_json_is_a_copy(results: list[StageResult]) -> None:
+    validated = results[0]
     with pytest.raises(dataclasses.FrozenInstanceError):
-        results[0].version = "v2"  # type: ignore[attr-defined, misc]
+        validated.version = "v2"  # type: ignore[attr-defined, misc]
+    data = validated.to_json()
+    data["counts"]["items"] = -1
+    assert validated.to_json()["counts"]["items"] > 0
 
 
 def test_a_missing_key_is_refused_naming_the_stage_and_the_key(results: list[StageResult]) -> None:
