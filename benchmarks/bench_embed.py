@@ -21,8 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.catalog import change_texts, generate_catalog
+from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import EncoderConfig, RunConfig
+from llmrec_tasks.core.results import Embedded, Validated
 from llmrec_tasks.data.contract import item_texts, normalize, read_raw, write_snapshot
+from llmrec_tasks.data.validate import EMPTY_CUTOFF
 from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.store import open_store, split_uri
 from llmrec_tasks.text import embed, onnx_encoder
@@ -112,13 +115,12 @@ def throughput(n_texts: int, rounds: int) -> None:
     )
 
 
-def publish_embeddings(store_uri: str, version: str, result: dict) -> None:
-    """The publish stage's part that matters here: copy the *_uri artifacts, move current."""
+def publish_embeddings(store_uri: str, version: str, result: Embedded) -> None:
+    """The publish stage's part that matters here: copy the artifacts, move current."""
     root = open_store(store_uri)
-    for key, uri in result.items():
-        if key.endswith("_uri"):
-            src, name = split_uri(uri)
-            root.put_bytes(f"{registry.bundle_prefix('production', version)}/{name}", src.get_bytes(name))
+    for name, uri in result.artifacts().items():
+        src, key = split_uri(uri)
+        root.put_bytes(f"{registry.bundle_prefix('production', version)}/{name}", src.get_bytes(key))
     root.put_bytes(registry.current_key("production"), json.dumps({"version": version}).encode())
 
 
@@ -134,7 +136,18 @@ def incremental(n_items: int, fraction: float) -> None:
             store = open_store(store_uri)
             prefix = registry.run_prefix(cfg.namespace, version)
             write_snapshot(type(data)(items=items, interactions=data.interactions), store, prefix)
-            validated = {"version": version, "work_uri": store.uri_for(prefix)}
+            # The embed stage reads the work folder only: no validation report is written here.
+            validated = Validated(
+                version=version,
+                work_uri=store.uri_for(prefix),
+                snapshot_uri=store.uri_for(f"{prefix}/{C.SNAPSHOT_DIR}"),
+                fingerprint=version,
+                validation_uri=store.uri_for(f"{prefix}/{C.VALIDATION_SUMMARY}"),
+                validation_stats_uri=store.uri_for(f"{prefix}/{C.VALIDATION_STATS}"),
+                data_docs_uri=None,
+                counts={C.ITEMS: len(items), C.INTERACTIONS: len(data.interactions)},
+                cutoff=EMPTY_CUTOFF.isoformat(),
+            )
             clear_caches()
             started = time.perf_counter()
             result = embed.run_embed(cfg, validated)
@@ -146,9 +159,7 @@ def incremental(n_items: int, fraction: float) -> None:
     print("| run | seconds | reused | encoded | share of full refresh |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, seconds, result in rows:
-        print(
-            f"| {name} | {seconds:.1f} | {result['reused']} | {result['encoded']} | {seconds / full_s:.1%} |"
-        )
+        print(f"| {name} | {seconds:.1f} | {result.reused} | {result.encoded} | {seconds / full_s:.1%} |")
 
 
 def main() -> None:

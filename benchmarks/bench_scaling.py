@@ -126,7 +126,7 @@ def _child(stage: str, cfg_dict: dict[str, Any], work_uri: str | None, fake: boo
             "seconds": seconds,
             "peak_mb": peak,
             "baseline_mb": baseline,
-            **{k: result[k] for k in keep if k in result},
+            **{k: v for k, v in result.to_json().items() if k in keep},
         }
     )
 

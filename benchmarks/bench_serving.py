@@ -64,7 +64,7 @@ def ensure_bundle(store_uri: str, namespace: str, data: str | None) -> None:
 
     log.info("building a bundle from %s (whole pipeline)", data)
     result = run_pipeline(RunConfig(data_uri=data, store_uri=store_uri, namespace=namespace))
-    log.info("published %s", result["publish"]["version"])
+    log.info("published %s", result["publish"].to_json()["version"])
 
 
 def sample_users(bundle: serving.Bundle, n: int, seed: int) -> list[str]:

@@ -99,57 +99,64 @@ def llmrec_daily():
 
     @task(multiple_outputs=False)
     def validate(config: dict) -> dict:
-        from llmrec_tasks.airflow_glue import task_config
+        from llmrec_tasks.airflow_glue import stage_task
         from llmrec_tasks.data import validate
 
-        return validate.run_validate(task_config(config))
+        return stage_task(validate.run_validate, config)
 
     @task
     def plan_shards(config: dict, validated: dict) -> list[dict]:
-        from llmrec_tasks.airflow_glue import task_config
+        from llmrec_tasks.airflow_glue import stage_task
         from llmrec_tasks.text import embed
 
-        return embed.plan_shards(task_config(config), validated)
+        return stage_task(embed.plan_shards, config, validated=validated)
 
     @task(multiple_outputs=False, max_active_tis_per_dagrun=4)
     def embed_shard(config: dict, validated: dict, shard: dict) -> dict:
-        from llmrec_tasks.airflow_glue import task_config
+        from llmrec_tasks.airflow_glue import stage_task
         from llmrec_tasks.text import embed
 
-        return embed.run_embed_shard(task_config(config), validated, shard)
+        return stage_task(embed.run_embed_shard, config, validated=validated, shard=shard)
 
     @task(multiple_outputs=False)
     def merge_shards(config: dict, validated: dict, shard_results: list[dict]) -> dict:
-        from llmrec_tasks.airflow_glue import task_config
+        from llmrec_tasks.airflow_glue import stage_task
         from llmrec_tasks.text import embed
 
-        return embed.merge_shards(task_config(config), validated, list(shard_results[:]))
+        return stage_task(
+            embed.merge_shards, config, validated=validated, shard_results=list(shard_results[:])
+        )
 
     @task(multiple_outputs=False)
     def index(config: dict, validated: dict, embedded: dict) -> dict:
-        from llmrec_tasks.airflow_glue import task_config
+        from llmrec_tasks.airflow_glue import stage_task
         from llmrec_tasks.retrieval import index
 
-        return index.run_index(task_config(config), validated, embedded)
+        return stage_task(index.run_index, config, validated=validated, embedded=embedded)
 
     @task(multiple_outputs=False)
     def train(config: dict, validated: dict, embedded: dict) -> dict:
-        from llmrec_tasks.airflow_glue import task_config
+        from llmrec_tasks.airflow_glue import stage_task
         from llmrec_tasks.ranking import train
 
-        return train.run_train(task_config(config), validated, embedded)
+        return stage_task(train.run_train, config, validated=validated, embedded=embedded)
 
     @task(multiple_outputs=False, outlets=[BUNDLES])
     def publish(
         config: dict, validated: dict, embedded: dict, indexed: dict, trained: dict, *, outlet_events=None
     ) -> dict:
         from llmrec_tasks import publish
-        from llmrec_tasks.airflow_glue import after_publish, task_config
+        from llmrec_tasks.airflow_glue import publish_task
 
-        cfg = task_config(config)
-        published = publish.run_publish(cfg, validated, embedded, indexed, trained)
-        after_publish(outlet_events, cfg, validated, published, trained)
-        return published
+        return publish_task(
+            publish.run_publish,
+            outlet_events,
+            config,
+            validated=validated,
+            embedded=embedded,
+            indexed=indexed,
+            trained=trained,
+        )
 
     cfg = config()
     validated = validate(cfg)

@@ -4,10 +4,12 @@
   ids (the cutoff comes from the run, never from the wall clock);
 - resolving the deployment's default store (Airflow Variable, then ``LLMREC_STORE_URI``, then a
   folder under ``$AIRFLOW_HOME``) at run time, never at parse time;
+- a stage's task body: XCom JSON in, typed results (``llmrec_tasks.core.results``) to the stage,
+  JSON out;
 - the bundle Asset (one per namespace) and the metadata of its events.
 
-Importing this module is cheap (standard library and ``llmrec_tasks.core.config`` only): DAG files
-import it at parse time. Airflow itself is imported inside the functions that need it.
+Importing this module is cheap (standard library and ``llmrec_tasks.core`` only): DAG files import
+it at parse time. Airflow itself is imported inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ from typing import Any
 from llmrec_tasks.core.config import RunConfig
 from llmrec_tasks.core.constants import DEFAULT_NAMESPACE
 from llmrec_tasks.core.errors import ConfigError
+from llmrec_tasks.core.results import (
+    Embedded,
+    EmbedShard,
+    EncodedShard,
+    Indexed,
+    Published,
+    StageResult,
+    Trained,
+    Validated,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +60,16 @@ NON_RETRYABLE_ERRORS = (
     "llmrec_tasks.core.errors.IndexRecallError",
     "llmrec_tasks.core.errors.QualityGateError",
 )
+# A stage function's upstream parameters (by name) -> the result type XCom carries as JSON.
+TASK_INPUTS: dict[str, type[StageResult]] = {
+    "validated": Validated,
+    "shard": EmbedShard,
+    "shard_results": EncodedShard,
+    "embedded": Embedded,
+    "indexed": Indexed,
+    "trained": Trained,
+}
+LIST_INPUTS = frozenset({"shard_results"})  # the mapped embed_shard tasks' results
 
 
 # --- store ---------------------------------------------------------------------------------------
@@ -202,6 +224,43 @@ def task_config(config: Mapping[str, Any]) -> RunConfig:
     return RunConfig.from_dict(dict(config))
 
 
+# --- stage tasks ---------------------------------------------------------------------------------
+
+
+def task_inputs(upstream: Mapping[str, Any]) -> dict[str, Any]:
+    """Upstream results from XCom JSON to their types, keyed by the stage function's parameter names."""
+    inputs: dict[str, Any] = {}
+    for name, value in upstream.items():
+        if name not in TASK_INPUTS:
+            raise ConfigError(
+                f"stage input {name!r} has no result type; known inputs: {', '.join(TASK_INPUTS)}"
+            )
+        result_type = TASK_INPUTS[name]
+        inputs[name] = (
+            [result_type.from_json(v) for v in value] if name in LIST_INPUTS else result_type.from_json(value)
+        )
+    return inputs
+
+
+def stage_task(stage: Callable[..., Any], config: Mapping[str, Any], **upstream: Any) -> Any:
+    """Body of a stage task: ``stage(cfg, **typed upstream results)``, its result back as JSON
+    (a list of them for the embed plan) for XCom."""
+    result = stage(task_config(config), **task_inputs(upstream))
+    return [r.to_json() for r in result] if isinstance(result, list) else result.to_json()
+
+
+def publish_task(
+    run_publish: Callable[..., Published], outlet_events: Any, config: Mapping[str, Any], **upstream: Any
+) -> dict[str, Any]:
+    """Body of the publish task: publish, record the result in the work folder, emit the asset
+    event when promoted; the result back as JSON."""
+    cfg = task_config(config)
+    inputs = task_inputs(upstream)
+    published = run_publish(cfg, **inputs)
+    after_publish(outlet_events, cfg, inputs["validated"], published)
+    return published.to_json()
+
+
 # --- the bundle asset ----------------------------------------------------------------------------
 
 
@@ -226,25 +285,20 @@ def bundle_alias() -> Any:
     return AssetAlias(name=BUNDLE_ALIAS, group="llmrec")
 
 
-def bundle_event_extra(
-    cfg: RunConfig, published: Mapping[str, Any], trained: Mapping[str, Any] | None = None
-) -> dict[str, Any] | None:
+def bundle_event_extra(cfg: RunConfig, published: Published) -> dict[str, Any] | None:
     """Metadata of the asset event for a promoted bundle; None when the bundle was not promoted
     (failed gate, ``promote=false``): no event is emitted then."""
-    if not published.get("promoted"):
+    if not published.promoted:
         return None
-    metrics = published.get("metrics")
-    if metrics is None and trained is not None:
-        metrics = trained.get("metrics")
     extra = {
-        "version": published["version"],
-        "namespace": published.get("namespace") or cfg.namespace,
-        "bundle_uri": published.get("bundle_uri"),
-        "manifest_uri": published.get("manifest_uri"),
+        "version": published.version,
+        "namespace": published.namespace,
+        "bundle_uri": published.bundle_uri,
+        "manifest_uri": published.manifest_uri,
         "store_uri": cfg.store_uri,
         "promoted": True,
-        "reason": published.get("reason"),
-        "metrics": metric_summary(metrics or {}),
+        "reason": published.reason,
+        "metrics": metric_summary(published.metrics),
         "cutoff": cfg.cutoff.isoformat() if cfg.cutoff else None,
         "dag_id": cfg.dag_id,
         "run_id": cfg.run_id,
@@ -252,15 +306,11 @@ def bundle_event_extra(
     return extra
 
 
-def emit_bundle_event(
-    outlet_events: Any, cfg: RunConfig, published: Mapping[str, Any], trained: Mapping[str, Any] | None = None
-) -> dict[str, Any] | None:
+def emit_bundle_event(outlet_events: Any, cfg: RunConfig, published: Published) -> dict[str, Any] | None:
     """Add the asset event for a promoted bundle through the task's alias outlet."""
-    extra = bundle_event_extra(cfg, published, trained)
+    extra = bundle_event_extra(cfg, published)
     if extra is None:
-        log.info(
-            "bundle %s not promoted (%s): no asset event", published.get("version"), published.get("reason")
-        )
+        log.info("bundle %s not promoted (%s): no asset event", published.version, published.reason)
         return None
     outlet_events[bundle_alias()].add(bundle_asset(extra["namespace"]), extra=extra)
     log.info("asset event %s: version %s", bundle_asset_uri(extra["namespace"]), extra["version"])
@@ -268,32 +318,29 @@ def emit_bundle_event(
 
 
 def after_publish(
-    outlet_events: Any,
-    cfg: RunConfig,
-    validated: Mapping[str, Any],
-    published: Mapping[str, Any],
-    trained: Mapping[str, Any] | None = None,
+    outlet_events: Any, cfg: RunConfig, validated: Validated, published: Published
 ) -> dict[str, Any] | None:
     """Record the publish result in the run's work folder (``stages/publish.json``, as the CLI
     pipeline does: the UI plugin reads the gate outcome there), then emit the asset event when
     the bundle was promoted."""
-    from llmrec_tasks.pipeline import load_stage, save_stage
+    from llmrec_tasks.pipeline import load_stage, save_stage, stage_key
     from llmrec_tasks.storage.store import open_store
 
-    work_uri = str(validated["work_uri"])
-    previous = load_stage(work_uri, "publish") if open_store(work_uri).exists("stages/publish.json") else None
+    work_uri = validated.work_uri
+    recorded = open_store(work_uri).exists(stage_key(Published))
+    previous = load_stage(work_uri, Published) if recorded else None
     unchanged = (
         previous is not None
-        and published.get("status") == "already published"
-        and bool(previous.get("promoted")) == bool(published.get("promoted"))
+        and published.status == "already published"
+        and previous.promoted == published.promoted
     )
     if unchanged:
         # A rerun of an already published version: keep the record of the decision that was made
         # (its gate reason), not "already current".
-        log.info("publish record of %s kept: this rerun changed nothing", published.get("version"))
+        log.info("publish record of %s kept: this rerun changed nothing", published.version)
     else:
-        save_stage(work_uri, "publish", dict(published))
-    return emit_bundle_event(outlet_events, cfg, published, trained)
+        save_stage(work_uri, published)
+    return emit_bundle_event(outlet_events, cfg, published)
 
 
 def triggering_bundle_event(

@@ -145,11 +145,11 @@ def dispatch(args: argparse.Namespace) -> Any:
 
     if args.command == "run":
         results = pipeline.run_pipeline(_config(args))
-        return {"publish": results["publish"], "metrics": results["train"].get("metrics")}
+        return {"publish": results["publish"].to_json(), "metrics": results["train"].metrics}
     if args.command == "validate":
-        return pipeline.run_stage("validate", _config(args))
+        return pipeline.run_stage("validate", _config(args)).to_json()
     if args.command in ("embed", "index", "train", "publish"):
-        return pipeline.run_stage(args.command, pipeline.load_run_config(args.work), args.work)
+        return pipeline.run_stage(args.command, pipeline.load_run_config(args.work), args.work).to_json()
     if args.command == "benchmark":
         from llmrec_tasks.ranking.benchmark import print_table, run_benchmark
 

@@ -1,7 +1,8 @@
 """Run the stages in order without Airflow, the same functions the DAG's tasks call.
 
-Each stage's result dict is also saved in the run's work folder (``stages/<stage>.json``) with the
-run's config, so a single stage can be re-run from the CLI with ``--work URI``.
+Each stage's result (:mod:`llmrec_tasks.core.results`) is also saved as JSON in the run's work
+folder (``stages/<stage>.json``) with the run's config, so a single stage can be re-run from the
+CLI with ``--work URI``.
 """
 
 from __future__ import annotations
@@ -9,28 +10,39 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
+from typing import TypeVar, cast
 
 from llmrec_tasks.core.config import RunConfig
 from llmrec_tasks.core.errors import ConfigError
+from llmrec_tasks.core.results import Embedded, Indexed, StageResult, Trained, Validated
 from llmrec_tasks.storage.store import open_store
 
 log = logging.getLogger(__name__)
 
 STAGES = ("validate", "embed", "index", "train", "publish")
 CONFIG_FILE = "stages/config.json"
+R = TypeVar("R", bound=StageResult)
 
 
-def save_stage(work_uri: str, stage: str, result: dict[str, Any]) -> None:
-    open_store(work_uri).put_bytes(f"stages/{stage}.json", json.dumps(result, indent=2, default=str).encode())
+def stage_key(result_type: type[StageResult]) -> str:
+    """Where a stage's result is saved in the run's work folder."""
+    return f"stages/{result_type.STAGE}.json"
 
 
-def load_stage(work_uri: str, stage: str) -> dict[str, Any]:
+def save_stage(work_uri: str, result: StageResult) -> None:
+    open_store(work_uri).put_bytes(
+        stage_key(type(result)), json.dumps(result.to_json(), indent=2, default=str).encode()
+    )
+
+
+def load_stage(work_uri: str, result_type: type[R]) -> R:
     store = open_store(work_uri)
-    key = f"stages/{stage}.json"
+    key = stage_key(result_type)
     if not store.exists(key):
-        raise ConfigError(f"{store.uri_for(key)} not found: run `llmrec {stage}` for this work folder first")
-    return json.loads(store.get_bytes(key))
+        raise ConfigError(
+            f"{store.uri_for(key)} not found: run `llmrec {result_type.STAGE}` for this work folder first"
+        )
+    return result_type.from_json(json.loads(store.get_bytes(key)))
 
 
 def load_run_config(work_uri: str) -> RunConfig:
@@ -41,7 +53,7 @@ def load_run_config(work_uri: str) -> RunConfig:
     return RunConfig.from_dict(json.loads(store.get_bytes(CONFIG_FILE)))
 
 
-def run_stage(stage: str, cfg: RunConfig, work_uri: str | None = None) -> dict[str, Any]:
+def run_stage(stage: str, cfg: RunConfig, work_uri: str | None = None) -> StageResult:
     """Run one stage; upstream results are read from the work folder (not needed for validate)."""
     from llmrec_tasks import publish
     from llmrec_tasks.data import validate
@@ -50,34 +62,40 @@ def run_stage(stage: str, cfg: RunConfig, work_uri: str | None = None) -> dict[s
     from llmrec_tasks.text import embed
 
     started = time.monotonic()
+    result: StageResult
     if stage == "validate":
-        result = validate.run_validate(cfg)
-        work_uri = result["work_uri"]
+        validated = validate.run_validate(cfg)
+        result, work_uri = validated, validated.work_uri
         open_store(work_uri).put_bytes(CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2).encode())
     else:
         if work_uri is None:
             raise ConfigError(f"stage {stage!r} needs the run's work folder (--work URI)")
-        up = {name: load_stage(work_uri, name) for name in STAGES[: STAGES.index(stage)]}
-        if stage == "embed":
-            result = embed.run_embed(cfg, up["validate"])
-        elif stage == "index":
-            result = index.run_index(cfg, up["validate"], up["embed"])
-        elif stage == "train":
-            result = train.run_train(cfg, up["validate"], up["embed"])
-        elif stage == "publish":
-            result = publish.run_publish(cfg, up["validate"], up["embed"], up["index"], up["train"])
-        else:
+        if stage not in STAGES:
             raise ConfigError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    save_stage(work_uri, stage, result)
+        validated = load_stage(work_uri, Validated)
+        if stage == "embed":
+            result = embed.run_embed(cfg, validated)
+        elif stage == "index":
+            result = index.run_index(cfg, validated, load_stage(work_uri, Embedded))
+        elif stage == "train":
+            result = train.run_train(cfg, validated, load_stage(work_uri, Embedded))
+        else:
+            result = publish.run_publish(
+                cfg,
+                validated,
+                load_stage(work_uri, Embedded),
+                load_stage(work_uri, Indexed),
+                load_stage(work_uri, Trained),
+            )
+    save_stage(work_uri, result)
     log.info("stage %s done in %.1fs", stage, time.monotonic() - started)
     return result
 
 
-def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
-    """validate -> embed -> index -> train -> publish; returns every stage's result."""
-    results: dict[str, Any] = {}
-    work_uri = None
-    for stage in STAGES:
-        results[stage] = run_stage(stage, cfg, work_uri)
-        work_uri = results["validate"]["work_uri"]
+def run_pipeline(cfg: RunConfig) -> dict[str, StageResult]:
+    """validate -> embed -> index -> train -> publish; returns every stage's result by stage name."""
+    validated = cast(Validated, run_stage("validate", cfg))
+    results: dict[str, StageResult] = {"validate": validated}
+    for stage in STAGES[1:]:
+        results[stage] = run_stage(stage, cfg, validated.work_uri)
     return results

@@ -23,6 +23,7 @@ import llmrec_tasks
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import RunConfig, validate_name
 from llmrec_tasks.core.errors import BundleError, ConfigError
+from llmrec_tasks.core.results import Embedded, Indexed, Published, StageResult, Trained, Validated
 from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.registry import Decision, bundle_prefix, manifest_key, read_manifest
 from llmrec_tasks.storage.store import (
@@ -80,13 +81,13 @@ def _as_time(iso: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def logical_date(cfg: RunConfig, validated: Mapping[str, Any]) -> str:
+def logical_date(cfg: RunConfig, validated: Validated) -> str:
     """The run's logical date: ``cfg.cutoff``, else the cutoff the validate stage applied."""
     cutoff = cfg.cutoff
     if cutoff is None:
-        if not validated.get("cutoff"):
+        if not validated.cutoff:
             raise ConfigError("the run has no cutoff (RunConfig.cutoff or the validate result's 'cutoff')")
-        cutoff = datetime.fromisoformat(str(validated["cutoff"]))
+        cutoff = datetime.fromisoformat(validated.cutoff)
     cutoff = cutoff if cutoff.tzinfo else cutoff.replace(tzinfo=UTC)
     return cutoff.astimezone(UTC).isoformat(timespec="seconds")
 
@@ -94,17 +95,16 @@ def logical_date(cfg: RunConfig, validated: Mapping[str, Any]) -> str:
 # --- publishing ----------------------------------------------------------------------------------
 
 
-def _artifact_sources(*results: Mapping[str, Any]) -> dict[str, str]:
-    """Bundle file name -> source URI of every upstream artifact on the registry's allow-list.
+def _artifact_sources(*results: StageResult) -> dict[str, str]:
+    """Bundle file name -> source URI of every upstream artifact (each result lists its own).
 
     Other ``*_uri`` results (the run's folders, evaluation features, ...) stay in the work area.
     """
     sources: dict[str, str] = {}
     for result in results:
-        for key, name in registry.ARTIFACTS.items():
-            uri = result.get(key)
-            if not uri:
-                continue
+        for name, uri in result.artifacts().items():
+            if not registry.is_bundle_file(name) and name not in registry.FOLDERS:
+                raise BundleError(f"{type(result).__name__} lists {name!r}, which no bundle may hold")
             if sources.get(name, uri) != uri:
                 raise ConfigError(
                     f"two upstream artifacts map to bundle file {name!r}: {sources[name]}, {uri}"
@@ -169,39 +169,34 @@ def _put_immutable(store: ObjectStore, key: str, path: Path, sha256: str, manife
 
 def _lineage(
     cfg: RunConfig,
-    validated: Mapping[str, Any],
-    embedded: Mapping[str, Any],
-    indexed: Mapping[str, Any],
-    trained: Mapping[str, Any],
+    validated: Validated,
+    embedded: Embedded,
+    indexed: Indexed,
     files: Mapping[str, Any],
 ) -> dict[str, Any]:
     return redact(
         {
-            "dataset_fingerprint": validated.get("fingerprint"),
-            "counts": validated.get("counts"),
+            "dataset_fingerprint": validated.fingerprint,
+            "counts": validated.counts,
             "code_version": llmrec_tasks.__version__,
             "git_commit": git_commit(),
             "params": cfg.result_params(),
             "params_hash": cfg.params_hash(),
             "model_ids": {
-                "encoder": embedded.get("encoder"),
-                "index": {k: indexed[k] for k in ("kind", "n_items", "dim") if k in indexed},
+                "encoder": embedded.encoder,
+                "index": {"kind": indexed.kind, "n_items": indexed.n_items, "dim": indexed.dim},
                 "ranker_sha256": files[C.RANKER_MODEL]["sha256"],
             },
             "dag_id": cfg.dag_id,
             "run_id": cfg.run_id,
             "logical_date": logical_date(cfg, validated),
-            "work_uri": validated.get("work_uri"),
+            "work_uri": validated.work_uri,
         }
     )
 
 
 def write_bundle(
-    cfg: RunConfig,
-    validated: Mapping[str, Any],
-    embedded: Mapping[str, Any],
-    indexed: Mapping[str, Any],
-    trained: Mapping[str, Any],
+    cfg: RunConfig, validated: Validated, embedded: Embedded, indexed: Indexed, trained: Trained
 ) -> tuple[dict[str, Any], bool]:
     """Copy the artifacts into ``bundles/<version>/`` then write the manifest, last.
 
@@ -209,7 +204,7 @@ def write_bundle(
     as it is (a cleared and re-run task overwrites nothing that was published).
     """
     store = open_store(cfg.store_uri)
-    version = validate_name("version", str(validated["version"]))
+    version = validate_name("version", validated.version)
     prefix = bundle_prefix(cfg.namespace, version)
     mkey = manifest_key(cfg.namespace, version)
     if store.exists(mkey):
@@ -219,12 +214,12 @@ def write_bundle(
     # Every file goes through local disk one at a time (streamed both ways): memory stays bounded.
     sources: dict[str, tuple[ObjectStore | None, str]] = {}
     for name, uri in _artifact_sources(validated, embedded, indexed, trained).items():
-        source, keys = _artifact_keys(uri, str(validated["work_uri"]))
+        source, keys = _artifact_keys(uri, validated.work_uri)
         for sub, key in keys:
             sources[f"{name}/{sub}" if sub else name] = (source, key)
     with tempfile.TemporaryDirectory(prefix="llmrec-publish-") as tmp_dir:
         tmp = Path(tmp_dir)
-        for name, data in _serving_tables(str(validated["snapshot_uri"])).items():
+        for name, data in _serving_tables(validated.snapshot_uri).items():
             if name not in sources:
                 (tmp / name).write_bytes(data)
                 sources[name] = (None, name)
@@ -249,8 +244,8 @@ def write_bundle(
         "version": version,
         "created_at": _now(),
         "files": files,
-        "metrics": trained.get("metrics") or {},
-        "lineage": _lineage(cfg, validated, embedded, indexed, trained, files),
+        "metrics": trained.metrics,
+        "lineage": _lineage(cfg, validated, embedded, indexed, files),
     }
     try:
         registry.write_manifest(store, manifest)
@@ -279,11 +274,11 @@ def serving_check(store_uri: str, namespace: str, version: str) -> dict[str, Any
 
 def run_publish(
     cfg: RunConfig,
-    validated: dict[str, Any],
-    embedded: dict[str, Any],
-    indexed: dict[str, Any],
-    trained: dict[str, Any],
-) -> dict[str, Any]:
+    validated: Validated,
+    embedded: Embedded,
+    indexed: Indexed,
+    trained: Trained,
+) -> Published:
     """Write the bundle (manifest last), check it through serving, apply the quality gate, move current.
 
     A failed serving check raises BundleError (``current`` untouched). A failed gate, an older
@@ -305,7 +300,7 @@ def run_publish(
     }
     result["check"] = serving_check(cfg.store_uri, cfg.namespace, version)
     if not cfg.promote:
-        return {**result, "promoted": False, "reason": "promote=False: published without moving current"}
+        return Published(**result, promoted=False, reason="promote=False: published without moving current")
     logical = manifest["lineage"]["logical_date"]
     run_ids = {"dag_id": cfg.dag_id, "run_id": cfg.run_id}
 
@@ -327,7 +322,7 @@ def run_publish(
                 ),
             )
         current_metrics = (
-            current_ranker_metrics(store, cfg.namespace, pointer["version"], validated["work_uri"])
+            current_ranker_metrics(store, cfg.namespace, pointer["version"], validated.work_uri)
             if pointer
             else None
         )
@@ -343,7 +338,7 @@ def run_publish(
     promoted, reason = registry.update_current(store, cfg.namespace, decide)
     if not promoted:
         log.warning("bundle %s published but not promoted: %s", version, reason)
-    return {**result, "promoted": promoted, "reason": reason}
+    return Published(**result, promoted=promoted, reason=reason)
 
 
 def current_ranker_metrics(store: ObjectStore, namespace: str, version: str, work_uri: str) -> dict[str, Any]:

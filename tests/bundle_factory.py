@@ -2,7 +2,7 @@
 
 `make_run()` writes what validate/embed/index/train would leave in a run's work folder (snapshot,
 embeddings, a FAISS IndexFlatIP, a tiny LightGBM ranker trained on random features, feature spec,
-metrics, ...) and returns the stage result dicts `run_publish` takes. `toy_scorer` gives
+metrics, ...) and returns the typed stage results `run_publish` takes. `toy_scorer` gives
 that ranker its candidates and features (the real scorer is `serving.ranker_scorer`).
 `race()` runs conditional writes at the same instant and reports the winners.
 """
@@ -22,6 +22,7 @@ import pandas as pd
 
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import RunConfig
+from llmrec_tasks.core.results import Embedded, Indexed, Trained, Validated
 from llmrec_tasks.storage.registry import make_version, run_prefix
 from llmrec_tasks.storage.store import PreconditionFailed, open_store
 
@@ -141,7 +142,7 @@ def make_run(
     ndcg: float = 0.30,
     real_features: bool = False,
     **cfg_values: Any,
-) -> tuple[RunConfig, dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+) -> tuple[RunConfig, Validated, Embedded, Indexed, Trained]:
     """Write a run's artifacts; returns ``(cfg, validated, embedded, indexed, trained)``."""
     import faiss
 
@@ -170,30 +171,56 @@ def make_run(
     index = faiss.IndexFlatIP(DIM)
     index.add(vectors)
     metrics = {"ranker": {"ndcg@10": ndcg, "recall@10": ndcg + 0.1}, "popularity": {"ndcg@10": 0.1}}
-    validated = {
-        "version": version,
-        "work_uri": store.uri_for(work),
-        "snapshot_uri": store.uri_for(f"{work}/{C.SNAPSHOT_DIR}"),
-        "fingerprint": fingerprint,
-        "validation_uri": put(C.VALIDATION_SUMMARY, json.dumps({"success": True}).encode()),
-        "counts": {"items": N_ITEMS, "interactions": len(inter)},
-        "cutoff": cutoff.isoformat(),
-        "data_docs_uri": put(f"{C.VALIDATION_DOCS_DIR}/index.html", b"<html>docs</html>").rsplit("/", 1)[0],
-    }
+    validated = Validated(
+        version=version,
+        work_uri=store.uri_for(work),
+        snapshot_uri=store.uri_for(f"{work}/{C.SNAPSHOT_DIR}"),
+        fingerprint=fingerprint,
+        validation_uri=put(C.VALIDATION_SUMMARY, json.dumps({"success": True}).encode()),
+        validation_stats_uri=put(C.VALIDATION_STATS, json.dumps({"version": version}).encode()),
+        data_docs_uri=put(f"{C.VALIDATION_DOCS_DIR}/index.html", b"<html>docs</html>").rsplit("/", 1)[0],
+        counts={"items": N_ITEMS, "interactions": len(inter)},
+        cutoff=cutoff.isoformat(),
+    )
     put(f"{C.VALIDATION_DOCS_DIR}/static/style.css", b"body {}")
-    embedded = {
-        "embeddings_uri": put(C.EMBEDDINGS, npy.getvalue()),
-        "item_ids_uri": put(C.ITEM_IDS, json.dumps(items[C.ITEM_ID].tolist()).encode()),
-        "encoder": {"model": "toy", "identity": "toy:16"},
-        "n_items": N_ITEMS,
-    }
-    indexed = {
-        "index_uri": put(C.FAISS_INDEX, faiss.serialize_index(index).tobytes()),
-        "index_info_uri": put(C.INDEX_INFO, json.dumps({"kind": "flat"}).encode()),
-        "kind": "flat",
-        "n_items": N_ITEMS,
-        "dim": DIM,
-    }
+    keys = [hashlib.sha256(f"toy|{i}".encode()).hexdigest() for i in items[C.ITEM_ID]]
+    embedded = Embedded(
+        embeddings_uri=put(C.EMBEDDINGS, npy.getvalue()),
+        item_ids_uri=put(C.ITEM_IDS, json.dumps(items[C.ITEM_ID].tolist()).encode()),
+        embedding_keys_uri=put(C.EMBEDDING_KEYS, json.dumps({"cache_id": "toy", "keys": keys}).encode()),
+        encoder={"model": "toy", "identity": "toy:16"},
+        dim=DIM,
+        n_items=N_ITEMS,
+        reused=0,
+        encoded=N_ITEMS,
+        texts_encoded=N_ITEMS,
+        reused_from=None,
+        shards=1,
+        encode_seconds=0.0,
+    )
+    indexed = Indexed(
+        index_uri=put(C.FAISS_INDEX, faiss.serialize_index(index).tobytes()),
+        index_info_uri=put(C.INDEX_INFO, json.dumps({"kind": "flat"}).encode()),
+        kind="flat",
+        pq_m=None,
+        nlist=None,
+        estimated_mb=0.0,
+        n_items=N_ITEMS,
+        dim=DIM,
+        metric="inner_product",
+        recall_at_10=1.0,
+        recall_floor=0.95,
+        recall_queries=0,
+        recall_query_source="none",
+        search_param=None,
+        search_param_name=None,
+        refine_factor=None,
+        tuning=[],
+        build_seconds=0.0,
+        tune_seconds=0.0,
+        memory_mb=0.0,
+        memory_budget_mb=512.0,
+    )
     if real_features:
         ranker = real_ranker(items, inter, vectors, seed)
     else:
@@ -201,17 +228,25 @@ def make_run(
             C.RANKER_MODEL: toy_ranker(seed).encode(),
             C.FEATURE_SPEC: json.dumps({"features": FEATURES}).encode(),
             C.SERVING_STATS: parquet(inter.groupby(C.ITEM_ID).size().rename("count").reset_index()),
+            C.ITEM_NEIGHBORS: parquet(pd.DataFrame({"item": [0], "neighbor": [1], "score": [1.0]})),
         }
-    trained = {
-        "model_uri": put(C.RANKER_MODEL, ranker[C.RANKER_MODEL]),
-        "feature_spec_uri": put(C.FEATURE_SPEC, ranker[C.FEATURE_SPEC]),
-        "metrics_uri": put(C.METRICS, json.dumps(metrics).encode()),
-        "report_uri": put(C.REPORT_HTML, b"<html><body>toy report</body></html>"),
-        "serving_stats_uri": put(C.SERVING_STATS, ranker[C.SERVING_STATS]),
-        "metrics": metrics,
-    }
-    if C.ITEM_NEIGHBORS in ranker:
-        trained["item_neighbors_uri"] = put(C.ITEM_NEIGHBORS, ranker[C.ITEM_NEIGHBORS])
+    # Evaluation data with no feature columns: the gate cannot score the current ranker on it and
+    # compares against its recorded metrics (the toy rankers' features are not the real ones).
+    no_eval = io.BytesIO()
+    np.savez(no_eval, columns=np.array([], dtype=str))
+    trained = Trained(
+        model_uri=put(C.RANKER_MODEL, ranker[C.RANKER_MODEL]),
+        feature_spec_uri=put(C.FEATURE_SPEC, ranker[C.FEATURE_SPEC]),
+        metrics_uri=put(C.METRICS, json.dumps(metrics).encode()),
+        report_uri=put(C.REPORT_HTML, b"<html><body>toy report</body></html>"),
+        serving_stats_uri=put(C.SERVING_STATS, ranker[C.SERVING_STATS]),
+        item_neighbors_uri=put(C.ITEM_NEIGHBORS, ranker[C.ITEM_NEIGHBORS]),
+        ranker_eval_uri=put(C.RANKER_EVAL, no_eval.getvalue()),
+        metrics=metrics,
+        candidate_recall=0.5,
+        gate_vs_popularity={"passed": True, "reason": "toy ranker"},
+        best_iteration=15,
+    )
     return cfg, validated, embedded, indexed, trained
 
 

@@ -20,6 +20,7 @@ import pandas as pd
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import RunConfig
 from llmrec_tasks.core.errors import BundleError, ConfigError, StoreError, ValidationFailedError
+from llmrec_tasks.core.results import Validated
 from llmrec_tasks.data import expectations
 from llmrec_tasks.data.contract import (
     Dataset,
@@ -44,7 +45,7 @@ EMPTY_CUTOFF = datetime(1970, 1, 1, tzinfo=UTC)  # version cutoff when no timest
 MAX_CELL = 60
 
 
-def run_validate(cfg: RunConfig) -> dict[str, Any]:
+def run_validate(cfg: RunConfig) -> Validated:
     """Validate ``cfg.data_uri``; on success write the typed snapshot into the run's work folder."""
     started = time.monotonic()
     now = datetime.now(UTC)
@@ -117,17 +118,17 @@ def run_validate(cfg: RunConfig) -> dict[str, Any]:
         version,
         report_uri,
     )
-    return {
-        "version": version,
-        "work_uri": store.uri_for(work),
-        "snapshot_uri": store.uri_for(f"{work}/{C.SNAPSHOT_DIR}"),
-        "fingerprint": fingerprint,
-        "validation_uri": store.uri_for(validation_key),
-        "validation_stats_uri": store.uri_for(stats_key),
-        "data_docs_uri": docs_uri,
-        "counts": counts,
-        "cutoff": cutoff.isoformat(),
-    }
+    return Validated(
+        version=version,
+        work_uri=store.uri_for(work),
+        snapshot_uri=store.uri_for(f"{work}/{C.SNAPSHOT_DIR}"),
+        fingerprint=fingerprint,
+        validation_uri=store.uri_for(validation_key),
+        validation_stats_uri=store.uri_for(stats_key),
+        data_docs_uri=docs_uri,
+        counts=counts,
+        cutoff=cutoff.isoformat(),
+    )
 
 
 def _latest(data: Dataset) -> datetime:

@@ -24,6 +24,7 @@ import pandas as pd
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import RankerConfig, RunConfig
 from llmrec_tasks.core.errors import DataContractError
+from llmrec_tasks.core.results import Embedded, Trained, Validated
 from llmrec_tasks.data.contract import read_snapshot
 from llmrec_tasks.ranking.context import ContextParams, RankContext, build_context, serving_frames
 from llmrec_tasks.ranking.evaluate import quality_gate
@@ -56,13 +57,13 @@ def align_items(items: pd.DataFrame, item_ids: list[str]) -> pd.DataFrame:
     return indexed.loc[item_ids].reset_index()
 
 
-def run_train(cfg: RunConfig, validated: dict[str, Any], embedded: dict[str, Any]) -> dict[str, Any]:
+def run_train(cfg: RunConfig, validated: Validated, embedded: Embedded) -> Trained:
     """Production protocol end to end; writes the ranker, spec, metrics, report and serving stats."""
     from llmrec_tasks.ranking.report import build_report
 
     started = time.monotonic()
     rcfg = cfg.ranker
-    store = open_store(validated["work_uri"])
+    store = open_store(validated.work_uri)
     data = read_snapshot(store.uri_for(C.SNAPSHOT_DIR))
     item_ids, embeddings = read_embeddings(embedded)
     items = align_items(data.items, item_ids)
@@ -75,7 +76,7 @@ def run_train(cfg: RunConfig, validated: dict[str, Any], embedded: dict[str, Any
         protocol="time",
         windows={name: [_iso(a), _iso(b)] for name, (a, b) in windows.items()},
         gate_vs_popularity={"passed": passed, "reason": reason},
-        run={"version": validated.get("version"), "seconds": time.monotonic() - started},
+        run={"version": validated.version, "seconds": time.monotonic() - started},
     )
     log.info("quality gate vs popularity: %s", reason)
 
@@ -87,9 +88,7 @@ def run_train(cfg: RunConfig, validated: dict[str, Any], embedded: dict[str, Any
     store.put_bytes(C.RANKER_MODEL, booster.model_to_string().encode())
     store.put_bytes(C.FEATURE_SPEC, json.dumps(spec, indent=2).encode())
     store.put_bytes(C.METRICS, json.dumps(results, indent=2, default=json_default).encode())
-    store.put_bytes(
-        C.REPORT_HTML, build_report(results, title=f"llmrec ranker {validated.get('version', '')}").encode()
-    )
+    store.put_bytes(C.REPORT_HTML, build_report(results, title=f"llmrec ranker {validated.version}").encode())
     _put_eval(store, test)
     log.info(
         "train done in %.0fs: ranker NDCG@10 %.4f vs popularity %.4f",
@@ -97,19 +96,19 @@ def run_train(cfg: RunConfig, validated: dict[str, Any], embedded: dict[str, Any
         summary[RANKER]["ndcg@10"],
         summary["popularity"]["ndcg@10"],
     )
-    return {
-        "model_uri": store.uri_for(C.RANKER_MODEL),
-        "feature_spec_uri": store.uri_for(C.FEATURE_SPEC),
-        "metrics_uri": store.uri_for(C.METRICS),
-        "report_uri": store.uri_for(C.REPORT_HTML),
-        "serving_stats_uri": store.uri_for(C.SERVING_STATS),
-        "item_neighbors_uri": store.uri_for(C.ITEM_NEIGHBORS),
-        "ranker_eval_uri": store.uri_for(C.RANKER_EVAL),
-        "metrics": summary,
-        "candidate_recall": round(float(results["candidate_recall"]["test"].get("all", 0.0)), 6),
-        "gate_vs_popularity": {"passed": passed, "reason": reason},
-        "best_iteration": fit_info["best_iteration"],
-    }
+    return Trained(
+        model_uri=store.uri_for(C.RANKER_MODEL),
+        feature_spec_uri=store.uri_for(C.FEATURE_SPEC),
+        metrics_uri=store.uri_for(C.METRICS),
+        report_uri=store.uri_for(C.REPORT_HTML),
+        serving_stats_uri=store.uri_for(C.SERVING_STATS),
+        item_neighbors_uri=store.uri_for(C.ITEM_NEIGHBORS),
+        ranker_eval_uri=store.uri_for(C.RANKER_EVAL),
+        metrics=summary,
+        candidate_recall=round(float(results["candidate_recall"]["test"].get("all", 0.0)), 6),
+        gate_vs_popularity={"passed": passed, "reason": reason},
+        best_iteration=fit_info["best_iteration"],
+    )
 
 
 def feature_spec(
@@ -117,7 +116,7 @@ def feature_spec(
     rcfg: RankerConfig,
     booster: lgb.Booster,
     fit_info: dict[str, Any],
-    embedded: dict[str, Any],
+    embedded: Embedded,
 ) -> dict[str, Any]:
     """What serving needs to rebuild candidates and features exactly as in training."""
     cparams = candidate_params(rcfg)
@@ -130,7 +129,7 @@ def feature_spec(
         "stats_end": ctx.stats_end,
         "n_items": ctx.n_items,
         "model": {"kind": "lightgbm-lambdarank", **fit_info, "params": lgb_params(rcfg, rcfg.seed)},
-        "encoder": embedded.get("encoder"),
+        "encoder": embedded.encoder,
     }
 
 

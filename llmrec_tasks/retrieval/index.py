@@ -32,6 +32,7 @@ import numpy as np
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import RunConfig
 from llmrec_tasks.core.errors import ConfigError, IndexRecallError
+from llmrec_tasks.core.results import Embedded, Indexed, Validated
 from llmrec_tasks.storage.store import open_store
 from llmrec_tasks.text.embed import read_embeddings
 
@@ -379,7 +380,7 @@ def load_index(data: bytes, info: dict[str, Any] | None = None, vectors: np.ndar
     return index
 
 
-def run_index(cfg: RunConfig, validated: dict[str, Any], embedded: dict[str, Any]) -> dict[str, Any]:
+def run_index(cfg: RunConfig, validated: Validated, embedded: Embedded) -> Indexed:
     """Build, tune and check the index; write it (FAISS native format) and ``index.json``."""
     import faiss
 
@@ -391,11 +392,11 @@ def run_index(cfg: RunConfig, validated: dict[str, Any], embedded: dict[str, Any
     started = time.monotonic()
     index = build_index(vectors, choice)
     build_seconds = time.monotonic() - started
-    queries, source = profile_queries(validated["work_uri"], item_ids, vectors)
+    queries, source = profile_queries(validated.work_uri, item_ids, vectors)
     started = time.monotonic()
     tuned = tune(index, kind, vectors, queries, cfg.index.recall_floor)
     tune_seconds = time.monotonic() - started
-    store = open_store(validated["work_uri"])
+    store = open_store(validated.work_uri)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / C.FAISS_INDEX
         faiss.write_index(index, str(path))
@@ -438,4 +439,13 @@ def run_index(cfg: RunConfig, validated: dict[str, Any], embedded: dict[str, Any
         info["refine_factor"],
         info["memory_mb"],
     )
-    return {"index_uri": store.uri_for(C.FAISS_INDEX), "index_info_uri": store.uri_for(C.INDEX_INFO), **info}
+    # pq_m and nlist are in `choice` only for the kinds that have them.
+    return Indexed.from_json(
+        {
+            "index_uri": store.uri_for(C.FAISS_INDEX),
+            "index_info_uri": store.uri_for(C.INDEX_INFO),
+            "pq_m": None,
+            "nlist": None,
+            **info,
+        }
+    )

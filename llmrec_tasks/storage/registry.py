@@ -28,6 +28,7 @@ from typing import Any
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import validate_name
 from llmrec_tasks.core.errors import BundleError, ConfigError
+from llmrec_tasks.core.results import Embedded, Indexed, Trained, Validated
 from llmrec_tasks.storage.store import ObjectNotFound, ObjectStore, PreconditionFailed, open_store
 
 log = logging.getLogger(__name__)
@@ -37,25 +38,12 @@ CURRENT = "current"
 POINTER_HISTORY = 50  # previous currents remembered for rollback
 SWAP_ATTEMPTS = 5
 
-# The allow-list of a bundle: upstream result key -> bundle file name. Serving reads the first
-# group; the next run reads embedding keys (vector reuse) and validation statistics (drift checks);
+# The allow-list of a bundle: every stage result lists its artifacts (result field -> bundle file,
+# `core.results`); together they are what a bundle may hold. Serving reads most; the next run reads embedding keys (vector reuse) and validation statistics (drift checks);
 # metrics, report, validation summary and Data Docs are for humans and the UI plugin. Anything
 # else a stage writes (e.g. the ranker's evaluation features) stays in the run's work area.
 ARTIFACTS: dict[str, str] = {
-    "embeddings_uri": C.EMBEDDINGS,
-    "item_ids_uri": C.ITEM_IDS,
-    "index_uri": C.FAISS_INDEX,
-    "index_info_uri": C.INDEX_INFO,
-    "model_uri": C.RANKER_MODEL,
-    "feature_spec_uri": C.FEATURE_SPEC,
-    "serving_stats_uri": C.SERVING_STATS,
-    "item_neighbors_uri": C.ITEM_NEIGHBORS,
-    "embedding_keys_uri": C.EMBEDDING_KEYS,
-    "validation_stats_uri": C.VALIDATION_STATS,
-    "metrics_uri": C.METRICS,
-    "report_uri": C.REPORT_HTML,
-    "validation_uri": C.VALIDATION_SUMMARY,
-    "data_docs_uri": C.VALIDATION_DOCS_DIR,  # a folder: its files go under validation/
+    key: name for result in (Validated, Embedded, Indexed, Trained) for key, name in result.ARTIFACTS.items()
 }
 # Written by publish from the run's snapshot (not an upstream artifact).
 DERIVED_FILES = (C.BUNDLE_ITEMS, C.USER_HISTORIES)

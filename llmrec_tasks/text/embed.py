@@ -41,6 +41,7 @@ import numpy as np
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import DEFAULT_ENCODER, EncoderConfig, RunConfig
 from llmrec_tasks.core.errors import BundleError, ModelLoadError, StoreError
+from llmrec_tasks.core.results import Embedded, EmbedShard, EncodedShard, Validated
 from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.store import LocalStore, ObjectStore, open_store, split_uri
 
@@ -420,13 +421,13 @@ def _previous_bundle(cfg: RunConfig) -> tuple[str, list[str]] | None:
 # --- sharded stage ----------------------------------------------------------------------------
 
 
-def plan_shards(cfg: RunConfig, validated: dict[str, Any]) -> list[dict[str, Any]]:
-    """Decide what to encode and how; returns one small dict per shard (the mapped task's input).
+def plan_shards(cfg: RunConfig, validated: Validated) -> list[EmbedShard]:
+    """Decide what to encode and how; returns one small entry per shard (the mapped task's input).
 
     Writes the shared plan (reuse rows, key of every item) and each shard's token batches into
     ``<work>/embed_shards/``.
     """
-    work_uri = validated["work_uri"]
+    work_uri = validated.work_uri
     store = open_store(work_uri)
     spec = EncoderSpec.resolve(cfg.encoder)
     cache_id = spec.cache_id()
@@ -485,13 +486,7 @@ def plan_shards(cfg: RunConfig, validated: dict[str, Any]) -> list[dict[str, Any
             batch_sizes=sizes,
         )
         shards.append(
-            {
-                "shard": s,
-                "shards": n_shards,
-                "work_uri": work_uri,
-                "count": len(rows),
-                "precision": spec.precision,
-            }
+            EmbedShard(shard=s, shards=n_shards, work_uri=work_uri, count=len(rows), precision=spec.precision)
         )
     log.info(
         "embed plan: %d items, %d reused from %s, %d distinct texts to encode in %d batches over %d shards",
@@ -517,11 +512,11 @@ def _shard_keys(shard: int) -> str:
     return f"{C.EMBED_SHARDS_DIR}/{shard}.keys.json"
 
 
-def run_embed_shard(cfg: RunConfig, validated: dict[str, Any], shard: dict[str, Any]) -> dict[str, Any]:
+def run_embed_shard(cfg: RunConfig, validated: Validated, shard: EmbedShard) -> EncodedShard:
     """Encode one shard's batches (planned by :func:`plan_shards`); writes its vectors and keys."""
-    store = open_store(shard["work_uri"])
-    index = int(shard["shard"])
-    spec = EncoderSpec.resolve(cfg.encoder, shard["precision"])
+    store = open_store(shard.work_uri)
+    index = shard.shard
+    spec = EncoderSpec.resolve(cfg.encoder, shard.precision)
     data = _get_npz(store, _shard_input(index))
     tokens = Tokens(data["flat"], data["offsets"])
     bounds = np.cumsum(np.concatenate([[0], data["batch_sizes"]]))
@@ -534,8 +529,8 @@ def run_embed_shard(cfg: RunConfig, validated: dict[str, Any], shard: dict[str, 
     seconds = time.monotonic() - started
     _put_npy(store, _shard_output(index), vectors)
     _put_json(store, _shard_keys(index), data["keys"].astype(str).tolist())
-    log.info("embed shard %d/%d: %d texts in %.1fs", index + 1, shard["shards"], len(vectors), seconds)
-    return {"shard": index, "count": len(vectors), "seconds": round(seconds, 3)}
+    log.info("embed shard %d/%d: %d texts in %.1fs", index + 1, shard.shards, len(vectors), seconds)
+    return EncodedShard(shard=index, count=len(vectors), seconds=round(seconds, 3))
 
 
 def _dim_of(model: str) -> int:
@@ -545,14 +540,12 @@ def _dim_of(model: str) -> int:
     return int(AutoConfig.from_pretrained(resolve_model_path(model), local_files_only=True).hidden_size)
 
 
-def merge_shards(
-    cfg: RunConfig, validated: dict[str, Any], shard_results: list[dict[str, Any]]
-) -> dict[str, Any]:
+def merge_shards(cfg: RunConfig, validated: Validated, shard_results: list[EncodedShard]) -> Embedded:
     """Assemble all vectors in snapshot order (reused + encoded) and write the stage's outputs."""
-    store = open_store(validated["work_uri"])
+    store = open_store(validated.work_uri)
     meta = json.loads(store.get_bytes(PLAN_META))
     plan = _get_npz(store, PLAN_FILE)
-    done = sorted(int(r["shard"]) for r in shard_results)
+    done = sorted(r.shard for r in shard_results)
     if done != list(range(meta["shards"])):
         raise StoreError(
             f"embed merge got results of shards {done}, expected 0..{meta['shards'] - 1}: "
@@ -592,7 +585,7 @@ def merge_shards(
         store.put_file(C.EMBEDDINGS, out_path)
     keys_json = {"cache_id": meta["cache_id"], "keys": keys.astype(str).tolist()}
     store.put_bytes(C.EMBEDDING_KEYS, json.dumps(keys_json).encode())
-    encode_seconds = sum(float(r.get("seconds", 0.0)) for r in shard_results)
+    encode_seconds = sum(r.seconds for r in shard_results)
     log.info(
         "embeddings merged: %d items (%d reused, %d encoded) in %.1fs",
         n_out,
@@ -600,20 +593,20 @@ def merge_shards(
         len(encoded_items),
         time.monotonic() - started,
     )
-    return {
-        "embeddings_uri": store.uri_for(C.EMBEDDINGS),
-        "item_ids_uri": store.uri_for(C.ITEM_IDS),
-        "embedding_keys_uri": store.uri_for(C.EMBEDDING_KEYS),
-        "encoder": meta["encoder"],
-        "dim": dim,
-        "n_items": int(meta["n_items"]),
-        "reused": len(reused),
-        "encoded": len(encoded_items),
-        "texts_encoded": int(meta["n_todo"]),
-        "reused_from": meta["previous_version"],
-        "shards": int(meta["shards"]),
-        "encode_seconds": round(encode_seconds, 3),
-    }
+    return Embedded(
+        embeddings_uri=store.uri_for(C.EMBEDDINGS),
+        item_ids_uri=store.uri_for(C.ITEM_IDS),
+        embedding_keys_uri=store.uri_for(C.EMBEDDING_KEYS),
+        encoder=meta["encoder"],
+        dim=dim,
+        n_items=int(meta["n_items"]),
+        reused=len(reused),
+        encoded=len(encoded_items),
+        texts_encoded=int(meta["n_todo"]),
+        reused_from=meta["previous_version"],
+        shards=int(meta["shards"]),
+        encode_seconds=round(encode_seconds, 3),
+    )
 
 
 def _copy_previous(
@@ -635,17 +628,17 @@ def _copy_previous(
         out[items[part]] = matrix[rows[part]]
 
 
-def run_embed(cfg: RunConfig, validated: dict[str, Any]) -> dict[str, Any]:
+def run_embed(cfg: RunConfig, validated: Validated) -> Embedded:
     """The whole stage in one process: plan, every shard, merge (same result as mapped tasks)."""
     shards = plan_shards(cfg, validated)
     results = [run_embed_shard(cfg, validated, shard) for shard in shards]
     return merge_shards(cfg, validated, results)
 
 
-def read_embeddings(embedded: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+def read_embeddings(embedded: Embedded) -> tuple[list[str], np.ndarray]:
     """Load (item ids, vectors) written by :func:`run_embed`."""
-    store, name = split_uri(embedded["embeddings_uri"])
+    store, name = split_uri(embedded.embeddings_uri)
     vectors = _load_npy(store, name)
-    ids_store, ids_name = split_uri(embedded["item_ids_uri"])
+    ids_store, ids_name = split_uri(embedded.item_ids_uri)
     ids = json.loads(ids_store.get_bytes(ids_name))
     return ids, vectors

@@ -68,15 +68,18 @@ def summarize(dag_run, started: float) -> dict:
 
 
 def install_stub_stages() -> None:
-    """Replace the stage functions by instant fakes (wiring tests): same signatures, small dicts.
+    """Replace the stage functions by instant fakes (wiring tests): same signatures, typed results.
 
     The fake publish promotes unless the run conf says ``promote: false``.
     """
+    import dataclasses
     import importlib
     import types
 
+    from llmrec_tasks.core.results import EmbedShard, EncodedShard, Published
     from llmrec_tasks.retrieval import index
     from llmrec_tasks.text import embed
+    from tests.stage_results import embedded_for, indexed_for, trained_for, validated_for
 
     def fake(dotted, **functions):
         module = types.ModuleType(dotted)
@@ -88,33 +91,47 @@ def install_stub_stages() -> None:
     def run_validate(cfg):
         version = f"{cfg.cutoff:%Y%m%dT%H%M%SZ}-stub0000-{cfg.params_hash()[:6]}"
         work = f"{cfg.store_uri}/{cfg.namespace}/runs/{version}"
-        return {"version": version, "work_uri": work, "cutoff": cfg.cutoff.isoformat()}
+        return dataclasses.replace(validated_for(work, version), cutoff=cfg.cutoff.isoformat())
 
-    fake("llmrec_tasks.data.validate", run_validate=run_validate)
-    embed.plan_shards = lambda cfg, v: [
-        {"shard": s, "shards": cfg.encoder.shards} for s in range(cfg.encoder.shards)
-    ]
-    embed.run_embed_shard = lambda cfg, v, shard: {"shard": shard["shard"], "count": 1}
-    embed.merge_shards = lambda cfg, v, results: {"shards": sorted(r["shard"] for r in results)}
-    index.run_index = lambda cfg, v, e: {"kind": "flat"}
-    fake(
-        "llmrec_tasks.ranking.train",
-        run_train=lambda cfg, v, e: {"metrics": {"ranker": {"ndcg@10": 0.3}, "popularity": {"ndcg@10": 0.1}}},
-    )
+    def plan_shards(cfg, validated):
+        n = cfg.encoder.shards
+        return [
+            EmbedShard(shard=s, shards=n, work_uri=validated.work_uri, count=1, precision="fp32")
+            for s in range(n)
+        ]
+
+    def run_embed_shard(cfg, validated, shard):
+        return EncodedShard(shard=shard.shard, count=shard.count, seconds=0.0)
+
+    def merge_shards(cfg, validated, shard_results):
+        # `shards` counts the distinct shards merged: every mapped task's result arrived.
+        done = len({r.shard for r in shard_results})
+        return dataclasses.replace(embedded_for(validated.work_uri, 1, 4), shards=done)
+
+    def run_index(cfg, validated, embedded):
+        return indexed_for(validated.work_uri, embedded.n_items, embedded.dim)
+
+    def run_train(cfg, validated, embedded):
+        return trained_for(validated.work_uri, {"ranker": {"ndcg@10": 0.3}, "popularity": {"ndcg@10": 0.1}})
 
     def run_publish(cfg, validated, embedded, indexed, trained):
-        return {
-            "version": validated["version"],
-            "namespace": cfg.namespace,
-            "bundle_uri": f"{cfg.store_uri}/{cfg.namespace}/bundles/{validated['version']}",
-            "manifest_uri": f"{cfg.store_uri}/{cfg.namespace}/bundles/{validated['version']}/manifest.json",
-            "metrics": trained["metrics"],
-            "promoted": cfg.promote,
-            "reason": "stub gate passed"
-            if cfg.promote
-            else "promote=False: published without moving current",
-        }
+        bundle = f"{cfg.store_uri}/{cfg.namespace}/bundles/{validated.version}"
+        return Published(
+            version=validated.version,
+            namespace=cfg.namespace,
+            bundle_uri=bundle,
+            manifest_uri=f"{bundle}/manifest.json",
+            status="published",
+            metrics=trained.metrics,
+            check={"queries": 0},
+            promoted=cfg.promote,
+            reason="stub gate passed" if cfg.promote else "promote=False: published without moving current",
+        )
 
+    fake("llmrec_tasks.data.validate", run_validate=run_validate)
+    embed.plan_shards, embed.run_embed_shard, embed.merge_shards = plan_shards, run_embed_shard, merge_shards
+    index.run_index = run_index
+    fake("llmrec_tasks.ranking.train", run_train=run_train)
     fake("llmrec_tasks.publish", run_publish=run_publish)
 
 

@@ -65,40 +65,40 @@ def test_publish_promote_rollback_corrupt_and_serve(s3_store_uri: str, http_serv
     assert httpx.get(f"{http_service}/healthz").status_code == 503  # nothing promoted yet
 
     first = publish.run_publish(*make_run(s3_store_uri, cutoff=DAY1))
-    assert first["promoted"] and first["check"]["queries"] >= 3
-    assert first["bundle_uri"] == f"{s3_store_uri}/{NS}/bundles/{first['version']}"
-    wait_for_version(http_service, first["version"])
+    assert first.promoted and first.check["queries"] >= 3
+    assert first.bundle_uri == f"{s3_store_uri}/{NS}/bundles/{first.version}"
+    wait_for_version(http_service, first.version)
     response = httpx.get(f"{http_service}/recommendations/u1", params={"k": 5})
     assert response.status_code == 200 and len(response.json()["items"]) == 5
 
     second = publish.run_publish(*make_run(s3_store_uri, cutoff=DAY2, seed=1))
-    assert second["promoted"] and second["version"] != first["version"]
-    wait_for_version(http_service, second["version"])
+    assert second.promoted and second.version != first.version
+    wait_for_version(http_service, second.version)
     posted = httpx.post(f"{http_service}/recommendations", json={"events": [{"item_id": "i4"}], "k": 3})
-    assert posted.status_code == 200 and posted.json()["version"] == second["version"]
+    assert posted.status_code == 200 and posted.json()["version"] == second.version
     assert httpx.get(f"{http_service}/recommendations/u1", params={"k": 0}).status_code == 422
 
     versions = registry.list_versions(s3_store_uri, NS)
     assert [(v["version"], v["current"]) for v in versions] == [
-        (first["version"], False),
-        (second["version"], True),
+        (first.version, False),
+        (second.version, True),
     ]
 
     back = publish.rollback(s3_store_uri, NS)
-    assert back["version"] == first["version"]
-    wait_for_version(http_service, first["version"])
+    assert back["version"] == first.version
+    wait_for_version(http_service, first.version)
 
     store = open_store(s3_store_uri)
-    key = f"{bundle_prefix(NS, second['version'])}/{RANKER_MODEL}"
+    key = f"{bundle_prefix(NS, second.version)}/{RANKER_MODEL}"
     data = bytearray(store.get_bytes(key))
     data[100] ^= 0x20
     store.put_bytes(key, bytes(data))
     with pytest.raises(BundleError, match=r"corrupt: sha256 of ranker\.txt"):
-        serving.load_bundle(s3_store_uri, NS, second["version"])
+        serving.load_bundle(s3_store_uri, NS, second.version)
     with pytest.raises(BundleError, match="corrupt"):
-        publish.promote(s3_store_uri, NS, second["version"])  # the check refuses it
-    assert registry.read_pointer(store, NS)[0]["version"] == first["version"]
-    assert httpx.get(f"{http_service}/version").json()["version"] == first["version"]
+        publish.promote(s3_store_uri, NS, second.version)  # the check refuses it
+    assert registry.read_pointer(store, NS)[0]["version"] == first.version
+    assert httpx.get(f"{http_service}/version").json()["version"] == first.version
 
 
 def test_flaky_store_during_publish_is_retried(flaky_proxy: FlakyProxy) -> None:
@@ -108,7 +108,7 @@ def test_flaky_store_during_publish_is_retried(flaky_proxy: FlakyProxy) -> None:
     flaky_proxy.plan.only_method = "PUT"
     flaky_proxy.plan.delay_s = 0.05
     result = publish.run_publish(*args)
-    assert result["promoted"] and flaky_proxy.plan.failed == 3
+    assert result.promoted and flaky_proxy.plan.failed == 3
     serving.load_bundle(uri, NS)  # complete and verified
 
 
@@ -117,7 +117,7 @@ def test_store_down_mid_publish_leaves_nothing_visible(flaky_proxy: FlakyProxy) 
     first = publish.run_publish(*make_run(uri, cutoff=DAY1))
     args = make_run(uri, cutoff=DAY2, seed=1)
     store = open_store(uri)
-    prefix = bundle_prefix(NS, args[1]["version"])
+    prefix = bundle_prefix(NS, args[1].version)
 
     writes = {"n": 0}
     real_put = store.put_file.__func__  # type: ignore[attr-defined]
@@ -136,13 +136,13 @@ def test_store_down_mid_publish_leaves_nothing_visible(flaky_proxy: FlakyProxy) 
     flaky_proxy.plan.fail_next = 0
     assert 3 <= len(store.list(prefix)) < 12 and not store.exists(f"{prefix}/{MANIFEST}")
     rows = {r["version"]: r for r in registry.list_versions(uri, NS)}
-    assert rows[args[1]["version"]]["complete"] is False
-    assert registry.read_pointer(store, NS)[0]["version"] == first["version"]
+    assert rows[args[1].version]["complete"] is False
+    assert registry.read_pointer(store, NS)[0]["version"] == first.version
     with pytest.raises(BundleError, match="not published"):
-        serving.load_bundle(uri, NS, args[1]["version"])
+        serving.load_bundle(uri, NS, args[1].version)
     # The cleared task re-runs once the store is back: the bundle completes and is promoted.
     again = publish.run_publish(*args)
-    assert again["promoted"] and again["status"] == "published"
+    assert again.promoted and again.status == "published"
 
 
 def test_racing_promotions_on_s3_have_exactly_one_winner(s3_store_uri: str) -> None:
@@ -160,7 +160,7 @@ def test_racing_promotions_on_s3_have_exactly_one_winner(s3_store_uri: str) -> N
 
 def test_gc_on_s3(s3_store_uri: str) -> None:
     versions = [
-        publish.run_publish(*make_run(s3_store_uri, cutoff=d, seed=i))["version"]
+        publish.run_publish(*make_run(s3_store_uri, cutoff=d, seed=i)).version
         for i, d in enumerate([DAY1, DAY2, datetime(2024, 2, 3, tzinfo=UTC)])
     ]
     result = registry.gc(s3_store_uri, NS, keep=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from datetime import UTC, datetime, timedelta, timezone
@@ -14,7 +15,9 @@ import pytest
 from llmrec_tasks import airflow_glue as glue
 from llmrec_tasks.core.config import RunConfig
 from llmrec_tasks.core.errors import ConfigError
+from llmrec_tasks.core.results import EncodedShard, Published, Validated
 from tests.airflow_env import use_test_airflow_home
+from tests.stage_results import embedded_for, validated_for
 
 use_test_airflow_home()
 
@@ -178,19 +181,21 @@ def test_config_from_context(monkeypatch, tmp_path):
 
 
 def published(promoted=True, **extra):
-    return {
+    fields = {
         "version": "20261002T000000Z-abcdef12-123456",
         "namespace": "production",
         "bundle_uri": "file:///s/production/bundles/v",
         "manifest_uri": "file:///s/production/bundles/v/manifest.json",
+        "status": "published",
+        "check": {"queries": 3},
         "promoted": promoted,
         "reason": "ok" if promoted else "quality gate: ranker ndcg@10 0.1 does not beat popularity 0.2",
         "metrics": {
             "ranker": {"ndcg@10": 0.31, "ndcg@10_ci95": [0.3, 0.32], "users": 50, "slices": {"cold": {}}},
             "popularity": {"ndcg@10": 0.12},
         },
-        **extra,
     }
+    return Published(**{**fields, **extra})
 
 
 class FakeAccessor:
@@ -252,8 +257,8 @@ def test_after_publish_records_the_result_in_the_work_folder(tmp_path):
     work = (tmp_path / "store" / "production" / "runs" / "v").as_uri()
     events = FakeOutletEvents()
     result = published(promoted=False)
-    assert glue.after_publish(events, build({}), {"work_uri": work}, result) is None
-    assert load_stage(work, "publish") == result
+    assert glue.after_publish(events, build({}), validated_for(work), result) is None
+    assert load_stage(work, Published) == result
 
 
 def test_a_rerun_that_changed_nothing_keeps_the_publish_record(tmp_path):
@@ -262,18 +267,70 @@ def test_a_rerun_that_changed_nothing_keeps_the_publish_record(tmp_path):
 
     work = (tmp_path / "store" / "production" / "runs" / "v").as_uri()
     first = published(status="published", reason="ranker ndcg@10 0.31 beats popularity 0.12")
-    glue.after_publish(FakeOutletEvents(), build({}), {"work_uri": work}, first)
+    glue.after_publish(FakeOutletEvents(), build({}), validated_for(work), first)
     rerun = published(status="already published", reason="v is already current")
     events = FakeOutletEvents()
-    assert glue.after_publish(events, build({}), {"work_uri": work}, rerun)["version"] == first["version"]
-    assert load_stage(work, "publish")["reason"] == first["reason"]
+    assert glue.after_publish(events, build({}), validated_for(work), rerun)["version"] == first.version
+    assert load_stage(work, Published).reason == first.reason
     assert len(next(iter(events.values())).added) == 1  # the event is emitted again (at least once)
     # A rerun that changes the outcome (now promoted) replaces the record.
     failed = published(promoted=False, status="published")
-    glue.after_publish(FakeOutletEvents(), build({}), {"work_uri": work}, failed)
+    glue.after_publish(FakeOutletEvents(), build({}), validated_for(work), failed)
     later = published(status="already published", reason="now within tolerance")
-    glue.after_publish(FakeOutletEvents(), build({}), {"work_uri": work}, later)
-    assert load_stage(work, "publish")["reason"] == "now within tolerance"
+    glue.after_publish(FakeOutletEvents(), build({}), validated_for(work), later)
+    assert load_stage(work, Published).reason == "now within tolerance"
+
+
+def test_stage_task_hands_the_stage_typed_results_and_returns_json():
+    validated, embedded = validated_for("file:///w"), embedded_for("file:///w", 3, 4)
+    seen = {}
+
+    def stage(cfg, validated, embedded):
+        seen.update(cfg=cfg, validated=validated, embedded=embedded)
+        return dataclasses.replace(embedded, reused=2)
+
+    config = build({}).to_dict()
+    out = glue.stage_task(stage, config, validated=validated.to_json(), embedded=embedded.to_json())
+    assert seen == {"cfg": glue.task_config(config), "validated": validated, "embedded": embedded}
+    assert out == {**embedded.to_json(), "reused": 2}
+    json.dumps(out)
+
+
+def test_stage_task_converts_lists_of_shard_results_both_ways():
+    shards = [EncodedShard(shard=i, count=1, seconds=0.5) for i in range(2)]
+    out = glue.stage_task(
+        lambda cfg, shard_results: list(reversed(shard_results)),
+        build({}).to_dict(),
+        shard_results=[s.to_json() for s in shards],
+    )
+    assert out == [shards[1].to_json(), shards[0].to_json()]
+
+
+def test_stage_task_refuses_unknown_inputs_and_foreign_results():
+    config = build({}).to_dict()
+    with pytest.raises(ConfigError, match="stage input 'checked' has no result type"):
+        glue.stage_task(lambda cfg, checked: None, config, checked={})
+    with pytest.raises(ConfigError, match=r"validate result .* missing key.*'work_uri'"):
+        glue.stage_task(lambda cfg, validated: None, config, validated={"version": "v1"})
+
+
+def test_publish_task_records_emits_and_returns_json(tmp_path):
+    work = (tmp_path / "store" / "production" / "runs" / "v").as_uri()
+    validated, embedded = validated_for(work), embedded_for(work, 3, 4)
+    events = FakeOutletEvents()
+
+    def run_publish(cfg, validated, embedded):
+        assert isinstance(validated, Validated)
+        return published()
+
+    out = glue.publish_task(
+        run_publish, events, build({}).to_dict(), validated=validated.to_json(), embedded=embedded.to_json()
+    )
+    assert out == published().to_json()
+    from llmrec_tasks.pipeline import load_stage
+
+    assert load_stage(work, Published) == published()
+    assert len(next(iter(events.values())).added) == 1
 
 
 def test_triggering_event_is_the_latest_one():

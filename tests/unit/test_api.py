@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from llmrec_tasks import publish
 from llmrec_tasks.core.constants import DEFAULT_NAMESPACE
+from llmrec_tasks.core.results import Published
 from llmrec_tasks.serving import api
 from tests.bundle_factory import make_run
 
@@ -18,36 +19,34 @@ pytestmark = pytest.mark.usefixtures("toy_ranker_features")
 
 
 @pytest.fixture
-def first(store_uri: str) -> dict:
+def first(store_uri: str) -> Published:
     return publish.run_publish(*make_run(store_uri))
 
 
 @pytest.fixture
-def client(store_uri: str, first: dict) -> Iterator[TestClient]:
+def client(store_uri: str, first: Published) -> Iterator[TestClient]:
     with TestClient(api.create_app(store_uri, DEFAULT_NAMESPACE, poll_seconds=3600)) as c:
         yield c
 
 
-def test_health_and_version(client: TestClient, first: dict) -> None:
+def test_health_and_version(client: TestClient, first: Published) -> None:
     health = client.get("/healthz")
     assert health.status_code == 200 and health.json() == {
         "status": "ok",
-        "version": first["version"],
+        "version": first.version,
         "error": None,
     }
     version = client.get("/version").json()
-    assert version["version"] == first["version"] and version["current"] == first["version"]
+    assert version["version"] == first.version and version["current"] == first.version
     assert version["namespace"] == DEFAULT_NAMESPACE and version["logical_date"].startswith("2024-02-01")
     assert version["metrics"]["ranker"]["ndcg@10"] == pytest.approx(0.30)
 
 
-def test_get_recommendations(client: TestClient, first: dict) -> None:
+def test_get_recommendations(client: TestClient, first: Published) -> None:
     response = client.get("/recommendations/u1", params={"k": 5})
     assert response.status_code == 200
     body = response.json()
-    assert (
-        body["user_id"] == "u1" and body["strategy"] == "personalized" and body["version"] == first["version"]
-    )
+    assert body["user_id"] == "u1" and body["strategy"] == "personalized" and body["version"] == first.version
     assert len(body["items"]) == 5
     assert set(body["items"][0]) == {"item_id", "score", "reason", "title"}
     cold = client.get("/recommendations/someone-new").json()
@@ -129,16 +128,16 @@ def test_unavailable_until_a_bundle_is_promoted(store_uri: str) -> None:
         assert c.get("/recommendations/u1").status_code == 200
 
 
-def test_new_current_is_served_without_restart(store_uri: str, first: dict) -> None:
+def test_new_current_is_served_without_restart(store_uri: str, first: Published) -> None:
     with TestClient(api.create_app(store_uri, DEFAULT_NAMESPACE, poll_seconds=0.2)) as c:
-        assert c.get("/version").json()["version"] == first["version"]
+        assert c.get("/version").json()["version"] == first.version
         second = publish.run_publish(*make_run(store_uri, cutoff=datetime(2024, 2, 2, tzinfo=UTC), seed=1))
         deadline = time.monotonic() + 15
-        while c.get("/version").json()["version"] != second["version"]:
+        while c.get("/version").json()["version"] != second.version:
             assert time.monotonic() < deadline, "the service did not pick up the new current"
             time.sleep(0.1)
-        assert c.get("/recommendations/u1").json()["version"] == second["version"]
+        assert c.get("/recommendations/u1").json()["version"] == second.version
         publish.rollback(store_uri, DEFAULT_NAMESPACE)
-        while c.get("/version").json()["version"] != first["version"]:
+        while c.get("/version").json()["version"] != first.version:
             assert time.monotonic() < deadline, "the service did not follow the rollback"
             time.sleep(0.1)

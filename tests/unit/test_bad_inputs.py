@@ -218,7 +218,7 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     store_root = base / "store"
     store = open_store(store_root.as_uri())
     bundle = bundle_prefix(C.DEFAULT_NAMESPACE, PUBLISHED)
-    store.put_bytes(f"{bundle}/{C.VALIDATION_STATS}", Path(scratch["validation_stats_uri"][7:]).read_bytes())
+    store.put_bytes(f"{bundle}/{C.VALIDATION_STATS}", Path(scratch.validation_stats_uri[7:]).read_bytes())
     for name in (C.RANKER_MODEL, C.EMBEDDINGS, C.MANIFEST):
         store.put_bytes(f"{bundle}/{name}", hashlib.sha256(name.encode()).digest() * 64)
     store.put_bytes(current_key(C.DEFAULT_NAMESPACE), json.dumps({"version": PUBLISHED}).encode())

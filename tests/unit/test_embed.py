@@ -12,10 +12,12 @@ from benchmarks.bench_embed import publish_embeddings
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import EncoderConfig, RunConfig
 from llmrec_tasks.core.errors import ModelLoadError, StoreError
+from llmrec_tasks.core.results import Embedded, Validated
 from llmrec_tasks.data.contract import Dataset, write_snapshot
 from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.store import open_store
 from llmrec_tasks.text import embed, onnx_encoder
+from tests.stage_results import validated_for
 
 TEXTS = [
     "Distant Nebula I. A story about astronauts exploring a distant planet. Categories: Space",
@@ -117,7 +119,7 @@ def test_the_stage_runs_a_model_of_another_architecture(other_architecture, stor
     _, _, result = _run(store_uri, "v1", _items(12), model=other_architecture, shards=2)
     ids, vectors = embed.read_embeddings(result)
     assert len(ids) == 12 and vectors.shape == (12, 32)
-    assert result["encoder"]["model"] == other_architecture
+    assert result.encoder["model"] == other_architecture
 
 
 def test_a_model_that_does_not_export_names_the_torch_backend(tmp_path, monkeypatch):
@@ -160,29 +162,31 @@ def _items(
     return Dataset(items=items, interactions=inter)
 
 
-def _run(store_uri: str, version: str, data: Dataset, **encoder: object) -> tuple[RunConfig, dict, dict]:
+def _run(
+    store_uri: str, version: str, data: Dataset, **encoder: object
+) -> tuple[RunConfig, Validated, Embedded]:
     cfg = RunConfig.from_dict({"store_uri": store_uri, "encoder": encoder})
     store = open_store(store_uri)
     prefix = registry.run_prefix(cfg.namespace, version)
     write_snapshot(data, store, prefix)
-    validated = {"version": version, "work_uri": store.uri_for(prefix)}
+    validated = validated_for(store.uri_for(prefix), version)
     return cfg, validated, embed.run_embed(cfg, validated)
 
 
 @pytest.mark.slow
 def test_incremental_refresh_encodes_only_changed_items(store_uri):
     _, _, first = _run(store_uri, "v1", _items(30))
-    assert (first["reused"], first["encoded"], first["n_items"]) == (0, 30, 30)
-    assert first["encoder"]["backend"] == "onnx" and first["encoder"]["precision"] == "fp32"
-    assert first["encoder"]["quantized"] is False
+    assert (first.reused, first.encoded, first.n_items) == (0, 30, 30)
+    assert first.encoder["backend"] == "onnx" and first.encoder["precision"] == "fp32"
+    assert first.encoder["quantized"] is False
     publish_embeddings(store_uri, "v1", first)
 
     # Two texts change, one item is removed, one is added (item 30 is new).
     changed = {3: "A brand new description about deep sea diving.", 7: "Another rewrite about chess."}
     new = _items(31, changed=changed, drop=(5,))
     _, _, second = _run(store_uri, "v2", new)
-    assert second["reused"] == 27 and second["encoded"] == 3 and second["n_items"] == 30
-    assert second["reused_from"] == "v1"
+    assert second.reused == 27 and second.encoded == 3 and second.n_items == 30
+    assert second.reused_from == "v1"
 
     ids, vectors = embed.read_embeddings(second)
     assert ids == new.items[C.ITEM_ID].tolist()
@@ -190,7 +194,7 @@ def test_incremental_refresh_encodes_only_changed_items(store_uri):
     # Same as a full refresh of the same snapshot.
     full_store = (Path(store_uri.removeprefix("file://")).parent / "full").as_uri()
     _, _, full = _run(full_store, "v2", new)
-    assert full["reused"] == 0
+    assert full.reused == 0
     full_ids, full_vectors = embed.read_embeddings(full)
     assert full_ids == ids
     np.testing.assert_allclose(vectors, full_vectors, atol=2e-5)
@@ -208,13 +212,13 @@ def test_shard_count_does_not_change_the_bytes(tmp_path):
 
     # The mapped-task path: plan, shards in any order, merge.
     shards = embed.plan_shards(cfg, validated)
-    assert [s["shard"] for s in shards] == [0, 1, 2] and all(s["count"] > 0 for s in shards)
+    assert [s.shard for s in shards] == [0, 1, 2] and all(s.count > 0 for s in shards)
     results = [embed.run_embed_shard(cfg, validated, s) for s in reversed(shards)]
     three = embed.merge_shards(cfg, validated, results)
-    assert three["texts_encoded"] == 38 and three["encoded"] == 40
+    assert three.texts_encoded == 38 and three.encoded == 40
 
-    def raw(result: dict) -> bytes:
-        store = open_store(result["embeddings_uri"].rsplit("/", 1)[0])
+    def raw(result: Embedded) -> bytes:
+        store = open_store(result.embeddings_uri.rsplit("/", 1)[0])
         return store.get_bytes(C.EMBEDDINGS)
 
     assert raw(one) == raw(three)

@@ -12,8 +12,10 @@ import pytest
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import RunConfig
 from llmrec_tasks.core.errors import ConfigError, IndexRecallError
+from llmrec_tasks.core.results import Embedded, Validated
 from llmrec_tasks.retrieval import index as ix
 from llmrec_tasks.storage.store import open_store
+from tests.stage_results import embedded_for, validated_for
 
 
 @pytest.mark.parametrize(
@@ -61,7 +63,7 @@ def clustered(n: int, d: int, clusters: int, seed: int = 0) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _work(store_uri: str, vectors: np.ndarray, users: int = 300) -> tuple[dict, dict]:
+def _work(store_uri: str, vectors: np.ndarray, users: int = 300) -> tuple[Validated, Embedded]:
     store = open_store(store_uri)
     work = "production/runs/v1"
     buf = io.BytesIO()
@@ -76,17 +78,14 @@ def _work(store_uri: str, vectors: np.ndarray, users: int = 300) -> tuple[dict, 
     buf = io.BytesIO()
     inter.to_parquet(buf, index=False)
     store.put_bytes(f"{work}/{C.SNAPSHOT_INTERACTIONS}", buf.getvalue())
-    embedded = {
-        "embeddings_uri": store.uri_for(f"{work}/{C.EMBEDDINGS}"),
-        "item_ids_uri": store.uri_for(f"{work}/{C.ITEM_IDS}"),
-    }
-    return {"version": "v1", "work_uri": store.uri_for(work)}, embedded
+    work_uri = store.uri_for(work)
+    return validated_for(work_uri), embedded_for(work_uri, *vectors.shape)
 
 
 def test_user_profile_queries_are_normalised_means_of_their_items(store_uri):
     vectors = clustered(50, 8, 3)
     validated, _ = _work(store_uri, vectors, users=4)
-    queries, source = ix.profile_queries(validated["work_uri"], [f"i{i}" for i in range(50)], vectors)
+    queries, source = ix.profile_queries(validated.work_uri, [f"i{i}" for i in range(50)], vectors)
     assert source == "user_profiles" and queries.shape == (4, 8)
     np.testing.assert_allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-6)
 
@@ -99,20 +98,20 @@ def test_approximate_index_is_tuned_to_the_recall_floor(store_uri, kind):
     validated, embedded = _work(store_uri, vectors)
     cfg = RunConfig.from_dict({"store_uri": store_uri, "index_kind": kind, "index_recall_floor": 0.95})
     result = ix.run_index(cfg, validated, embedded)
-    assert result["kind"] == kind and result["recall_at_10"] >= 0.95
-    assert result["recall_query_source"] == "user_profiles" and result["recall_queries"] == 300
-    assert result["search_param"] is not None and result["memory_mb"] > 0 and result["build_seconds"] >= 0
-    info = json.loads(open_store(validated["work_uri"]).get_bytes(C.INDEX_INFO))
-    assert info["recall_at_10"] == result["recall_at_10"]
+    assert result.kind == kind and result.recall_at_10 >= 0.95
+    assert result.recall_query_source == "user_profiles" and result.recall_queries == 300
+    assert result.search_param is not None and result.memory_mb > 0 and result.build_seconds >= 0
+    info = json.loads(open_store(validated.work_uri).get_bytes(C.INDEX_INFO))
+    assert info["recall_at_10"] == result.recall_at_10
     # The tuned parameter travels inside the FAISS file: plain faiss.read_index serves at the floor.
-    loaded = faiss.read_index(result["index_uri"].removeprefix("file://"))
+    loaded = faiss.read_index(result.index_uri.removeprefix("file://"))
     if kind == "hnsw":
-        assert faiss.downcast_index(loaded).hnsw.efSearch == result["search_param"]
+        assert faiss.downcast_index(loaded).hnsw.efSearch == result.search_param
     else:
-        assert faiss.extract_index_ivf(loaded).nprobe == result["search_param"]
-    served = ix.load_index(open_store(validated["work_uri"]).get_bytes(C.FAISS_INDEX), info, vectors)
+        assert faiss.extract_index_ivf(loaded).nprobe == result.search_param
+    served = ix.load_index(open_store(validated.work_uri).get_bytes(C.FAISS_INDEX), info, vectors)
     assert isinstance(served, ix.RefinedIndex) == (kind == "ivfpq")
-    queries = ix.profile_queries(validated["work_uri"], [f"i{i}" for i in range(len(vectors))], vectors)[0]
+    queries = ix.profile_queries(validated.work_uri, [f"i{i}" for i in range(len(vectors))], vectors)[0]
     exact_scores, exact_ids = ix.exact_top_k(vectors, queries, 10)
     _, found = served.search(queries, 10)
     assert ix.recall_at_k(vectors, queries, found, exact_ids, exact_scores) >= 0.95
@@ -123,8 +122,8 @@ def test_pq_codes_alone_miss_the_floor_that_the_exact_rerank_reaches(store_uri):
     validated, embedded = _work(store_uri, vectors)
     cfg = RunConfig.from_dict({"store_uri": store_uri, "index_kind": "ivfpq", "index_recall_floor": 0.95})
     result = ix.run_index(cfg, validated, embedded)
-    assert result["refine_factor"] > 1
-    assert all(t["recall"] < 0.95 for t in result["tuning"] if t["refine_factor"] == 1)
+    assert result.refine_factor > 1
+    assert all(t["recall"] < 0.95 for t in result.tuning if t["refine_factor"] == 1)
 
 
 def test_rerank_orders_the_shortlist_by_exact_score_and_keeps_padding_last():
@@ -141,8 +140,8 @@ def test_flat_index_is_exact(store_uri):
     vectors = clustered(500, 16, 5)
     validated, embedded = _work(store_uri, vectors)
     result = ix.run_index(RunConfig.from_dict({"store_uri": store_uri}), validated, embedded)
-    assert result["kind"] == "flat" and result["recall_at_10"] == 1.0
-    index = ix.load_index(open_store(validated["work_uri"]).get_bytes(C.FAISS_INDEX), result)
+    assert result.kind == "flat" and result.recall_at_10 == 1.0
+    index = ix.load_index(open_store(validated.work_uri).get_bytes(C.FAISS_INDEX), result.to_json())
     _, ids = index.search(vectors[:3], 1)
     assert ids[:, 0].tolist() == [0, 1, 2]
 
@@ -153,7 +152,7 @@ def test_missing_the_recall_floor_fails_the_build(store_uri):
     cfg = RunConfig.from_dict({"store_uri": store_uri, "index_kind": "ivfsq8", "index_recall_floor": 1.0})
     with pytest.raises(IndexRecallError, match="recall@10"):
         ix.run_index(cfg, validated, embedded)
-    store = open_store(validated["work_uri"])
+    store = open_store(validated.work_uri)
     assert not store.exists(C.FAISS_INDEX)
     assert json.loads(store.get_bytes(C.INDEX_INFO))["recall_at_10"] < 1.0
 

@@ -12,6 +12,7 @@ import pytest
 from llmrec_tasks import publish
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.errors import BundleError, ConfigError
+from llmrec_tasks.core.results import Published
 from llmrec_tasks.serving import recommender as serving
 from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.registry import current_key, manifest_key
@@ -25,7 +26,7 @@ DAY3 = datetime(2024, 2, 3, tzinfo=UTC)
 pytestmark = pytest.mark.usefixtures("toy_ranker_features")
 
 
-def publish_run(store_uri: str, **kwargs: object) -> dict:
+def publish_run(store_uri: str, **kwargs: object) -> Published:
     return publish.run_publish(*make_run(store_uri, **kwargs))
 
 
@@ -36,11 +37,11 @@ def current_version(store_uri: str, namespace: str = C.DEFAULT_NAMESPACE) -> str
 
 def test_publish_writes_a_verified_bundle_and_moves_current(store_uri: str) -> None:
     result = publish_run(store_uri)
-    assert result["promoted"] is True and result["status"] == "published"
-    assert result["namespace"] == C.DEFAULT_NAMESPACE
-    assert result["check"]["queries"] >= 3
+    assert result.promoted is True and result.status == "published"
+    assert result.namespace == C.DEFAULT_NAMESPACE
+    assert result.check["queries"] >= 3
     store = open_store(store_uri)
-    manifest = json.loads(store.get_bytes(manifest_key(C.DEFAULT_NAMESPACE, result["version"])))
+    manifest = json.loads(store.get_bytes(manifest_key(C.DEFAULT_NAMESPACE, result.version)))
     for name in (
         C.EMBEDDINGS,
         C.FAISS_INDEX,
@@ -65,8 +66,8 @@ def test_publish_writes_a_verified_bundle_and_moves_current(store_uri: str) -> N
         and lineage["model_ids"]["ranker_sha256"] == manifest["files"][C.RANKER_MODEL]["sha256"]
     )
     assert manifest["metrics"]["ranker"]["ndcg@10"] == pytest.approx(0.30)
-    assert current_version(store_uri) == result["version"]
-    assert result["manifest_uri"].endswith(f"bundles/{result['version']}/manifest.json")
+    assert current_version(store_uri) == result.version
+    assert result.manifest_uri.endswith(f"bundles/{result.version}/manifest.json")
 
 
 def test_bundle_holds_exactly_the_allow_list_and_evaluation_features_stay_in_the_run(
@@ -76,37 +77,32 @@ def test_bundle_holds_exactly_the_allow_list_and_evaluation_features_stay_in_the
     monkeypatch.undo()  # the real scorer: the run has the real features and item neighbours
     cfg, validated, embedded, indexed, trained = make_run(store_uri, real_features=True)
     store = open_store(store_uri)
-    work = registry.run_prefix(cfg.namespace, validated["version"])
-    for result, key, name, data in (
-        (trained, "ranker_eval_uri", C.RANKER_EVAL, b"evaluation features"),
-        (embedded, "embedding_keys_uri", C.EMBEDDING_KEYS, json.dumps({"keys": []}).encode()),
-        (validated, "validation_stats_uri", C.VALIDATION_STATS, b"{}"),
-    ):
-        store.put_bytes(f"{work}/{name}", data)
-        result[key] = store.uri_for(f"{work}/{name}")
+    work = registry.run_prefix(cfg.namespace, validated.version)
+    assert store.exists(f"{work}/{C.RANKER_EVAL}") and trained.ranker_eval_uri.endswith(C.RANKER_EVAL)
 
     result = publish.run_publish(cfg, validated, embedded, indexed, trained)
-    manifest = registry.read_manifest(store, cfg.namespace, result["version"])
+    manifest = registry.read_manifest(store, cfg.namespace, result.version)
     docs = {f"{C.VALIDATION_DOCS_DIR}/index.html", f"{C.VALIDATION_DOCS_DIR}/static/style.css"}
     assert set(manifest["files"]) == registry.BUNDLE_FILES | docs
-    prefix = registry.bundle_prefix(cfg.namespace, result["version"])
+    assert C.RANKER_EVAL not in manifest["files"]
+    prefix = registry.bundle_prefix(cfg.namespace, result.version)
     assert {key[len(prefix) + 1 :] for key in store.list(prefix)} == set(manifest["files"]) | {C.MANIFEST}
     assert store.exists(f"{work}/{C.RANKER_EVAL}")  # the quality gate reads it from the run
-    assert serving.load_bundle(store_uri, cfg.namespace).version == result["version"]
+    assert serving.load_bundle(store_uri, cfg.namespace).version == result.version
 
 
 def test_folders_of_the_run_are_copied_and_the_input_is_not(store_uri: str) -> None:
-    cfg, validated, embedded, indexed, trained = make_run(store_uri, data_uri="sample")
-    validated["data_uri"] = validated["snapshot_uri"]  # an input folder must never be copied
+    cfg, *results = make_run(store_uri, data_uri="sample")
+    validated, embedded, indexed, trained = results
     manifest, written = publish.write_bundle(cfg, validated, embedded, indexed, trained)
     assert written
     assert {"validation/index.html", "validation/static/style.css"} <= set(manifest["files"])
     assert not [name for name in manifest["files"] if "snapshot" in name or name.startswith("items.parquet/")]
-    validated["data_docs_uri"] = "file:///etc"
+    elsewhere = dataclasses.replace(
+        validated, data_docs_uri="file:///etc", version="20240202T000000Z-00000000-000000"
+    )
     with pytest.raises(BundleError, match="folders are only copied from the run"):
-        publish.write_bundle(
-            cfg, {**validated, "version": "20240202T000000Z-00000000-000000"}, embedded, indexed, trained
-        )
+        publish.write_bundle(cfg, elsewhere, embedded, indexed, trained)
 
 
 def test_logical_date_falls_back_to_the_validated_cutoff(store_uri: str) -> None:
@@ -114,7 +110,7 @@ def test_logical_date_falls_back_to_the_validated_cutoff(store_uri: str) -> None
     no_cutoff = dataclasses.replace(cfg, cutoff=None)
     assert publish.logical_date(no_cutoff, validated) == "2024-02-01T00:00:00+00:00"
     with pytest.raises(ConfigError, match="no cutoff"):
-        publish.logical_date(no_cutoff, {})
+        publish.logical_date(no_cutoff, dataclasses.replace(validated, cutoff=""))
 
 
 def test_manifest_is_written_last(store_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,10 +127,10 @@ def test_manifest_is_written_last(store_uri: str, monkeypatch: pytest.MonkeyPatc
 
         return put
 
-    args = make_run(store_uri)
+    cfg, *results = make_run(store_uri)
     for method in ("put_bytes", "put_file"):
         monkeypatch.setattr(LocalStore, method, spy(method))
-    publish.write_bundle(*args)
+    publish.write_bundle(cfg, *results)
     bundle_writes = [k for k in order if "/bundles/" in k]
     assert bundle_writes[-1].endswith(C.MANIFEST) and len(bundle_writes) >= 12
 
@@ -143,11 +139,11 @@ def test_rerun_of_a_published_version_overwrites_nothing(store_uri: str) -> None
     args = make_run(store_uri)
     first = publish.run_publish(*args)
     store = open_store(store_uri)
-    key = manifest_key(C.DEFAULT_NAMESPACE, first["version"])
+    key = manifest_key(C.DEFAULT_NAMESPACE, first.version)
     before = store.get_bytes(key)
     again = publish.run_publish(*args)
-    assert again["status"] == "already published"
-    assert again["promoted"] is True and "already current" in again["reason"]
+    assert again.status == "already published"
+    assert again.promoted is True and "already current" in again.reason
     assert store.get_bytes(key) == before
 
 
@@ -155,53 +151,53 @@ def test_unfinished_publish_is_invisible_and_completed_by_a_rerun(store_uri: str
     args = make_run(store_uri)
     cfg, validated = args[0], args[1]
     store = open_store(store_uri)
-    leftover = f"{C.DEFAULT_NAMESPACE}/bundles/{validated['version']}/{C.EMBEDDINGS}"
+    leftover = f"{C.DEFAULT_NAMESPACE}/bundles/{validated.version}/{C.EMBEDDINGS}"
     store.put_bytes(leftover, b"half-written garbage")
     rows = registry.list_versions(store_uri, C.DEFAULT_NAMESPACE)
-    assert rows == [{"version": validated["version"], "complete": False, "current": False}]
+    assert rows == [{"version": validated.version, "complete": False, "current": False}]
     with pytest.raises(BundleError, match="not published"):
-        serving.load_bundle(store_uri, cfg.namespace, validated["version"])
+        serving.load_bundle(store_uri, cfg.namespace, validated.version)
     result = publish.run_publish(*args)
-    assert result["promoted"] and serving.load_bundle(store_uri, cfg.namespace, result["version"])
+    assert result.promoted and serving.load_bundle(store_uri, cfg.namespace, result.version)
 
 
 def test_second_run_publishes_a_new_version_and_rollback_returns(store_uri: str) -> None:
     first = publish_run(store_uri, cutoff=DAY1)
     second = publish_run(store_uri, cutoff=DAY2, seed=1)
-    assert second["version"] != first["version"] and second["promoted"]
+    assert second.version != first.version and second.promoted
     rows = registry.list_versions(store_uri, C.DEFAULT_NAMESPACE)
-    assert [r["version"] for r in rows] == [first["version"], second["version"]]
+    assert [r["version"] for r in rows] == [first.version, second.version]
     assert [r["current"] for r in rows] == [False, True]
     assert rows[0]["metrics"]["ndcg@10"] == pytest.approx(0.30)
 
     back = publish.rollback(store_uri, C.DEFAULT_NAMESPACE)
-    assert back["version"] == first["version"] and back["previous"] == second["version"]
-    assert current_version(store_uri) == first["version"]
+    assert back["version"] == first.version and back["previous"] == second.version
+    assert current_version(store_uri) == first.version
     with pytest.raises(BundleError, match="no previous current"):
         publish.rollback(store_uri, C.DEFAULT_NAMESPACE)
     # Re-running the rolled-back day does not put it back; an operator can.
     rerun = publish_run(store_uri, cutoff=DAY2, seed=1)
-    assert not rerun["promoted"] and "rolled back" in rerun["reason"]
-    assert current_version(store_uri) == first["version"]
-    promoted = publish.promote(store_uri, C.DEFAULT_NAMESPACE, second["version"])
-    assert promoted["promoted"] and promoted["previous"] == first["version"]
-    assert current_version(store_uri) == second["version"]
+    assert not rerun.promoted and "rolled back" in rerun.reason
+    assert current_version(store_uri) == first.version
+    promoted = publish.promote(store_uri, C.DEFAULT_NAMESPACE, second.version)
+    assert promoted["promoted"] and promoted["previous"] == first.version
+    assert current_version(store_uri) == second.version
 
 
 def test_scheduled_run_never_moves_current_to_an_older_logical_date(store_uri: str) -> None:
     newer = publish_run(store_uri, cutoff=DAY2)
     older = publish_run(store_uri, cutoff=DAY1, seed=3)
-    assert not older["promoted"] and "newer logical date" in older["reason"]
-    assert current_version(store_uri) == newer["version"]
+    assert not older.promoted and "newer logical date" in older.reason
+    assert current_version(store_uri) == newer.version
 
 
 def test_failed_gate_leaves_current(store_uri: str) -> None:
     good = publish_run(store_uri, cutoff=DAY1, ndcg=0.30)
     worse = publish_run(store_uri, cutoff=DAY2, seed=1, ndcg=0.20)
-    assert not worse["promoted"] and worse["reason"].startswith("quality gate:")
-    assert current_version(store_uri) == good["version"]
+    assert not worse.promoted and worse.reason.startswith("quality gate:")
+    assert current_version(store_uri) == good.version
     not_beating_popularity = publish_run(store_uri, cutoff=DAY3, seed=2, ndcg=0.05)
-    assert not not_beating_popularity["promoted"] and "popularity" in not_beating_popularity["reason"]
+    assert not not_beating_popularity.promoted and "popularity" in not_beating_popularity.reason
 
 
 def test_failed_serving_check_raises_and_leaves_current(
@@ -216,12 +212,12 @@ def test_failed_serving_check_raises_and_leaves_current(
     monkeypatch.setattr(serving, "ranker_scorer", broken)
     with pytest.raises(BundleError, match="ranker expects 3 columns"):
         publish_run(store_uri, cutoff=DAY2, seed=1)
-    assert current_version(store_uri) == first["version"]
+    assert current_version(store_uri) == first.version
 
 
 def test_promote_false_publishes_without_moving_current(store_uri: str) -> None:
     result = publish_run(store_uri, promote=False)
-    assert not result["promoted"] and "promote=False" in result["reason"]
+    assert not result.promoted and "promote=False" in result.reason
     assert current_version(store_uri) is None
     assert registry.list_versions(store_uri, C.DEFAULT_NAMESPACE)[0]["complete"]
 
@@ -229,10 +225,10 @@ def test_promote_false_publishes_without_moving_current(store_uri: str) -> None:
 def test_namespaces_are_isolated(store_uri: str) -> None:
     prod = publish_run(store_uri, cutoff=DAY2)
     backfill = publish_run(store_uri, namespace="backfill-2024", cutoff=DAY1, seed=5)
-    assert backfill["promoted"] and backfill["bundle_uri"].startswith(f"{store_uri}/backfill-2024/bundles/")
-    assert current_version(store_uri) == prod["version"]
-    assert current_version(store_uri, "backfill-2024") == backfill["version"]
-    assert [r["version"] for r in registry.list_versions(store_uri, C.DEFAULT_NAMESPACE)] == [prod["version"]]
+    assert backfill.promoted and backfill.bundle_uri.startswith(f"{store_uri}/backfill-2024/bundles/")
+    assert current_version(store_uri) == prod.version
+    assert current_version(store_uri, "backfill-2024") == backfill.version
+    assert [r["version"] for r in registry.list_versions(store_uri, C.DEFAULT_NAMESPACE)] == [prod.version]
 
 
 @pytest.mark.parametrize("name", ["", "..", "a/b", "../prod", "x..y"])
@@ -245,16 +241,15 @@ def test_bad_namespace_or_version_names_are_refused(store_uri: str, name: str) -
 
 def test_show_returns_the_manifest(store_uri: str) -> None:
     result = publish_run(store_uri)
-    assert registry.show(store_uri, C.DEFAULT_NAMESPACE, result["version"])["version"] == result["version"]
-    assert registry.show(store_uri, C.DEFAULT_NAMESPACE, "current")["version"] == result["version"]
+    assert registry.show(store_uri, C.DEFAULT_NAMESPACE, result.version)["version"] == result.version
+    assert registry.show(store_uri, C.DEFAULT_NAMESPACE, "current")["version"] == result.version
     with pytest.raises(BundleError, match="not published"):
         registry.show(store_uri, C.DEFAULT_NAMESPACE, "20990101T000000Z-deadbeef-abcdef")
 
 
 def test_gc_keeps_newest_current_and_rollback_target(store_uri: str) -> None:
     versions = [
-        publish_run(store_uri, cutoff=datetime(2024, 2, d, tzinfo=UTC), seed=d)["version"]
-        for d in range(1, 6)
+        publish_run(store_uri, cutoff=datetime(2024, 2, d, tzinfo=UTC), seed=d).version for d in range(1, 6)
     ]
     publish.promote(store_uri, C.DEFAULT_NAMESPACE, versions[0])  # current: the oldest; previous: the newest
     result = registry.gc(store_uri, C.DEFAULT_NAMESPACE, keep=2)
@@ -269,7 +264,7 @@ def test_gc_keeps_newest_current_and_rollback_target(store_uri: str) -> None:
 
 def test_manifest_holds_no_credentials(store_uri: str) -> None:
     result = publish_run(store_uri, data_uri="https://alice:s3cr3t@data.example.com/ml")
-    text = open_store(store_uri).get_bytes(manifest_key(C.DEFAULT_NAMESPACE, result["version"])).decode()
+    text = open_store(store_uri).get_bytes(manifest_key(C.DEFAULT_NAMESPACE, result.version)).decode()
     assert "s3cr3t" not in text and "alice" not in text
     assert "https://data.example.com/ml" in text
 
@@ -290,11 +285,11 @@ def test_racing_pointer_swaps_have_exactly_one_winner(store_uri: str) -> None:
 def test_racing_runs_lose_no_promotion(store_uri: str) -> None:
     """Two runs promoting at once: one swap wins, the other re-reads and decides again."""
     runs = [make_run(store_uri, cutoff=DAY1, seed=s) for s in (1, 2)]
-    for args in runs:
-        publish.write_bundle(*args)
-    results: list[dict] = []
+    for cfg, *upstream in runs:
+        publish.write_bundle(cfg, *upstream)
+    results: list[Published] = []
     race([functools.partial(lambda a: results.append(publish.run_publish(*a)), a) for a in runs])
-    assert all(r["promoted"] for r in results)
+    assert all(r.promoted for r in results)
     pointer, _ = registry.read_pointer(open_store(store_uri), C.DEFAULT_NAMESPACE)
-    versions = {r["version"] for r in results}
+    versions = {r.version for r in results}
     assert {pointer["version"], pointer["history"][0]["version"]} == versions

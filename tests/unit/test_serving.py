@@ -13,6 +13,7 @@ import pytest
 from llmrec_tasks import publish
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.errors import BundleError
+from llmrec_tasks.core.results import Published
 from llmrec_tasks.serving import recommender as serving
 from llmrec_tasks.storage.registry import bundle_prefix, manifest_key
 from llmrec_tasks.storage.store import open_store
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("toy_ranker_features")
 
 
 @pytest.fixture
-def published(store_uri: str) -> dict:
+def published(store_uri: str) -> Published:
     return publish.run_publish(*make_run(store_uri))
 
 
@@ -39,35 +40,35 @@ def rewrite(store_uri: str, version: str, name: str, data: bytes, *, fix_manifes
         store.put_bytes(key, json.dumps(manifest).encode())
 
 
-def test_load_current_and_by_version(store_uri: str, published: dict) -> None:
+def test_load_current_and_by_version(store_uri: str, published: Published) -> None:
     bundle = serving.load_bundle(store_uri, NS)
-    assert bundle.version == published["version"]
+    assert bundle.version == published.version
     assert bundle.index.ntotal == len(bundle.item_ids) == bundle.embeddings.shape[0]
     assert bundle.feature_names == ["profile_sim", "log_popularity", "last_item_sim"]
     assert len(bundle.user_row) == 20 and bundle.history("u0").items.size == 8
-    assert serving.load_bundle(store_uri, NS, published["version"]).version == published["version"]
+    assert serving.load_bundle(store_uri, NS, published.version).version == published.version
 
 
 @pytest.mark.parametrize(
     "name", [C.RANKER_MODEL, C.FAISS_INDEX, C.EMBEDDINGS, C.ITEM_IDS, C.USER_HISTORIES, C.REPORT_HTML]
 )
-def test_a_flipped_byte_is_refused(store_uri: str, published: dict, name: str) -> None:
+def test_a_flipped_byte_is_refused(store_uri: str, published: Published, name: str) -> None:
     store = open_store(store_uri)
-    data = bytearray(store.get_bytes(f"{bundle_prefix(NS, published['version'])}/{name}"))
+    data = bytearray(store.get_bytes(f"{bundle_prefix(NS, published.version)}/{name}"))
     data[len(data) // 2] ^= 0x01
-    rewrite(store_uri, published["version"], name, bytes(data))
+    rewrite(store_uri, published.version, name, bytes(data))
     with pytest.raises(BundleError, match=f"corrupt: sha256 of {name}"):
         serving.load_bundle(store_uri, NS)
 
 
-def test_a_truncated_file_is_refused(store_uri: str, published: dict) -> None:
-    rewrite(store_uri, published["version"], C.RANKER_MODEL, b"tree\n")
+def test_a_truncated_file_is_refused(store_uri: str, published: Published) -> None:
+    rewrite(store_uri, published.version, C.RANKER_MODEL, b"tree\n")
     with pytest.raises(BundleError, match=r"corrupt: ranker.txt has 5 bytes"):
         serving.load_bundle(store_uri, NS)
 
 
-def test_a_missing_file_is_refused(store_uri: str, published: dict) -> None:
-    open_store(store_uri).delete(f"{bundle_prefix(NS, published['version'])}/{C.FAISS_INDEX}")
+def test_a_missing_file_is_refused(store_uri: str, published: Published) -> None:
+    open_store(store_uri).delete(f"{bundle_prefix(NS, published.version)}/{C.FAISS_INDEX}")
     with pytest.raises(BundleError, match=r"partial: index\.faiss cannot be read"):
         serving.load_bundle(store_uri, NS)
 
@@ -79,9 +80,9 @@ def test_a_bundle_without_manifest_or_current_is_refused(store_uri: str) -> None
         serving.load_bundle(store_uri, NS, "20240101T000000Z-00000000-000000")
 
 
-def test_a_manifest_missing_a_required_file_is_refused(store_uri: str, published: dict) -> None:
+def test_a_manifest_missing_a_required_file_is_refused(store_uri: str, published: Published) -> None:
     store = open_store(store_uri)
-    key = manifest_key(NS, published["version"])
+    key = manifest_key(NS, published.version)
     manifest = json.loads(store.get_bytes(key))
     del manifest["files"][C.RANKER_MODEL]
     store.put_bytes(key, json.dumps(manifest).encode())
@@ -89,23 +90,23 @@ def test_a_manifest_missing_a_required_file_is_refused(store_uri: str, published
         serving.load_bundle(store_uri, NS)
 
 
-def test_pickled_arrays_are_never_loaded(store_uri: str, published: dict) -> None:
+def test_pickled_arrays_are_never_loaded(store_uri: str, published: Published) -> None:
     buf = io.BytesIO()
     np.save(buf, np.array([{"evil": 1}] * 60, dtype=object), allow_pickle=True)
-    rewrite(store_uri, published["version"], C.EMBEDDINGS, buf.getvalue(), fix_manifest=True)
+    rewrite(store_uri, published.version, C.EMBEDDINGS, buf.getvalue(), fix_manifest=True)
     with pytest.raises(BundleError, match=r"embeddings\.npy passed its checksum but cannot be loaded"):
         serving.load_bundle(store_uri, NS)
 
 
-def test_inconsistent_artifacts_are_refused(store_uri: str, published: dict) -> None:
+def test_inconsistent_artifacts_are_refused(store_uri: str, published: Published) -> None:
     ids = [f"i{n}" for n in range(10)]
-    rewrite(store_uri, published["version"], C.ITEM_IDS, json.dumps(ids).encode(), fix_manifest=True)
+    rewrite(store_uri, published.version, C.ITEM_IDS, json.dumps(ids).encode(), fix_manifest=True)
     with pytest.raises(BundleError, match="must agree"):
         serving.load_bundle(store_uri, NS)
 
 
 @pytest.fixture
-def recommender(store_uri: str, published: dict) -> serving.Recommender:
+def recommender(store_uri: str, published: Published) -> serving.Recommender:
     return serving.Recommender(serving.load_bundle(store_uri, NS))
 
 
@@ -157,21 +158,21 @@ def test_smoke_check_answers_sample_queries(recommender: serving.Recommender) ->
     assert summary["queries"] == 5 and summary["max_ms"] >= 0
 
 
-def test_holder_picks_up_a_new_current_and_survives_a_bad_one(store_uri: str, published: dict) -> None:
+def test_holder_picks_up_a_new_current_and_survives_a_bad_one(store_uri: str, published: Published) -> None:
     holder = serving.BundleHolder(store_uri, NS, poll_seconds=3600)
-    assert holder.refresh() is True and holder.recommender.bundle.version == published["version"]
+    assert holder.refresh() is True and holder.recommender.bundle.version == published.version
     assert holder.refresh() is False
     second = publish.run_publish(*make_run(store_uri, cutoff=datetime(2024, 2, 2, tzinfo=UTC), seed=1))
-    assert holder.refresh() is True and holder.recommender.bundle.version == second["version"]
+    assert holder.refresh() is True and holder.recommender.bundle.version == second.version
     # A corrupt third bundle, promoted without the check: the holder keeps serving the second.
     third = publish.run_publish(
         *make_run(store_uri, cutoff=datetime(2024, 2, 3, tzinfo=UTC), seed=2, promote=False)
     )
-    rewrite(store_uri, third["version"], C.RANKER_MODEL, b"garbage")
-    publish.promote(store_uri, NS, third["version"], check=False)
+    rewrite(store_uri, third.version, C.RANKER_MODEL, b"garbage")
+    publish.promote(store_uri, NS, third.version, check=False)
     assert holder.refresh() is False
-    assert holder.recommender.bundle.version == second["version"]
-    assert holder.pointer_version == third["version"] and "corrupt" in holder.last_error
+    assert holder.recommender.bundle.version == second.version
+    assert holder.pointer_version == third.version and "corrupt" in holder.last_error
 
 
 def test_real_ranker_scorer_serves_the_ranking_stage_features(
@@ -182,7 +183,7 @@ def test_real_ranker_scorer_serves_the_ranking_stage_features(
     from llmrec_tasks.ranking.features import FEATURE_NAMES
 
     result = publish.run_publish(*make_run(store_uri, real_features=True))
-    assert result["promoted"]
+    assert result.promoted
     bundle = serving.load_bundle(store_uri, NS)
     assert bundle.feature_names == FEATURE_NAMES
     rec = serving.Recommender(bundle).recommend(user_id="u4", recent=["i7"], k=5)
@@ -204,11 +205,11 @@ def test_path_contributions_add_up_to_the_score(recommender: serving.Recommender
 
 
 def test_an_ivfpq_bundle_serves_with_the_exact_rerank_it_was_tuned_with(
-    store_uri: str, published: dict
+    store_uri: str, published: Published
 ) -> None:
     from llmrec_tasks.retrieval import index as ix
 
-    version = published["version"]
+    version = published.version
     vectors = serving.load_bundle(store_uri, NS, version).embeddings
     choice = {"kind": "ivfpq", "nlist": 1, "pq_m": 4}
     pq = ix.build_index(vectors, choice)

@@ -31,6 +31,7 @@ from llmrec_tasks.ranking.ranker import (
 from llmrec_tasks.ranking.sources import CandidateParams, generate_candidates
 from llmrec_tasks.ranking.train import run_train
 from llmrec_tasks.storage.store import open_store
+from tests.stage_results import embedded_for, validated_for
 from tests.unit.ranking_data import embeddings, items_frame
 
 MODELS = {"ranker", "ranker_no_llm", "popularity", "itemknn", "ease", "semantic", "covis"}
@@ -55,27 +56,36 @@ def trained(tmp_path_factory, sample_data):
     np.save(buf, topic_embeddings(sample_data.items), allow_pickle=False)
     work.put_bytes(C.EMBEDDINGS, buf.getvalue())
     work.put_bytes(C.ITEM_IDS, json.dumps(sample_data.items[C.ITEM_ID].tolist()).encode())
-    embedded = {"embeddings_uri": work.uri_for(C.EMBEDDINGS), "item_ids_uri": work.uri_for(C.ITEM_IDS)}
+    embedded = embedded_for(work.uri, len(sample_data.items), 32)
     cfg = RunConfig(store_uri=root.as_uri())
-    result = run_train(cfg, {"work_uri": work.uri, "version": "v1"}, embedded)
+    result = run_train(cfg, validated_for(work.uri), embedded)
     return work, result
 
 
 def test_ranker_beats_popularity_on_the_sample(trained):
     _, result = trained
-    metrics = result["metrics"]
+    metrics = result.metrics
     assert set(metrics) == MODELS
     assert metrics["ranker"]["ndcg@10"] > metrics["popularity"]["ndcg@10"] + 0.02
     assert metrics["ranker"]["recall@10"] > metrics["popularity"]["recall@10"]
     assert quality_gate(metrics, None, 0.02)[0]
-    assert result["gate_vs_popularity"]["passed"]
-    assert 0 < result["candidate_recall"] <= 1
+    assert result.gate_vs_popularity["passed"]
+    assert 0 < result.candidate_recall <= 1
 
 
 def test_artifacts_are_written_and_consistent(trained):
-    work, _ = trained
-    for key in (C.RANKER_MODEL, C.FEATURE_SPEC, C.METRICS, C.REPORT_HTML, C.SERVING_STATS, C.ITEM_NEIGHBORS):
+    work, result = trained
+    bundle_files = (
+        C.RANKER_MODEL,
+        C.FEATURE_SPEC,
+        C.METRICS,
+        C.REPORT_HTML,
+        C.SERVING_STATS,
+        C.ITEM_NEIGHBORS,
+    )
+    for key in bundle_files:
         assert work.exists(key), key
+    assert result.artifacts() == {key: work.uri_for(key) for key in bundle_files}
     spec = json.loads(work.get_bytes(C.FEATURE_SPEC))
     booster = lgb.Booster(model_str=work.get_bytes(C.RANKER_MODEL).decode())
     assert booster.feature_name() == spec["features"]
@@ -94,7 +104,7 @@ def test_published_ranker_scores_the_same_on_the_eval_data(trained):
     work, result = trained
     spec = json.loads(work.get_bytes(C.FEATURE_SPEC))
     again = evaluate_published_ranker(work.uri, work.get_bytes(C.RANKER_MODEL).decode(), spec["features"])
-    assert again["ndcg@10"] == pytest.approx(result["metrics"]["ranker"]["ndcg@10"], abs=1e-6)
+    assert again["ndcg@10"] == pytest.approx(result.metrics["ranker"]["ndcg@10"], abs=1e-6)
     with pytest.raises(DataContractError, match="cannot be compared"):
         evaluate_published_ranker(work.uri, work.get_bytes(C.RANKER_MODEL).decode(), ["no_such_feature"])
 

@@ -34,40 +34,40 @@ def publish_stats(store_uri: str, stats_uri: str, version: str = "20260101T00000
 def test_sample_passes_and_writes_snapshot_report_and_stats(store_uri, sample_data):
     result = run_validate(RunConfig(data_uri="sample", store_uri=store_uri))
 
-    assert result["version"].startswith("20261028T000000Z-")
-    assert result["counts"] == {"items": 720, "interactions": len(sample_data.interactions), "users": 400}
-    snapshot = read_snapshot(result["snapshot_uri"])
-    assert snapshot.fingerprint() == result["fingerprint"] == sample_data.fingerprint()
-    summary = read_json(result["validation_uri"])
+    assert result.version.startswith("20261028T000000Z-")
+    assert result.counts == {"items": 720, "interactions": len(sample_data.interactions), "users": 400}
+    snapshot = read_snapshot(result.snapshot_uri)
+    assert snapshot.fingerprint() == result.fingerprint == sample_data.fingerprint()
+    summary = read_json(result.validation_uri)
     assert summary["success"] is True and summary["failed"] == []
     assert set(summary["suites"]) == {"items", "interactions"}
     assert "volume and drift checks skipped" in summary["notes"][0]
-    stats = read_json(result["validation_stats_uri"])
+    stats = read_json(result.validation_stats_uri)
     assert stats["rows"]["interactions"] == len(sample_data.interactions)
     assert 0 < stats["top_items_share"] < 1
     assert sum(stats["categories"].values()) == pytest.approx(1)
-    docs = Path(result["data_docs_uri"].removeprefix("file://")) / "index.html"
+    docs = Path(result.data_docs_uri.removeprefix("file://")) / "index.html"
     assert "interactions" in docs.read_text()
     assert list(docs.parent.glob("validations/interactions/**/*.html"))
-    assert result["work_uri"].endswith(f"/production/runs/{result['version']}")
+    assert result.work_uri.endswith(f"/production/runs/{result.version}")
 
 
 def test_same_input_and_params_give_the_same_version(store_uri):
     cfg = RunConfig(data_uri="sample", store_uri=store_uri)
     first, second = run_validate(cfg), run_validate(cfg)
-    assert first["version"] == second["version"]
+    assert first.version == second.version
     # A rerun replaces the earlier attempt's Data Docs instead of piling them up.
-    docs = Path(second["data_docs_uri"].removeprefix("file://"))
+    docs = Path(second.data_docs_uri.removeprefix("file://"))
     assert len(list(docs.glob("validations/interactions/**/*.html"))) == 1
 
 
 def test_previous_stats_enable_volume_and_drift_checks(tmp_path, store_uri):
     folder = write_sample(tmp_path / "in")
     cfg = RunConfig(data_uri=str(folder), store_uri=store_uri)
-    first = read_json(run_validate(cfg)["validation_uri"])
-    publish_stats(store_uri, run_validate(cfg)["validation_stats_uri"])
+    first = read_json(run_validate(cfg).validation_uri)
+    publish_stats(store_uri, run_validate(cfg).validation_stats_uri)
 
-    second = read_json(run_validate(cfg)["validation_uri"])
+    second = read_json(run_validate(cfg).validation_uri)
     assert second["success"] and second["notes"] == []
     assert second["previous"]["version"].startswith("20260101")
     assert "item_categories" in second["suites"]
@@ -85,7 +85,7 @@ def test_unusable_current_pointer_only_skips_drift_checks(store_uri):
     store = open_store(store_uri)
     store.put_bytes(current_key(C.DEFAULT_NAMESPACE), b"{not json")
     result = run_validate(RunConfig(data_uri="sample", store_uri=store_uri))
-    summary = read_json(result["validation_uri"])
+    summary = read_json(result.validation_uri)
     assert summary["success"] and "no usable statistics" in summary["notes"][0]
 
 
@@ -96,9 +96,9 @@ def test_tolerated_bad_rows_are_dropped_from_the_snapshot(tmp_path, store_uri):
     pd.concat([inter, dupes]).to_csv(folder / "interactions.csv", index=False)
 
     result = run_validate(RunConfig(data_uri=str(folder), store_uri=store_uri))
-    summary = read_json(result["validation_uri"])
+    summary = read_json(result.validation_uri)
     assert summary["bad_rows"] == {"items": 0, "interactions": 40}
-    assert result["counts"]["interactions"] == len(inter)
+    assert result.counts["interactions"] == len(inter)
 
 
 def test_thresholds_come_from_config(tmp_path, store_uri):
@@ -110,7 +110,7 @@ def test_thresholds_come_from_config(tmp_path, store_uri):
         run_validate(RunConfig(data_uri=str(folder), store_uri=store_uri))
 
     cfg = RunConfig.from_dict({"data_uri": str(folder), "store_uri": store_uri, "validation_max_weight": 10})
-    assert run_validate(cfg)["counts"]["interactions"] == len(inter)
+    assert run_validate(cfg).counts["interactions"] == len(inter)
 
 
 def test_validation_config_is_checked_and_not_part_of_the_version():
@@ -155,7 +155,7 @@ def test_movielens_validates_quickly(movielens_dir, store_uri):
     started = time.monotonic()
     result = run_validate(RunConfig(data_uri=str(movielens_dir), store_uri=store_uri))
     elapsed = time.monotonic() - started
-    assert result["counts"]["items"] == 9742 and result["counts"]["interactions"] == 100836
+    assert result.counts["items"] == 9742 and result.counts["interactions"] == 100836
     assert elapsed < 30, f"validation of MovieLens took {elapsed:.1f}s"
 
 
@@ -165,18 +165,18 @@ def test_validate_against_s3_reads_previous_stats_and_writes_the_report(s3_store
     first = run_validate(cfg)
     store = open_store(s3_store_uri)
     version = "20260101T000000Z-feedbeef-abcdef"
-    stats_key = first["validation_stats_uri"].removeprefix(store.uri + "/")
+    stats_key = first.validation_stats_uri.removeprefix(store.uri + "/")
     store.put_bytes(
         f"{bundle_prefix(C.DEFAULT_NAMESPACE, version)}/{C.VALIDATION_STATS}", store.get_bytes(stats_key)
     )
     store.put_bytes(current_key(C.DEFAULT_NAMESPACE), json.dumps({"version": version}).encode())
 
     second = run_validate(cfg)
-    work = second["work_uri"].removeprefix(store.uri + "/")
+    work = second.work_uri.removeprefix(store.uri + "/")
     summary = json.loads(store.get_bytes(f"{work}/{C.VALIDATION_SUMMARY}"))
     assert summary["success"] and summary["previous"]["version"] == version
     assert store.exists(f"{work}/{C.VALIDATION_DOCS_DIR}/index.html")
-    assert read_snapshot(second["snapshot_uri"]).fingerprint() == second["fingerprint"]
+    assert read_snapshot(second.snapshot_uri).fingerprint() == second.fingerprint
 
 
 def test_report_survives_a_data_docs_rendering_failure(tmp_path, store_uri, monkeypatch):
@@ -208,8 +208,8 @@ def test_ids_up_to_the_bound_pass_and_longer_ones_are_bad_rows(tmp_path, store_u
 
     tolerant = {"data_uri": str(folder), "store_uri": store_uri, "validation_ids_mostly": 0.99}
     result = run_validate(RunConfig.from_dict(tolerant))
-    assert read_json(result["validation_uri"])["bad_rows"] == {"items": 0, "interactions": 1}
-    users = read_snapshot(result["snapshot_uri"]).interactions[C.USER_ID]
+    assert read_json(result.validation_uri)["bad_rows"] == {"items": 0, "interactions": 1}
+    users = read_snapshot(result.snapshot_uri).interactions[C.USER_ID]
     assert users.str.len().max() == C.MAX_ID_CHARS
 
 
