@@ -9,6 +9,7 @@ that ranker its candidates and features (the real scorer is `serving.ranker_scor
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -25,6 +26,7 @@ from llmrec_tasks.core.config import RunConfig
 from llmrec_tasks.core.results import Embedded, Indexed, Trained, Validated
 from llmrec_tasks.storage.registry import make_version, run_prefix
 from llmrec_tasks.storage.store import PreconditionFailed, open_store
+from tests.stage_results import embedded_for, indexed_for
 
 FEATURES = ["profile_sim", "log_popularity", "last_item_sim"]
 N_ITEMS = 60
@@ -94,7 +96,6 @@ def toy_ranker(seed: int) -> str:
 
 def real_ranker(items: pd.DataFrame, inter: pd.DataFrame, vectors: np.ndarray, seed: int) -> dict[str, bytes]:
     """Ranker, feature spec, serving stats and neighbours from the ranking stage's own code."""
-    import dataclasses
 
     import lightgbm
 
@@ -184,43 +185,15 @@ def make_run(
     )
     put(f"{C.VALIDATION_DOCS_DIR}/static/style.css", b"body {}")
     keys = [hashlib.sha256(f"toy|{i}".encode()).hexdigest() for i in items[C.ITEM_ID]]
-    embedded = Embedded(
-        embeddings_uri=put(C.EMBEDDINGS, npy.getvalue()),
-        item_ids_uri=put(C.ITEM_IDS, json.dumps(items[C.ITEM_ID].tolist()).encode()),
-        embedding_keys_uri=put(C.EMBEDDING_KEYS, json.dumps({"cache_id": "toy", "keys": keys}).encode()),
-        encoder={"model": "toy", "identity": "toy:16"},
-        dim=DIM,
-        n_items=N_ITEMS,
-        reused=0,
-        encoded=N_ITEMS,
-        texts_encoded=N_ITEMS,
-        reused_from=None,
-        shards=1,
-        encode_seconds=0.0,
+    put(C.EMBEDDINGS, npy.getvalue())
+    put(C.ITEM_IDS, json.dumps(items[C.ITEM_ID].tolist()).encode())
+    put(C.EMBEDDING_KEYS, json.dumps({"cache_id": "toy", "keys": keys}).encode())
+    embedded = dataclasses.replace(
+        embedded_for(store.uri_for(work), N_ITEMS, DIM), encoder={"model": "toy", "identity": "toy:16"}
     )
-    indexed = Indexed(
-        index_uri=put(C.FAISS_INDEX, faiss.serialize_index(index).tobytes()),
-        index_info_uri=put(C.INDEX_INFO, json.dumps({"kind": "flat"}).encode()),
-        kind="flat",
-        pq_m=None,
-        nlist=None,
-        estimated_mb=0.0,
-        n_items=N_ITEMS,
-        dim=DIM,
-        metric="inner_product",
-        recall_at_10=1.0,
-        recall_floor=0.95,
-        recall_queries=0,
-        recall_query_source="none",
-        search_param=None,
-        search_param_name=None,
-        refine_factor=None,
-        tuning=[],
-        build_seconds=0.0,
-        tune_seconds=0.0,
-        memory_mb=0.0,
-        memory_budget_mb=512.0,
-    )
+    put(C.FAISS_INDEX, faiss.serialize_index(index).tobytes())
+    put(C.INDEX_INFO, json.dumps({"kind": "flat"}).encode())
+    indexed = indexed_for(store.uri_for(work), N_ITEMS, DIM)
     if real_features:
         ranker = real_ranker(items, inter, vectors, seed)
     else:

@@ -15,6 +15,7 @@ import pytest
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import RankerConfig, RunConfig
 from llmrec_tasks.core.errors import DataContractError
+from llmrec_tasks.core.results import Trained
 from llmrec_tasks.data.contract import write_snapshot
 from llmrec_tasks.ranking.benchmark import loo_stages
 from llmrec_tasks.ranking.context import context_from_artifacts
@@ -75,14 +76,7 @@ def test_ranker_beats_popularity_on_the_sample(trained):
 
 def test_artifacts_are_written_and_consistent(trained):
     work, result = trained
-    bundle_files = (
-        C.RANKER_MODEL,
-        C.FEATURE_SPEC,
-        C.METRICS,
-        C.REPORT_HTML,
-        C.SERVING_STATS,
-        C.ITEM_NEIGHBORS,
-    )
+    bundle_files = tuple(Trained.ARTIFACTS.values())
     for key in bundle_files:
         assert work.exists(key), key
     assert result.artifacts() == {key: work.uri_for(key) for key in bundle_files}
