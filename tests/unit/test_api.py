@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -141,3 +144,12 @@ def test_new_current_is_served_without_restart(store_uri: str, first: Published)
         while c.get("/version").json()["version"] != first.version:
             assert time.monotonic() < deadline, "the service did not follow the rollback"
             time.sleep(0.1)
+
+
+def test_readme_post_example_is_a_valid_request() -> None:
+    """The README's POST body is what the API accepts (it once sent `recent`, a 422)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("`llmrec serve --store URI`", 1)[1]
+    body = json.loads(re.search(r"```json\n(.*?)\n```", section, re.S).group(1))
+    request = api.RecommendRequest.model_validate(body)
+    assert request.events and request.user_id == body["user_id"]

@@ -7,6 +7,7 @@ import json
 import re
 import shlex
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,11 @@ def test_every_connection_the_code_uses_is_defined_for_minio(compose, requiremen
     minio = compose["services"]["minio"]
     assert minio["command"].startswith("server /data")
     assert re.fullmatch(r"minio/minio:RELEASE\.[\dT-]+Z", minio["image"])  # pinned, not latest
+
+
+def test_the_package_declares_its_license_and_ships_the_file(dockerfile) -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+    copied = [args for op, args in dockerfile if op == "COPY" and "pyproject.toml" in args]
+    assert copied and "LICENSE" in shlex.split(copied[0]), "the image builds the package: it needs LICENSE"
