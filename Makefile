@@ -23,10 +23,10 @@ DEMO_DATE ?= 2026-11-01
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)
-	$(BIN)/python -m pip install -q -r requirements.txt 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -m pip install -q -r requirements-dev.txt 2>&1 | $(QUIET_PIP)
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | $(QUIET_PIP)
 	touch $(STAMP)
 

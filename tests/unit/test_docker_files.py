@@ -1,14 +1,17 @@
 """docker/: the Dockerfile and the compose file agree with requirements.txt, the DAGs' connection
-ids and each other. Nothing is built or started here: the files are parsed."""
+ids, the serving CLI and API, the README and each other. Nothing is built or started here: the
+files are parsed."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
 import sys
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -211,3 +214,88 @@ def test_the_package_declares_its_license_and_the_image_has_every_build_input(do
     copied = next(shlex.split(args) for op, args in dockerfile if op == "COPY" and "pyproject.toml" in args)
     for needed in [project["readme"], *project["license-files"]]:
         assert needed in copied, f"the image builds the package from pyproject.toml, which needs {needed}"
+
+
+def test_the_image_takes_the_runtime_requirements_only(dockerfile):
+    text = " ".join(arg for _, arg in dockerfile)
+    assert "requirements.txt" in text and "requirements-dev" not in text
+    ignore = (DOCKER / "Dockerfile.dockerignore").read_text().split()
+    assert "!requirements-dev.txt" not in ignore  # not even in the build context
+
+
+def serving_args(compose) -> argparse.Namespace:
+    from llmrec_tasks.cli import build_parser
+
+    service = compose["services"]["llmrec-serving"]
+    assert service["entrypoint"][-1] == "llmrec"  # the console script pyproject.toml declares
+    return build_parser().parse_args(service["command"])
+
+
+def test_compose_serves_the_production_bundle_on_the_same_image(compose):
+    services = compose["services"]
+    serving = services["llmrec-serving"]
+    assert (serving["image"], serving["build"]) == (
+        services["airflow-scheduler"]["image"],
+        services["airflow-scheduler"]["build"],
+    )
+    args = serving_args(compose)
+    assert args.command == "serve"
+    assert args.store == airflow_env(compose)["LLMREC_STORE_URI"]  # the store the DAGs publish to
+    assert args.namespace == "production"
+    assert args.host == "0.0.0.0"  # reachable from the other containers and the published port
+    assert serving["ports"] == [f"{args.port}:{args.port}"]
+    assert serving["restart"] == "always"
+    assert serving["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert serving["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
+
+
+def test_the_serving_healthcheck_asks_a_route_of_the_api(compose):
+    from llmrec_tasks.serving.api import create_app
+
+    serving = compose["services"]["llmrec-serving"]
+    test = serving["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "curl", "--fail"]
+    url = urlsplit(test[-1])
+    assert (url.hostname, url.port) == ("localhost", serving_args(compose).port)
+    app = create_app("file:///nonexistent", "production")
+    get_routes = {route.path for route in app.routes if "GET" in getattr(route, "methods", ())}
+    assert url.path in get_routes and url.path == "/healthz"
+
+
+def test_serving_reaches_minio_through_the_aws_environment(compose):
+    from llmrec_tasks.storage import aws
+
+    env = compose["services"]["llmrec-serving"]["environment"]
+    minio = compose["services"]["minio"]["environment"]
+    conn = json.loads(re.sub(r"\$\{[^}]+\}", "x", airflow_env(compose)["AIRFLOW_CONN_AWS_DEFAULT"]))
+    # Outside Airflow the store's boto3 client reads the standard AWS variables (aws._ENV_KEYS).
+    assert {"AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID"} <= set(aws._ENV_KEYS)
+    assert env["AWS_ENDPOINT_URL"] == conn["extra"]["endpoint_url"]
+    assert env["AWS_DEFAULT_REGION"] == conn["extra"]["region_name"]
+    assert env["AWS_ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"]
+    assert env["AWS_SECRET_ACCESS_KEY"] == minio["MINIO_ROOT_PASSWORD"]
+
+
+def test_the_serving_refresh_dag_waits_for_the_compose_api(compose):
+    from llmrec_tasks import airflow_glue
+
+    url = urlsplit(airflow_env(compose)[airflow_glue.SERVING_URL_ENV])
+    assert url.scheme == "http" and url.hostname == "llmrec-serving"
+    assert url.port == serving_args(compose).port
+
+
+def test_scheduled_runs_take_their_data_source_from_the_env_file(compose):
+    value = airflow_env(compose)["LLMREC_DATA_URI"]
+    assert re.fullmatch(r"\$\{LLMREC_DATA_URI:\?[^}]+\}", value), "compose must refuse to start without it"
+    example = (DOCKER / ".env.example").read_text().splitlines()
+    line = example.index("LLMREC_DATA_URI=")  # empty: each deployment names its own data
+    assert example[line - 1].startswith("#"), "docker/.env.example explains LLMREC_DATA_URI"
+
+
+def test_the_readme_says_how_to_reach_serving_and_to_unpause_the_dags(compose):
+    readme = (ROOT / "README.md").read_text()
+    port = serving_args(compose).port
+    assert f"http://localhost:{port}" in readme
+    assert "airflow dags unpause llmrec_serving_refresh" in readme
+    assert "airflow dags unpause llmrec_daily" in readme
+    assert compose["x-airflow-common"]["environment"]["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] == "true"
