@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import re
+import time
 from datetime import UTC, datetime
 
 import numpy as np
@@ -290,3 +292,33 @@ def test_reasons_are_words_naming_the_users_items(real_recommender: serving.Reco
             assert item.signals and contributions == sorted(contributions, reverse=True)
             assert {s.feature for s in item.signals} <= set(FEATURE_NAMES)
     assert anchored and relations_checked  # the toy data exercises both kinds of anchor
+
+
+def test_a_reason_claims_only_what_the_features_show(real_recommender: serving.Recommender) -> None:
+    """A feature is worded only when its value stands out among the candidates as the template says."""
+    bundle = real_recommender.bundle
+    texts = [t.text for t in serving.FEATURE_REASONS.values()]
+    single = {  # wordings only one feature uses: a phrase identifies its feature
+        t.text: (bundle.feature_names.index(name), t.when)
+        for name, t in serving.FEATURE_REASONS.items()
+        if texts.count(t.text) == 1 and not t.anchored and name in bundle.feature_names
+    }
+    claims = 0
+    for user in [f"u{n}" for n in range(20)]:
+        result = real_recommender.recommend(user_id=user, k=5)
+        candidates, matrix = real_recommender.scorer(bundle.history(user), time.time())
+        medians = np.median(np.where(np.isnan(matrix), -np.inf, matrix), axis=0)
+        rows = {bundle.item_ids[c]: r for r, c in enumerate(candidates)}
+        for item in result.items:
+            for phrase in item.reason.split("; "):
+                if phrase in single:
+                    claims += 1
+                    j, when = single[phrase]
+                    value = matrix[rows[item.item_id], j]
+                    assert value > medians[j] if when == "high" else value < medians[j], (phrase, value)
+    assert claims
+
+
+def test_to_dict_is_the_dataclass_as_dicts(recommender: serving.Recommender) -> None:
+    result = recommender.recommend(user_id="u1", k=3)
+    assert result.items[0].signals and result.to_dict() == dataclasses.asdict(result)
