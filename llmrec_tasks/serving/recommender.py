@@ -288,9 +288,8 @@ class RecommendedItem:
     score: float
     reason: str  # phrases a person reads, "; "-separated
     title: str | None  # None when the catalog has no title for the item
-    signals: list[Signal] = field(
-        default_factory=list
-    )  # largest contributions first; empty for popular fills
+    # The largest contributions to the score, strongest first; empty for popular fills.
+    signals: list[Signal] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
