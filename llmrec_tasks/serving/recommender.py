@@ -7,9 +7,11 @@ unpickled: FAISS and LightGBM load from their native formats, the rest is JSON, 
 
 ``recommend(user_id | recent items, k, exclude_seen)``: the user's published history plus the
 request's recent events (real-time personalisation) go to a :data:`Scorer`, which returns
-candidates and their ranker features; the LightGBM ranker scores them; each item comes with a short
-reason (the history item it is most similar to and the ranker's top feature contributions). No
-usable history -> the most popular items (``strategy: "popular"``).
+candidates and their ranker features; the LightGBM ranker scores them. Each item comes with a
+``reason`` a person reads and the ``signals`` behind it: the ranker's largest feature contributions
+(Saabas, :func:`path_contributions`), each feature worded by :data:`FEATURE_REASONS` and naming the
+history item that drove it where there is one. No usable history -> the most popular items
+(``strategy: "popular"``).
 
 The default scorer (:func:`ranker_scorer`) is the ranking stage's own code, so serving computes
 exactly the training features: ``candidates.context_from_artifacts`` (built once per bundle from
@@ -28,8 +30,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -37,12 +39,15 @@ import pandas as pd
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import validate_name
 from llmrec_tasks.core.errors import BundleError, ConfigError, DataContractError, LlmrecError
+from llmrec_tasks.ranking import context, events, features, sources
 from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.store import ObjectNotFound, ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 
 REASON_ITEMS = 50  # most recent history items a reason may point to
+REASON_PARTS = 2  # phrases per reason
+SIGNALS = 5  # largest feature contributions (by magnitude) kept per item
 DOWNLOAD_WORKERS = 4
 
 
@@ -270,11 +275,21 @@ def _histories(
 
 
 @dataclass(frozen=True)
+class Signal:
+    """One ranker feature's share of an item's score (Saabas contribution): the data behind a reason."""
+
+    feature: str
+    contribution: float
+
+
+@dataclass(frozen=True)
 class RecommendedItem:
     item_id: str
     score: float
-    reason: str
-    title: str
+    reason: str  # phrases a person reads, "; "-separated
+    title: str | None  # None when the catalog has no title for the item
+    # The largest contributions to the score, strongest first; empty for popular fills.
+    signals: list[Signal] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -286,15 +301,116 @@ class Recommendation:
     ignored_item_ids: list[str]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As JSON-ready dicts; shallow copies, several times faster than ``dataclasses.asdict``."""
+        items = [{**vars(item), "signals": [dict(vars(s)) for s in item.signals]} for item in self.items]
+        return {**vars(self), "items": items, "ignored_item_ids": list(self.ignored_item_ids)}
 
 
-def ranker_scorer(bundle: Bundle) -> Scorer:
-    """The ranking stage's candidates and features over this bundle (context built once)."""
-    import dataclasses
+# --- reasons -------------------------------------------------------------------------------------
 
-    from llmrec_tasks.ranking import context, events, features, sources
 
+@dataclass(frozen=True)
+class ReasonTemplate:
+    """How one ranker feature reads as a reason.
+
+    ``when``: the feature explains the item only when its value is above (``high``) or below
+    (``low``, e.g. a rank) the median over the request's candidates, or ``any`` value. ``{anchor}``
+    in ``text`` names the user's history item behind it: the ``position``-th most recent item, else
+    the one with the strongest ``relation`` link to the candidate, else the most similar one.
+    """
+
+    text: str
+    when: Literal["high", "low", "any"] = "high"
+    relation: str | None = None
+    position: int | None = None
+
+    @property
+    def anchored(self) -> bool:
+        return "{anchor}" in self.text
+
+
+SIMILAR = "similar to “{anchor}” you interacted with"
+TASTE = "close to your overall taste, such as “{anchor}”"
+RECENT_TASTE = "close to what you chose recently, such as “{anchor}”"
+TOGETHER = "often chosen together with “{anchor}”"
+FOLLOWS = "follows “{anchor}” in many histories"
+PRECEDES = "often chosen just before “{anchor}”"
+ALSO_CHOSE = "people who chose “{anchor}” also chose this"
+POPULAR_NOW = "popular right now"
+POPULAR = "popular overall"
+YOUR_CATEGORIES = "in categories you often choose"
+YOUR_HABITS = "fits how you usually choose"
+
+_SOURCE_REASONS = {
+    "faiss_profile": ReasonTemplate(TASTE),
+    "faiss_last": ReasonTemplate(SIMILAR),
+    "next": ReasonTemplate(FOLLOWS, relation="next"),
+    "prev": ReasonTemplate(PRECEDES, relation="prev"),
+    "cooc": ReasonTemplate(TOGETHER, relation="cooc"),
+    "ease": ReasonTemplate(ALSO_CHOSE, relation="ease"),
+    "pop": ReasonTemplate(POPULAR_NOW),
+}
+
+# Every ranker feature (llmrec_tasks.ranking.features.FEATURE_NAMES) -> how it reads.
+FEATURE_REASONS: dict[str, ReasonTemplate] = {
+    **{f"{source}_score": template for source, template in _SOURCE_REASONS.items()},
+    **{f"{source}_rank": replace(t, when="low") for source, t in _SOURCE_REASONS.items()},
+    "sem_longterm": ReasonTemplate(TASTE),
+    **{f"sem_last_{k}": ReasonTemplate(SIMILAR, position=k) for k in range(1, features.LAST_K + 1)},
+    "sem_recent_max": ReasonTemplate(SIMILAR),
+    "sem_recent_mean": ReasonTemplate(RECENT_TASTE),
+    "sem_category": ReasonTemplate(YOUR_CATEGORIES),
+    "item_centrality": ReasonTemplate("a broadly appealing choice"),
+    "item_text_len": ReasonTemplate("has a detailed description"),
+    "next_last1": ReasonTemplate(FOLLOWS, position=1),
+    "prev_last1": ReasonTemplate(PRECEDES, position=1),
+    "cooc_last1": ReasonTemplate(TOGETHER, position=1),
+    "next_support": ReasonTemplate(FOLLOWS, relation="next"),
+    "cooc_recent": ReasonTemplate(TOGETHER, relation="cooc"),
+    "cat_affinity": ReasonTemplate(YOUR_CATEGORIES),
+    "cat_affinity_recent": ReasonTemplate("in categories you chose recently"),
+    "item_n_categories": ReasonTemplate("spans several categories"),
+    "item_pop_log": ReasonTemplate(POPULAR),
+    "item_pop_before": ReasonTemplate(POPULAR),
+    "item_pop_w0": ReasonTemplate(POPULAR_NOW),
+    "item_pop_w1": ReasonTemplate("popular lately"),
+    "item_trend": ReasonTemplate("gaining popularity"),
+    "item_age_days": ReasonTemplate("new in the catalog", when="low"),
+    "item_idle_days": ReasonTemplate("chosen by others very recently", when="low"),
+    "item_weight_mean": ReasonTemplate("well received by those who chose it"),
+    **{
+        name: ReasonTemplate(YOUR_HABITS, when="any")
+        for name in (
+            "user_hist_len",
+            "user_span_days",
+            "user_idle_days",
+            "user_last_gap_days",
+            "user_burst",
+            "user_pop_log_mean",
+            "pop_vs_user",
+        )
+    },
+}
+
+
+# --- recommending --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankerScorer:
+    """The ranking stage's candidates and features over one bundle (a :data:`Scorer`)."""
+
+    context: context.RankContext
+    params: sources.CandidateParams
+
+    def __call__(self, history: History, now: float) -> tuple[np.ndarray, np.ndarray]:
+        hist = events.Histories.from_lists([history.items], [history.timestamps], np.array([now]))
+        cands = sources.generate_candidates(self.context, hist, self.params)
+        return cands.items, features.build_features(self.context, hist, cands)
+
+
+def ranker_scorer(bundle: Bundle) -> RankerScorer:
+    """The ranking stage's scorer over this bundle (context built once)."""
     spec = bundle.feature_spec
     missing = [k for k in ("context", "stats_end", "candidates") if k not in spec]
     missing += [name for name in (C.SERVING_STATS, C.ITEM_NEIGHBORS) if name not in bundle.tables]
@@ -312,14 +428,7 @@ def ranker_scorer(bundle: Bundle) -> Scorer:
         params = sources.CandidateParams(**spec["candidates"])
     except (DataContractError, ConfigError, KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{bundle.uri}: the ranker's serving artifacts do not fit together: {exc}") from exc
-    ctx = dataclasses.replace(ctx, _index=bundle.index)  # the published index, not a rebuilt one
-
-    def score(history: History, now: float) -> tuple[np.ndarray, np.ndarray]:
-        hist = events.Histories.from_lists([history.items], [history.timestamps], np.array([now]))
-        cands = sources.generate_candidates(ctx, hist, params)
-        return cands.items, features.build_features(ctx, hist, cands)
-
-    return score
+    return RankerScorer(replace(ctx, _index=bundle.index), params)  # the published index, not a rebuilt one
 
 
 class Recommender:
@@ -328,13 +437,18 @@ class Recommender:
     def __init__(self, bundle: Bundle, *, make_scorer: Callable[[Bundle], Scorer] | None = None) -> None:
         self.bundle = bundle
         self.scorer = (make_scorer or ranker_scorer)(bundle)
+        # Item-item relations name the history item behind co-occurrence reasons; a scorer that is
+        # not the ranking stage's has none, and those reasons fall back to the most similar item.
+        self.relations = self.scorer.context.relations if isinstance(self.scorer, RankerScorer) else {}
+        self.templates = [FEATURE_REASONS.get(name) for name in bundle.feature_names]
+        self.when = np.array([t.when if t else "never" for t in self.templates])  # vectorised checks
 
     def _merge(self, user_id: str | None, recent: Sequence[str | Event]) -> tuple[History, list[str]]:
         """Published history + the request's events (newest last); unknown item ids are reported."""
         base = self.bundle.history(user_id) if user_id is not None else History.empty()
-        events = [e if isinstance(e, Event) else Event(str(e)) for e in recent]
-        known = [e for e in events if e.item_id in self.bundle.item_row]
-        ignored = [e.item_id for e in events if e.item_id not in self.bundle.item_row]
+        sent = [e if isinstance(e, Event) else Event(str(e)) for e in recent]
+        known = [e for e in sent if e.item_id in self.bundle.item_row]
+        ignored = [e.item_id for e in sent if e.item_id not in self.bundle.item_row]
         if not known:
             return base, ignored
         now = time.time()
@@ -362,43 +476,89 @@ class Recommender:
         seen = set(history.items.tolist()) if exclude_seen else set()
         if len(history) == 0:
             return self._popular(k, seen, [], history, ignored)
-        candidates, features = self.scorer(history, time.time())
-        features = np.asarray(features, dtype=np.float32)
-        if features.shape != (len(candidates), len(bundle.feature_names)):
+        candidates, matrix = self.scorer(history, time.time())
+        matrix = np.asarray(matrix, dtype=np.float32)
+        if matrix.shape != (len(candidates), len(bundle.feature_names)):
             raise BundleError(
-                f"{bundle.uri}: features of shape {features.shape} for {len(candidates)} candidates; the ranker "
+                f"{bundle.uri}: features of shape {matrix.shape} for {len(candidates)} candidates; the ranker "
                 f"expects {len(bundle.feature_names)} columns ({', '.join(bundle.feature_names)})"
             )
         if len(candidates) == 0:
             return self._popular(k, seen, [], history, ignored)
-        scores = bundle.booster.predict(features, num_threads=1)
+        scores = bundle.booster.predict(matrix, num_threads=1)
         top = np.argsort(-scores, kind="stable")[:k]
-        reasons = self._reasons(history, candidates[top], features[top])
+        explained = self._reasons(history, candidates[top], matrix[top], _medians(matrix))
         chosen = [
-            RecommendedItem(bundle.item_ids[c], float(scores[t]), reason, bundle.titles[c])
-            for t, c, reason in zip(top, candidates[top], reasons, strict=True)
+            RecommendedItem(bundle.item_ids[c], float(scores[t]), reason, bundle.titles[c] or None, signals)
+            for t, c, (reason, signals) in zip(top, candidates[top], explained, strict=True)
         ]
         if len(chosen) < k:  # tiny catalogs or long histories: fill with popular items
             return self._popular(k, seen | set(candidates[top].tolist()), chosen, history, ignored)
         return Recommendation(chosen, "personalized", bundle.version, len(history), ignored)
 
-    def _reasons(self, history: History, chosen: np.ndarray, features: np.ndarray) -> list[str]:
-        """Most similar history item, and the two largest positive feature contributions."""
+    def _reasons(
+        self, history: History, chosen: np.ndarray, matrix: np.ndarray, medians: np.ndarray
+    ) -> list[tuple[str, list[Signal]]]:
+        """Per chosen item: up to REASON_PARTS phrases from its largest positive contributions, and its signals.
+
+        A feature explains an item when its contribution is positive and its value stands out as
+        its template says (above or below the candidates' median). An item no feature explains
+        reads "similar to" its most similar history item.
+        """
         bundle = self.bundle
         hist_items = history.items[-REASON_ITEMS:]
-        nearest = hist_items[(bundle.embeddings[chosen] @ bundle.embeddings[hist_items].T).argmax(axis=1)]
-        leaves = np.asarray(bundle.booster.predict(features, pred_leaf=True, num_threads=1), dtype=np.int64)
+        similarity = bundle.embeddings[chosen] @ bundle.embeddings[hist_items].T
+        leaves = np.asarray(bundle.booster.predict(matrix, pred_leaf=True, num_threads=1), dtype=np.int64)
         trees = np.arange(leaves.shape[1])
         contrib = bundle.path_contrib[trees[None, :], leaves].sum(axis=1)
-        reasons = []
-        for row, near in enumerate(nearest):
-            order = np.argsort(-contrib[row])[:2]
-            parts = [
-                f"{bundle.feature_names[j]} {contrib[row, j]:+.2f}" for j in order if contrib[row, j] > 0
+        when = self.when
+        explains = (contrib > 0) & (
+            ((when == "high") & (matrix > medians))
+            | ((when == "low") & np.isfinite(matrix) & (matrix < medians))
+            | (when == "any")
+        )
+        by_contribution = np.argsort(-np.where(explains, contrib, 0), axis=1, kind="stable")
+        strongest = np.argsort(-np.abs(contrib), axis=1, kind="stable")[:, :SIGNALS]
+        strongest_values = np.take_along_axis(contrib, strongest, axis=1).astype(float).round(4).tolist()
+        links: dict[str, np.ndarray] = {}  # relation -> (chosen, hist_items) values, on first use
+
+        def anchor(template: ReasonTemplate, row: int) -> int | None:
+            if template.position is not None:
+                return int(history.items[-template.position]) if len(history) >= template.position else None
+            if template.relation in self.relations:
+                if template.relation not in links:
+                    rel = self.relations[template.relation]
+                    links[template.relation] = rel[hist_items][:, chosen].toarray().T
+                values = links[template.relation][row]
+                return int(hist_items[values.argmax()]) if values.max(initial=0) > 0 else None
+            return int(hist_items[similarity[row].argmax()])
+
+        out = []
+        for row, n_explaining in enumerate(explains.sum(axis=1).tolist()):
+            phrases: dict[str, str] = {}  # template text -> phrase: one phrase per template
+            for j in by_contribution[row, :n_explaining].tolist():
+                template = self.templates[j]
+                if len(phrases) == REASON_PARTS:
+                    break
+                if template is None or template.text in phrases:
+                    continue
+                if not template.anchored:
+                    phrases[template.text] = template.text
+                elif (item := anchor(template, row)) is not None:
+                    phrases[template.text] = template.text.format(anchor=self._title(item))
+            if not phrases:
+                nearest = int(hist_items[similarity[row].argmax()])
+                phrases[SIMILAR] = SIMILAR.format(anchor=self._title(nearest))
+            signals = [
+                Signal(bundle.feature_names[j], value)
+                for j, value in zip(strongest[row].tolist(), strongest_values[row], strict=True)
+                if value != 0
             ]
-            reason = f'similar to "{bundle.titles[near] or bundle.item_ids[near]}"'
-            reasons.append(reason + (f"; ranker: {', '.join(parts)}" if parts else ""))
-        return reasons
+            out.append(("; ".join(phrases.values()), signals))
+        return out
+
+    def _title(self, row: int) -> str:
+        return self.bundle.titles[row] or self.bundle.item_ids[row]
 
     def _popular(
         self, k: int, exclude: set[int], chosen: list[RecommendedItem], history: History, ignored: list[str]
@@ -413,13 +573,17 @@ class Recommender:
             if int(row) in taken:
                 continue
             count = int(bundle.popularity[row])
+            reason = f"popular: chosen {count} time{'s' if count != 1 else ''} by others"
             items.append(
-                RecommendedItem(
-                    bundle.item_ids[row], float(count), f"popular: {count} interactions", bundle.titles[row]
-                )
+                RecommendedItem(bundle.item_ids[row], float(count), reason, bundle.titles[row] or None)
             )
         strategy = "personalized" if chosen else "popular"
         return Recommendation(items, strategy, bundle.version, len(history), ignored)
+
+
+def _medians(matrix: np.ndarray) -> np.ndarray:
+    """Per feature, the median over the request's candidates (a missing value counts as the lowest)."""
+    return np.median(np.where(np.isnan(matrix), -np.inf, matrix), axis=0)
 
 
 # --- pre-promotion check -------------------------------------------------------------------------

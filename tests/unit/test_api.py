@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -51,7 +52,7 @@ def test_get_recommendations(client: TestClient, first: Published) -> None:
     body = response.json()
     assert body["user_id"] == "u1" and body["strategy"] == "personalized" and body["version"] == first.version
     assert len(body["items"]) == 5
-    assert set(body["items"][0]) == {"item_id", "score", "reason", "title"}
+    assert set(body["items"][0]) == {"item_id", "score", "title", "reason", "signals"}
     cold = client.get("/recommendations/someone-new").json()
     assert cold["strategy"] == "popular" and len(cold["items"]) == 10
 
@@ -146,10 +147,95 @@ def test_new_current_is_served_without_restart(store_uri: str, first: Published)
             time.sleep(0.1)
 
 
+def readme_serving_examples() -> list[Any]:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("`llmrec serve --store URI`", 1)[1].split("\n## ", 1)[0]
+    return [json.loads(block) for block in re.findall(r"```json\n(.*?)\n```", section, re.S)]
+
+
 def test_readme_post_example_is_a_valid_request() -> None:
     """The README's POST body is what the API accepts (it once sent `recent`, a 422)."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("`llmrec serve --store URI`", 1)[1]
-    body = json.loads(re.search(r"```json\n(.*?)\n```", section, re.S).group(1))
+    body = readme_serving_examples()[0]
     request = api.RecommendRequest.model_validate(body)
     assert request.events and request.user_id == body["user_id"]
+
+
+def test_readme_answer_example_is_a_valid_response() -> None:
+    answer = api.RecommendationsOut.model_validate(readme_serving_examples()[1], strict=True)
+    assert answer.items[0].signals and "“" in answer.items[0].reason
+
+
+def resolve(spec: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    if "$ref" in schema:
+        return spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return schema
+
+
+def assert_typed(spec: dict[str, Any], schema: dict[str, Any], where: str) -> None:
+    """Every value in the schema has a type: no bare object, no untyped property, recursively."""
+    schema = resolve(spec, schema)
+    if "anyOf" in schema:
+        for option in schema["anyOf"]:
+            assert_typed(spec, option, where)
+        return
+    assert "type" in schema or "enum" in schema, f"{where}: untyped {schema}"
+    if schema.get("type") == "object":
+        assert schema.get("properties") or isinstance(schema.get("additionalProperties"), dict), (
+            f"{where}: bare object"
+        )
+        for name, prop in schema.get("properties", {}).items():
+            assert_typed(spec, prop, f"{where}.{name}")
+        if isinstance(schema.get("additionalProperties"), dict):
+            assert_typed(spec, schema["additionalProperties"], f"{where}.*")
+    if schema.get("type") == "array":
+        assert_typed(spec, schema["items"], f"{where}[]")
+
+
+ROUTES = {
+    ("get", "/healthz"): ("HealthOut", {503: "HealthOut"}),
+    ("get", "/version"): ("VersionOut", {503: "ErrorOut"}),
+    ("get", "/recommendations/{user_id}"): ("RecommendationsOut", {422: "ErrorOut", 503: "ErrorOut"}),
+    ("post", "/recommendations"): ("RecommendationsOut", {413: "ErrorOut", 422: "ErrorOut", 503: "ErrorOut"}),
+}
+
+
+def test_openapi_names_a_typed_schema_for_every_response(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    routes = {(m, path) for path, ops in spec["paths"].items() for m in ops}
+    assert routes == set(ROUTES)
+    for (method, path), (ok, errors) in ROUTES.items():
+        responses = spec["paths"][path][method]["responses"]
+        assert set(responses) == {"200", *map(str, errors)}, path
+        for code, name in {200: ok, **errors}.items():
+            schema = responses[str(code)]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": f"#/components/schemas/{name}"}, (path, code)
+            assert_typed(spec, schema, f"{method} {path} {code}")
+    item = spec["components"]["schemas"]["ItemOut"]["properties"]
+    assert set(item) == {"item_id", "score", "title", "reason", "signals"}
+    assert item["signals"]["items"] == {"$ref": "#/components/schemas/SignalOut"}
+
+
+def test_responses_validate_against_their_models(client: TestClient, store_uri: str) -> None:
+    got = client.get("/recommendations/u1", params={"k": 3})
+    api.RecommendationsOut.model_validate(got.json(), strict=True)
+    posted = client.post("/recommendations", json={"events": [{"item_id": "i2"}, {"item_id": "zzz"}]})
+    assert api.RecommendationsOut.model_validate(posted.json()).ignored_item_ids == ["zzz"]
+    cold = api.RecommendationsOut.model_validate(client.get("/recommendations/nobody").json())
+    assert cold.strategy == "popular" and all(i.signals == [] for i in cold.items)
+    assert api.HealthOut.model_validate(client.get("/healthz").json()).status == "ok"
+    version = api.VersionOut.model_validate(client.get("/version").json())
+    assert version.metrics["ranker"]["ndcg@10"] == pytest.approx(0.30)
+    for response in (
+        client.get("/recommendations/u1?k=0"),
+        client.post("/recommendations", json={}),
+        client.post("/recommendations", content=b"x" * 70_000, headers={"content-type": "application/json"}),
+    ):
+        assert response.status_code in (413, 422)
+        api.ErrorOut.model_validate(response.json(), strict=True)
+    with TestClient(api.create_app(store_uri, "empty", poll_seconds=3600)) as empty:
+        down = empty.get("/healthz")
+        assert down.status_code == 503
+        assert api.HealthOut.model_validate(down.json()) == api.HealthOut(status="unavailable", error=None)
+        for response in (empty.get("/version"), empty.get("/recommendations/u1")):
+            assert response.status_code == 503
+            api.ErrorOut.model_validate(response.json(), strict=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
+import re
+import time
 from datetime import UTC, datetime
 
 import numpy as np
@@ -118,7 +121,12 @@ def test_known_user_gets_personalized_items_with_reasons(recommender: serving.Re
     assert scores == sorted(scores, reverse=True)
     seen = {recommender.bundle.item_ids[r] for r in recommender.bundle.history("u1").items}
     assert not seen & {i.item_id for i in result.items}
-    assert all(i.reason.startswith('similar to "Item ') for i in result.items)
+    # The toy ranker's features have no wording: each item reads "similar to" a history item.
+    history_titles = {recommender.bundle.titles[r] for r in recommender.bundle.history("u1").items}
+    for item in result.items:
+        quoted = re.fullmatch(r"similar to “(.+)” you interacted with", item.reason)
+        assert quoted and quoted.group(1) in history_titles
+        assert item.signals and {s.feature for s in item.signals} <= set(recommender.bundle.feature_names)
     # u1 watched topic-1 items: recommendations stay on topic 1 (clustered embeddings).
     assert all("(topic 1)" in i.title for i in result.items)
 
@@ -139,7 +147,9 @@ def test_recent_events_personalise_the_request(recommender: serving.Recommender)
 def test_unknown_users_and_items_fall_back_to_popular(recommender: serving.Recommender) -> None:
     result = recommender.recommend(user_id="nobody", k=4)
     assert result.strategy == "popular" and result.history_length == 0
-    assert len(result.items) == 4 and all(i.reason.startswith("popular: ") for i in result.items)
+    assert len(result.items) == 4
+    assert all(re.fullmatch(r"popular: chosen \d+ times? by others", i.reason) for i in result.items)
+    assert all(i.signals == [] for i in result.items)
     counts = [i.score for i in result.items]
     assert counts == sorted(counts, reverse=True)
     mixed = recommender.recommend(recent=["not-an-item", "i3"], k=3)
@@ -222,3 +232,93 @@ def test_an_ivfpq_bundle_serves_with_the_exact_rerank_it_was_tuned_with(
     exact_scores, exact_ids = ix.exact_top_k(vectors, vectors[:5], 3)
     assert ids.tolist() == exact_ids.tolist()
     np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)
+
+
+def test_every_ranker_feature_reads_as_words() -> None:
+    """A new feature without a template would show its internal name (or nothing): it must get one."""
+    from llmrec_tasks.ranking.features import FEATURE_NAMES
+    from llmrec_tasks.ranking.relations import RELATIONS
+
+    assert set(FEATURE_NAMES) <= set(serving.FEATURE_REASONS)
+    for name, template in serving.FEATURE_REASONS.items():
+        assert not any(feature in template.text for feature in FEATURE_NAMES), name
+        assert "_" not in template.text and template.text.count("{") == template.anchored, name
+        assert template.relation in (None, *RELATIONS), name
+        assert template.anchored or (template.relation is None and template.position is None), name
+
+
+@pytest.fixture
+def real_recommender(store_uri: str, monkeypatch: pytest.MonkeyPatch) -> serving.Recommender:
+    monkeypatch.undo()  # the ranking stage's scorer, not the toy one
+    publish.run_publish(*make_run(store_uri, real_features=True))
+    return serving.Recommender(serving.load_bundle(store_uri, NS))
+
+
+def anchored_patterns() -> dict[str, tuple[re.Pattern[str], str | None]]:
+    """Each item-anchored template as a regex capturing the history title, with its relation."""
+    return {
+        t.text: (re.compile(re.escape(t.text).replace(re.escape("{anchor}"), "(.+?)")), t.relation)
+        for t in serving.FEATURE_REASONS.values()
+        if t.anchored
+    }
+
+
+def test_reasons_are_words_naming_the_users_items(real_recommender: serving.Recommender) -> None:
+    from llmrec_tasks.ranking.features import FEATURE_NAMES
+
+    bundle = real_recommender.bundle
+    patterns = anchored_patterns()
+    anchored = relations_checked = 0
+    for user in [f"u{n}" for n in range(0, 20, 2)]:
+        history = bundle.history(user).items
+        titles = {bundle.titles[r]: int(r) for r in history}
+        for item in real_recommender.recommend(user_id=user, k=5).items:
+            assert item.reason and not any(name in item.reason for name in FEATURE_NAMES)
+            assert "_" not in item.reason and "+0." not in item.reason
+            # Every quoted title is one of this user's items.
+            assert set(re.findall(r"“(.+?)”", item.reason)) <= set(titles), (user, item.reason)
+            for pattern, relation in patterns.values():
+                for title in pattern.findall(item.reason):
+                    anchored += 1
+                    if relation is not None:  # the user's item most linked to this one, or the last
+                        relations_checked += 1
+                        links = real_recommender.relations[relation][:, [bundle.item_row[item.item_id]]]
+                        link, strongest = (
+                            links[titles[title], 0],
+                            links[history[-serving.REASON_ITEMS :]].max(),
+                        )
+                        assert link > 0 and (link == strongest or titles[title] == history[-1]), item.reason
+            contributions = [abs(s.contribution) for s in item.signals]
+            assert item.signals and contributions == sorted(contributions, reverse=True)
+            assert {s.feature for s in item.signals} <= set(FEATURE_NAMES)
+    assert anchored and relations_checked  # the toy data exercises both kinds of anchor
+
+
+def test_a_reason_claims_only_what_the_features_show(real_recommender: serving.Recommender) -> None:
+    """A feature is worded only when its value stands out among the candidates as the template says."""
+    bundle = real_recommender.bundle
+    texts = [t.text for t in serving.FEATURE_REASONS.values()]
+    single = {  # wordings only one feature uses: a phrase identifies its feature
+        t.text: (bundle.feature_names.index(name), t.when)
+        for name, t in serving.FEATURE_REASONS.items()
+        if texts.count(t.text) == 1 and not t.anchored and name in bundle.feature_names
+    }
+    claims = 0
+    for user in [f"u{n}" for n in range(20)]:
+        result = real_recommender.recommend(user_id=user, k=5)
+        candidates, matrix = real_recommender.scorer(bundle.history(user), time.time())
+        medians = np.median(np.where(np.isnan(matrix), -np.inf, matrix), axis=0)
+        rows = {bundle.item_ids[c]: r for r, c in enumerate(candidates)}
+        for item in result.items:
+            for phrase in item.reason.split("; "):
+                if phrase in single:
+                    claims += 1
+                    j, when = single[phrase]
+                    value = matrix[rows[item.item_id], j]
+                    assert value > medians[j] if when == "high" else value < medians[j], (phrase, value)
+    assert claims
+
+
+def test_to_dict_is_the_dataclass_as_dicts(recommender: serving.Recommender) -> None:
+    result = recommender.recommend(user_id="u1", k=3)
+    assert result.items[0].signals and result.to_dict() == dataclasses.asdict(result)
