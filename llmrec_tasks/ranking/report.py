@@ -191,7 +191,7 @@ def gain_bars(comparisons: dict[str, dict[str, Any]]) -> str:
 def trend_lines(points: Sequence[VersionPoint]) -> str:
     """NDCG@10 and Recall@10 of the ranker per published version, the new one last."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
-    labels = [p.logical_date[:10] or p.version for p in points]
+    labels = [f"{p.logical_date[:10]} {p.version.rsplit('-', 1)[-1]}" for p in points]  # date + params hash
     for ax, key in zip(axes, PRIMARY_KEYS, strict=True):
         xs = [i for i, p in enumerate(points) if key in p.metrics]
         ax.plot(xs, [points[i].metrics[key] for i in xs], marker="o", color=OTHER_COLOR)
@@ -279,9 +279,6 @@ def _run_summary(results: Mapping[str, Any]) -> str:
     window = results.get("windows", {}).get("test")
     if window:
         parts.append(f"test window {html.escape(str(window[0]))} to {html.escape(str(window[1]))}")
-    gate = results.get("gate_vs_popularity", {}).get("reason")
-    if gate:
-        parts.append(f"gate against popularity: {html.escape(str(gate))}")
     return f"<p>{'; '.join(parts)}.</p>" if parts else ""
 
 
@@ -302,9 +299,10 @@ def trend_section(trend: Trend) -> list[str]:
             ["difference", *(_signed(new.metrics[k] - old.metrics[k]) for k in keys)],
         ]
         out += [
-            f"<p>This version replaces the current bundle <b>{html.escape(old.version)}</b> "
-            f"(logical date {html.escape(old.logical_date)}). Each version is measured on its own test "
-            "window; the quality gate compares both rankers on this run's test data.</p>",
+            f"<p>Compared with the current bundle <b>{html.escape(old.version)}</b> (logical date "
+            f"{html.escape(old.logical_date)}), which this version replaces if it is promoted. Each version "
+            "is measured on its own test window; the quality gate compares both rankers on this run's test "
+            "data.</p>",
             _table(rows, ["ranker", *(LABELS[k] for k in keys)]),
         ]
     if trend.previous:

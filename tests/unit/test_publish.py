@@ -316,7 +316,7 @@ def test_published_report_holds_trend_and_examples_and_is_the_runs_report(store_
     assert manifest["files"][C.REPORT_HTML]["sha256"] == hashlib.sha256(report).hexdigest()
 
     page = report.decode()
-    assert f"replaces the current bundle <b>{first.version}</b>" in page
+    assert f"Compared with the current bundle <b>{first.version}</b>" in page
     assert "<tr><td>difference</td><td>+0.0200</td><td>+0.0200</td></tr>" in page
     assert '<img alt="trend" src="data:image/png;base64,' in page and "1 earlier published version(s)" in page
     assert "Without the LLM features NDCG@10 drops by 0.010" in page  # from the run's metrics.json

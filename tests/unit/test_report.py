@@ -226,7 +226,7 @@ def test_trend_section(n_previous):
         assert "Nothing is promoted in this namespace yet" in page and 'alt="trend"' not in page
         assert "no trend yet" in page
         return
-    assert f"replaces the current bundle <b>{replaces.version}</b>" in page
+    assert f"Compared with the current bundle <b>{replaces.version}</b>" in page
     table = next(t for t in text_cells(page) if t[0][0] == "ranker")
     assert table[0] == ["ranker", "NDCG@10", "Recall@10"]
     assert table[1] == ["this version v10", "0.3000", "0.6000"]
