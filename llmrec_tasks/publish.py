@@ -1,5 +1,6 @@
-"""Stage `publish`: copy a run's allowed artifacts into an immutable bundle, write its manifest
-last, check it through serving, apply the quality gate and promote it; operator promote/rollback.
+"""Stage `publish`: copy a run's allowed artifacts into an immutable bundle (its report completed
+with the trend over published versions and example recommendations), write its manifest last,
+check it through serving, apply the quality gate and promote it; operator promote/rollback.
 
 The store layout, the allow-list of bundle files, the manifest and the ``current`` pointer (with
 its compare-and-swap) belong to :mod:`llmrec_tasks.storage.registry`; this module only runs the
@@ -17,7 +18,9 @@ import tempfile
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 import llmrec_tasks
 from llmrec_tasks.core import constants as C
@@ -27,6 +30,7 @@ from llmrec_tasks.core.results import Embedded, Indexed, Published, StageResult,
 from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.registry import Decision, bundle_prefix, manifest_key, read_manifest
 from llmrec_tasks.storage.store import (
+    LocalStore,
     ObjectStore,
     PreconditionFailed,
     file_sha256,
@@ -34,9 +38,17 @@ from llmrec_tasks.storage.store import (
     split_uri,
 )
 
+if TYPE_CHECKING:  # the report and serving load matplotlib, LightGBM and FAISS: imported when used
+    from llmrec_tasks.ranking.report import Example, Trend, VersionPoint
+    from llmrec_tasks.serving.recommender import Recommender
+
 log = logging.getLogger(__name__)
 
 HISTORY_PER_USER = 100  # most recent interactions per user kept for serving
+TREND_VERSIONS = 12  # earlier versions in the report's trend
+EXAMPLE_USERS = 4  # users whose recommendations the report shows
+EXAMPLE_K = 5
+EXAMPLE_HISTORY = 5  # recent history titles shown per example user
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 
 
@@ -195,12 +207,120 @@ def _lineage(
     )
 
 
+def _file_meta(path: Path) -> dict[str, Any]:
+    return {"sha256": file_sha256(path), "size": path.stat().st_size}
+
+
+def _manifest(
+    cfg: RunConfig,
+    validated: Validated,
+    embedded: Embedded,
+    indexed: Indexed,
+    trained: Trained,
+    files: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    return {
+        "format": registry.MANIFEST_FORMAT,
+        "namespace": cfg.namespace,
+        "version": validated.version,
+        "created_at": _now(),
+        "files": files,
+        "metrics": trained.metrics,
+        "lineage": _lineage(cfg, validated, embedded, indexed, files),
+    }
+
+
+# --- the report's publish sections ---------------------------------------------------------------
+
+
+def _version_point(version: str, logical: str, metrics: Mapping[str, Any]) -> VersionPoint:
+    """A version's ranker metrics as the manifest records them (``{"ranker": {...}, ...}``)."""
+    from llmrec_tasks.ranking.report import PRIMARY_KEYS, VersionPoint
+
+    ranker = metrics.get("ranker", {})
+    return VersionPoint(version, logical, {k: float(ranker[k]) for k in PRIMARY_KEYS if k in ranker})
+
+
+def _published_point(store: ObjectStore, namespace: str, version: str) -> VersionPoint:
+    manifest = read_manifest(store, namespace, version)
+    return _version_point(version, manifest["lineage"]["logical_date"], manifest.get("metrics", {}))
+
+
+def report_trend(store: ObjectStore, namespace: str, new: VersionPoint) -> Trend:
+    """The bundle ``new`` replaces (the namespace's current one) and the newest
+    ``TREND_VERSIONS`` other published versions, oldest first, from their manifests."""
+    from llmrec_tasks.ranking.report import Trend
+
+    scanned = registry.scan_versions(store, namespace)
+    published = sorted(  # version ids start with the logical date
+        v for v, keys in scanned.items() if v != new.version and manifest_key(namespace, v) in keys
+    )
+    previous = [_published_point(store, namespace, v) for v in published[-TREND_VERSIONS:]]
+    current = registry.current_version(store, namespace)
+    replaces = (
+        None if current is None or current == new.version else _published_point(store, namespace, current)
+    )
+    return Trend(new=new, replaces=replaces, previous=previous)
+
+
+def example_recommendations(recommender: Recommender) -> list[Example]:
+    """What serving returns to ``EXAMPLE_USERS`` users spread evenly over history length (least
+    to most active, ties by user id): their recent titles and the top items with reasons."""
+    from llmrec_tasks.ranking.evaluate import history_segment
+    from llmrec_tasks.ranking.report import Example
+
+    bundle = recommender.bundle
+    lengths = np.diff(bundle.hist_indptr)
+    users = sorted(bundle.user_row, key=lambda u: (int(lengths[bundle.user_row[u]]), u))
+    if not users:
+        return []
+    picks = sorted({round(x) for x in np.linspace(0, len(users) - 1, EXAMPLE_USERS)})
+    examples = []
+    for user in (users[p] for p in picks):
+        rec = recommender.recommend(user_id=user, k=EXAMPLE_K)
+        history = bundle.history(user)
+        recent = history.items[::-1][:EXAMPLE_HISTORY]
+        examples.append(
+            Example(
+                user_id=user,
+                history_length=len(history),
+                segment=history_segment(len(history)),
+                history=[bundle.titles[r] or bundle.item_ids[r] for r in recent],
+                recommendations=[(item.title or item.item_id, item.reason) for item in rec.items],
+                strategy=rec.strategy,
+            )
+        )
+    return examples
+
+
+def final_report(cfg: RunConfig, validated: Validated, trained: Trained, staged_uri: str) -> bytes:
+    """The train report rendered again from the run's metrics with the trend and the examples;
+    the examples come from the serving code over the bundle staged at ``staged_uri``."""
+    from llmrec_tasks.ranking.report import build_report, report_title
+    from llmrec_tasks.serving import recommender as serving
+
+    metrics_store, metrics_key = split_uri(trained.metrics_uri)
+    results = json.loads(metrics_store.get_bytes(metrics_key))
+    if "models" not in results:
+        raise BundleError(
+            f"{trained.metrics_uri} holds no evaluation results ('models'): re-run the train stage"
+        )
+    new = _version_point(validated.version, logical_date(cfg, validated), trained.metrics)
+    trend = report_trend(open_store(cfg.store_uri), cfg.namespace, new)
+    bundle = serving.load_bundle(staged_uri, cfg.namespace, validated.version)
+    examples = example_recommendations(serving.Recommender(bundle))
+    page = build_report(results, report_title(validated.version), trend=trend, examples=examples)
+    return page.encode()
+
+
 def write_bundle(
     cfg: RunConfig, validated: Validated, embedded: Embedded, indexed: Indexed, trained: Trained
 ) -> tuple[dict[str, Any], bool]:
     """Copy the artifacts into ``bundles/<version>/`` then write the manifest, last.
 
-    Returns ``(manifest, newly_written)``. A version that already has a manifest is left exactly
+    The files are staged locally first: serving loads the staged bundle for the report's example
+    recommendations, and the final report (:func:`final_report`) replaces the train report both
+    in the bundle and in the run. Returns ``(manifest, newly_written)``. A version that already has a manifest is left exactly
     as it is (a cleared and re-run task overwrites nothing that was published).
     """
     store = open_store(cfg.store_uri)
@@ -211,42 +331,52 @@ def write_bundle(
         log.info("version %s is already published at %s: leaving it as is", version, store.uri_for(mkey))
         return read_manifest(store, cfg.namespace, version), False
 
-    # Every file goes through local disk one at a time (streamed both ways): memory stays bounded.
-    sources: dict[str, tuple[ObjectStore | None, str]] = {}
+    # Every file is staged on local disk (streamed both ways, memory stays bounded), where serving
+    # loads the staged bundle for the report's examples before anything is uploaded.
+    sources: dict[str, tuple[ObjectStore, str]] = {}
     for name, uri in _artifact_sources(validated, embedded, indexed, trained).items():
         source, keys = _artifact_keys(uri, validated.work_uri)
         for sub, key in keys:
             sources[f"{name}/{sub}" if sub else name] = (source, key)
     with tempfile.TemporaryDirectory(prefix="llmrec-publish-") as tmp_dir:
-        tmp = Path(tmp_dir)
+        staging = LocalStore(Path(tmp_dir) / "staging")
+
+        def staged(name: str) -> Path:
+            return staging.root / registry.bundle_key(cfg.namespace, version, name)
+
+        for name, (source, key) in sources.items():
+            source.get_file(key, staged(name))
+        names = sorted(sources)
         for name, data in _serving_tables(validated.snapshot_uri).items():
             if name not in sources:
-                (tmp / name).write_bytes(data)
-                sources[name] = (None, name)
-        missing = registry.missing_required(sources)
+                staged(name).write_bytes(data)
+                names.append(name)
+        missing = registry.missing_required(names)
         if missing:
             raise BundleError(f"cannot publish {version}: upstream results lack {missing}")
+        staged_files = {name: _file_meta(staged(name)) for name in names}
+        registry.write_manifest(staging, _manifest(cfg, validated, embedded, indexed, trained, staged_files))
+        report = final_report(cfg, validated, trained, staging.uri)
+        staged(C.REPORT_HTML).write_bytes(report)
+        report_store, report_key = split_uri(trained.report_uri)
+        report_store.put_bytes(report_key, report)  # the run's report is the bundle's
 
         files: dict[str, dict[str, Any]] = {}
         try:
-            for name, (source, key) in sorted(sources.items()):
-                local = tmp / key if source is None else source.get_file(key, tmp / "artifact")
-                sha256 = file_sha256(local)
-                _put_immutable(store, registry.bundle_key(cfg.namespace, version, name), local, sha256, mkey)
-                files[name] = {"sha256": sha256, "size": local.stat().st_size}
-                local.unlink()
+            for name in sorted(names):
+                files[name] = _file_meta(staged(name))
+                _put_immutable(
+                    store,
+                    registry.bundle_key(cfg.namespace, version, name),
+                    staged(name),
+                    files[name]["sha256"],
+                    mkey,
+                )
+                staged(name).unlink()
         except PreconditionFailed:
             log.info("version %s was published by a concurrent run meanwhile: leaving it as is", version)
             return read_manifest(store, cfg.namespace, version), False
-    manifest = {
-        "format": registry.MANIFEST_FORMAT,
-        "namespace": cfg.namespace,
-        "version": version,
-        "created_at": _now(),
-        "files": files,
-        "metrics": trained.metrics,
-        "lineage": _lineage(cfg, validated, embedded, indexed, files),
-    }
+    manifest = _manifest(cfg, validated, embedded, indexed, trained, files)
     try:
         registry.write_manifest(store, manifest)
     except PreconditionFailed:

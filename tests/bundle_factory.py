@@ -134,6 +134,29 @@ def parquet(frame: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
+def toy_results(ndcg: float) -> dict[str, Any]:
+    """A train stage's ``metrics.json`` in shape (models with intervals and slices, comparisons)."""
+
+    def model(value: float) -> dict[str, Any]:
+        sliced = {"ndcg@10": value, "recall@10": value, "users": N_USERS, "runs": 1}
+        return {
+            "ndcg@10": value,
+            "recall@10": value + 0.1,
+            "ndcg@10_ci95": [value - 0.02, value + 0.02],
+            "recall@10_ci95": [value + 0.08, value + 0.12],
+            "users": N_USERS,
+            "runs": 1,
+            "slices": {"cold_items": sliced, "history 5-19": sliced},
+        }
+
+    paired = {"diff": 0.01, "ci95": [-0.005, 0.025], "p_not_better": 0.1}
+    return {
+        "protocol": "time",
+        "models": {"ranker": model(ndcg), "ranker_no_llm": model(ndcg - 0.01), "popularity": model(0.1)},
+        "comparisons": {"ranker_vs_ranker_no_llm": {"ndcg@10": paired, "recall@10": paired}},
+    }
+
+
 def make_run(
     store_uri: str,
     *,
@@ -210,7 +233,7 @@ def make_run(
     trained = Trained(
         model_uri=put(C.RANKER_MODEL, ranker[C.RANKER_MODEL]),
         feature_spec_uri=put(C.FEATURE_SPEC, ranker[C.FEATURE_SPEC]),
-        metrics_uri=put(C.METRICS, json.dumps(metrics).encode()),
+        metrics_uri=put(C.METRICS, json.dumps(toy_results(ndcg)).encode()),
         report_uri=put(C.REPORT_HTML, b"<html><body>toy report</body></html>"),
         serving_stats_uri=put(C.SERVING_STATS, ranker[C.SERVING_STATS]),
         item_neighbors_uri=put(C.ITEM_NEIGHBORS, ranker[C.ITEM_NEIGHBORS]),

@@ -12,6 +12,9 @@ Definitions (binary relevance):
 - MRR = 1 / rank of the first relevant item within ``depth`` (0 when none);
 - coverage@k = distinct items recommended in anyone's top k / catalog size.
 
+Slices (:func:`restrict`) evaluate a subset of the targets: the cold-start items, and the users of
+each history-length segment (:func:`history_segments`).
+
 The quality gate used before publishing lives here too (:func:`quality_gate`).
 """
 
@@ -27,6 +30,9 @@ from llmrec_tasks.core import constants as C
 
 KS = (10, 50)
 PRIMARY = C.PRIMARY_METRIC
+# Upper bounds (exclusive) of the history-length segments: 0-4, 5-19, 20-99 and 100+ items.
+HISTORY_EDGES = (5, 20, 100)
+COLD_ITEMS = "cold_items"
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,31 @@ def restrict(targets: Targets, keep: np.ndarray) -> Targets:
     user_of = np.repeat(np.arange(targets.n_users), targets.counts)
     counts = np.bincount(user_of[keep], minlength=targets.n_users)
     return Targets(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), targets.items[keep])
+
+
+def history_segment(length: int, edges: tuple[int, ...] = HISTORY_EDGES) -> str:
+    """Name of the history-length segment of a user with ``length`` known interactions."""
+    lo = 0
+    for hi in edges:
+        if length < hi:
+            return f"history {lo}-{hi - 1}"
+        lo = hi
+    return f"history {lo}+"
+
+
+def history_segments(
+    lengths: np.ndarray, targets: Targets, edges: tuple[int, ...] = HISTORY_EDGES
+) -> dict[str, Targets]:
+    """One slice per history-length segment (:func:`history_segment`), shortest first: the targets
+    of the users whose history length falls in it (every segment listed, empty ones too)."""
+    lengths = np.asarray(lengths)
+    if lengths.shape != (targets.n_users,):
+        raise ValueError(f"{lengths.shape} history lengths for {targets.n_users} users")
+    user_of = np.repeat(np.arange(targets.n_users), targets.counts)
+    bounds = np.array(edges)
+    bucket = np.searchsorted(bounds, lengths, side="right")  # 0 .. len(edges)
+    names = [history_segment(lo, edges) for lo in (0, *edges)]
+    return {name: restrict(targets, bucket[user_of] == b) for b, name in enumerate(names)}
 
 
 def summarize_runs(

@@ -32,8 +32,10 @@ from llmrec_tasks.core.errors import ConfigError, DataContractError
 from llmrec_tasks.ranking.baselines import baseline_rankings
 from llmrec_tasks.ranking.context import ContextParams, build_context
 from llmrec_tasks.ranking.evaluate import (
+    COLD_ITEMS,
     PRIMARY,
     Targets,
+    history_segments,
     paired_bootstrap,
     per_user_mean,
     per_user_metrics,
@@ -101,8 +103,9 @@ def evaluate_stages(
     for name, ranked in baseline_rankings(test.ctx, test.hist, depth=params.list_depth).items():
         runs[name] = [ranked]
     cold = restrict(test.targets, test.ctx.item_pop[test.targets.items] < params.cold_max_interactions)
+    slices = {COLD_ITEMS: cold, **history_segments(test.hist.lengths, test.targets)}
     models = {
-        name: summarize_runs(r, test.targets, test.ctx.n_items, slices={"cold_items": cold}, n_boot=n_boot)
+        name: summarize_runs(r, test.targets, test.ctx.n_items, slices=slices, n_boot=n_boot)
         for name, r in runs.items()
     }
     ranker_users = per_user_mean(runs[RANKER], test.targets)

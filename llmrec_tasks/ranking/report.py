@@ -1,8 +1,14 @@
 """Self-contained HTML report of a train or benchmark run (plots embedded as base64 PNG).
 
-Plots: NDCG@10 / Recall@10 of every model with bootstrap intervals, candidate recall by source,
-LightGBM feature importance (gain), and the ranker's paired gain over the no-LLM ablation and the
-baselines. Tables: every model's metrics, the cold-start slice, training groups.
+From the evaluation results (train and benchmark): the LLM ablation in words with its interval,
+every model's metrics, NDCG@10 / Recall@10 by segment (cold items, history length) with
+intervals, plots (metrics, paired gain, candidate recall, feature importance) and the training
+stages. Publish renders the page again with two more sections: the new version next to the bundle
+it replaces and over earlier versions (:class:`Trend`), and what serving recommends to a few users
+with its reasons (:class:`Example`).
+
+No table shows a raw dict, and a column with the same value in every row is stated once above
+its table instead.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
@@ -17,9 +25,98 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from llmrec_tasks.ranking.evaluate import COLD_ITEMS
+from llmrec_tasks.ranking.protocols import ABLATION, RANKER
+
 METRIC_KEYS = ("ndcg@10", "recall@10", "recall@50", "mrr", "coverage@10")
+PRIMARY_KEYS = ("ndcg@10", "recall@10")
+LABELS = {
+    "ndcg@10": "NDCG@10",
+    "recall@10": "Recall@10",
+    "recall@50": "Recall@50",
+    "mrr": "MRR",
+    "coverage@10": "coverage@10",
+}
 RANKER_COLOR = "#1f6feb"
 OTHER_COLOR = "#8c959f"
+MINUS = "\u2212"
+
+
+@dataclass(frozen=True)
+class VersionPoint:
+    """One published version's ranker metrics (each measured on its own run's test window)."""
+
+    version: str
+    logical_date: str
+    metrics: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Trend:
+    """The new version, the bundle it replaces (the current one, None if nothing was promoted),
+    and earlier published versions of the namespace (oldest first)."""
+
+    new: VersionPoint
+    replaces: VersionPoint | None
+    previous: Sequence[VersionPoint]
+
+
+@dataclass(frozen=True)
+class Example:
+    """What serving recommends to one user: recent history titles (newest first) and
+    ``(title, reason)`` per recommended item, as ``Recommender.recommend`` returned them."""
+
+    user_id: str
+    history_length: int
+    segment: str
+    history: Sequence[str]
+    recommendations: Sequence[tuple[str, str]]
+    strategy: str
+
+
+def report_title(version: str) -> str:
+    """Title of a train run's report (train and publish render the same page)."""
+    return f"llmrec ranker {version}"
+
+
+# --- numbers in words ----------------------------------------------------------------------------
+
+
+def _num(value: float, digits: int = 4) -> str:
+    """Fixed-point with a real minus sign."""
+    text = f"{value:.{digits}f}"
+    return MINUS + text[1:] if text.startswith("-") else text
+
+
+def _signed(value: float, digits: int = 4) -> str:
+    return ("+" if value >= 0 else "") + _num(value, digits)
+
+
+def _interval(ci: Sequence[float], digits: int = 4) -> str:
+    return f"{_num(ci[0], digits)} to {_num(ci[1], digits)}"
+
+
+def ablation_sentence(comparison: Mapping[str, Any], metric: str = "ndcg@10") -> str:
+    """The paired ranker-minus-ablation difference in words, e.g. "Without the LLM features NDCG@10
+    drops by 0.007 (95% CI −0.002 to 0.016): not significant at this sample size."."""
+    entry = comparison[metric]
+    diff, (lo, hi) = float(entry["diff"]), (float(entry["ci95"][0]), float(entry["ci95"][1]))
+    label = LABELS.get(metric, metric)
+    if diff >= 0:
+        change, size, ci = "drops", diff, (lo, hi)
+    else:  # the ablation is better: its change is the negated difference, interval flipped
+        change, size, ci = "rises", -diff, (-hi, -lo)
+    sentence = f"Without the LLM features {label} {change} by {_num(size, 3)} (95% CI {_interval(ci, 3)})"
+    if lo > 0:
+        verdict = f"significant, the LLM features improve {label}."
+    elif hi < 0:
+        verdict = f"significant, the LLM features make {label} worse."
+    else:
+        verdict = "not significant at this sample size."
+    return f"{sentence}: {verdict}"
+
+
+# --- plots ---------------------------------------------------------------------------------------
 
 
 def _png(fig: Any) -> str:
@@ -33,16 +130,16 @@ def metric_bars(models: dict[str, dict[str, Any]]) -> str:
     """NDCG@10 and Recall@10 per model with 95% bootstrap intervals."""
     names = sorted(models, key=lambda n: -models[n]["ndcg@10"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, key in zip(axes, ("ndcg@10", "recall@10"), strict=True):
+    for ax, key in zip(axes, PRIMARY_KEYS, strict=True):
         values = [models[n][key] for n in names]
         ci = [models[n].get(f"{key}_ci95", [models[n][key]] * 2) for n in names]
         err = [
             [v - c[0] for v, c in zip(values, ci, strict=True)],
             [c[1] - v for v, c in zip(values, ci, strict=True)],
         ]
-        colors = [RANKER_COLOR if n.startswith("ranker") else OTHER_COLOR for n in names]
+        colors = [RANKER_COLOR if n.startswith(RANKER) else OTHER_COLOR for n in names]
         ax.bar(names, values, yerr=err, color=colors, capsize=3)
-        ax.set_title(f"{key} (95% bootstrap CI)")
+        ax.set_title(f"{LABELS[key]} (95% bootstrap CI)")
         ax.tick_params(axis="x", rotation=35)
         plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")
         ax.grid(axis="y", alpha=0.3)
@@ -78,64 +175,199 @@ def gain_bars(comparisons: dict[str, dict[str, Any]]) -> str:
     """Paired gain of the ranker over each other model (mean difference with 95% interval)."""
     names = list(comparisons)
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(names) + 1.5), gridspec_kw={"wspace": 0.5})
-    for ax, key in zip(axes, ("ndcg@10", "recall@10"), strict=True):
+    for ax, key in zip(axes, PRIMARY_KEYS, strict=True):
         diffs = [comparisons[n][key]["diff"] for n in names]
         lo = [d - comparisons[n][key]["ci95"][0] for d, n in zip(diffs, names, strict=True)]
         hi = [comparisons[n][key]["ci95"][1] - d for d, n in zip(diffs, names, strict=True)]
-        labels = [n.replace("ranker_vs_", "vs ") for n in names]
-        colors = [RANKER_COLOR if "no_llm" in n else OTHER_COLOR for n in names]
+        labels = [n.replace(f"{RANKER}_vs_", "vs ") for n in names]
+        colors = [RANKER_COLOR if n.endswith(ABLATION) else OTHER_COLOR for n in names]
         ax.barh(labels, diffs, xerr=[lo, hi], color=colors, capsize=3)
         ax.axvline(0, color="black", lw=0.8)
-        ax.set_title(f"ranker gain in {key} (paired, 95% CI)")
+        ax.set_title(f"ranker gain in {LABELS[key]} (paired, 95% CI)")
         ax.grid(axis="x", alpha=0.3)
     return _png(fig)
 
 
+def trend_lines(points: Sequence[VersionPoint]) -> str:
+    """NDCG@10 and Recall@10 of the ranker per published version, the new one last."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    labels = [f"{p.logical_date[:10]} {p.version.rsplit('-', 1)[-1]}" for p in points]  # date + params hash
+    for ax, key in zip(axes, PRIMARY_KEYS, strict=True):
+        xs = [i for i, p in enumerate(points) if key in p.metrics]
+        ax.plot(xs, [points[i].metrics[key] for i in xs], marker="o", color=OTHER_COLOR)
+        if xs and xs[-1] == len(points) - 1:
+            ax.plot([xs[-1]], [points[-1].metrics[key]], marker="o", ms=9, color=RANKER_COLOR)
+        ax.set_xticks(range(len(points)), labels, rotation=35, ha="right", rotation_mode="anchor")
+        ax.set_title(f"ranker {LABELS[key]} by version (new version in blue)")
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+# --- tables --------------------------------------------------------------------------------------
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    """An HTML table; a column (other than the first) with one value in all of several rows is
+    stated once above the table instead."""
+    keep = list(range(len(header)))
+    constant: list[str] = []
+    if len(rows) > 1:
+        same = [j for j in keep[1:] if len({row[j] for row in rows}) == 1]
+        constant = [f"{header[j]} {rows[0][j]}" for j in same if rows[0][j]]
+        keep = [j for j in keep if j not in same]
+    head = "".join(f"<th>{html.escape(header[j])}</th>" for j in keep)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(row[j])}</td>" for j in keep) + "</tr>" for row in rows
+    )
+    note = f"<p class='note'>In every row: {html.escape('; '.join(constant))}.</p>" if constant else ""
+    return f"{note}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _metrics_rows(models: dict[str, dict[str, Any]], slice_name: str | None = None) -> list[list[str]]:
+def _ci_cell(m: Mapping[str, Any], key: str) -> str:
+    ci = m.get(f"{key}_ci95")
+    return f"{_num(m[key])} ({_interval(ci)})" if ci else _num(m[key])
+
+
+def _models_table(models: dict[str, dict[str, Any]]) -> str:
+    header = ["model", *(LABELS[k] for k in METRIC_KEYS), "NDCG@10 95% CI", "NDCG@10 std over seeds"]
+    header += ["users", "seeds"]
     rows = []
     for name in sorted(models, key=lambda n: -models[n]["ndcg@10"]):
-        m = models[name] if slice_name is None else models[name].get("slices", {}).get(slice_name)
-        if not m:
+        m = models[name]
+        row = [name, *(_num(m[k]) if k in m else "" for k in METRIC_KEYS)]
+        row.append(_interval(m["ndcg@10_ci95"]) if "ndcg@10_ci95" in m else "")
+        row.append(_num(m["ndcg@10_std"]) if "ndcg@10_std" in m else "")
+        rows.append([*row, str(m.get("users", "")), str(m.get("runs", ""))])
+    return _table(rows, header)
+
+
+def _segment_label(name: str) -> str:
+    return (
+        "cold target items (few interactions known)"
+        if name == COLD_ITEMS
+        else name.replace("history", "history length")
+    )
+
+
+def segments_table(models: dict[str, dict[str, Any]]) -> str:
+    """NDCG@10 and Recall@10 (95% intervals) of the ranker per slice, with the ablation and
+    popularity NDCG@10 beside; slices without users are left out."""
+    ranker = models.get(RANKER, {})
+    others = [name for name in (ABLATION, "popularity") if name in models]
+    header = ["segment", "users", "ranker NDCG@10 (95% CI)", "ranker Recall@10 (95% CI)"]
+    header += [f"{name} NDCG@10" for name in others]
+    rows = []
+    for name, m in ranker.get("slices", {}).items():
+        if not m.get("users"):
             continue
-        lo, hi = m.get("ndcg@10_ci95", [0.0, 0.0])
-        rows.append(
-            [name]
-            + [f"{m[k]:.4f}" if k in m else "" for k in METRIC_KEYS]
-            + [
-                f"{m.get('ndcg@10_std', 0.0):.4f}",
-                f"[{lo:.4f}, {hi:.4f}]",
-                str(m.get("users", "")),
-                str(m.get("runs", "")),
-            ]
-        )
-    return rows
+        row = [_segment_label(name), str(m["users"]), _ci_cell(m, "ndcg@10"), _ci_cell(m, "recall@10")]
+        row += [_num(models[o].get("slices", {}).get(name, {}).get("ndcg@10", 0.0)) for o in others]
+        rows.append(row)
+    return _table(rows, header) if rows else ""
 
 
-def build_report(results: dict[str, Any], title: str) -> str:
-    """The HTML page for ``results`` as returned by ``train.evaluate_stages`` (plus run fields)."""
-    models = results["models"]
-    header = ["model", *METRIC_KEYS, "NDCG@10 std (seeds)", "NDCG@10 95% CI", "users", "seeds"]
-    sections = [
-        f"<h1>{html.escape(title)}</h1>",
-        f"<p>protocol: <b>{html.escape(str(results.get('protocol', '')))}</b>; "
-        f"test users: {results.get('training', {}).get('test_users', '')}; "
-        f"{html.escape(str(results.get('dataset', results.get('windows', ''))))}</p>",
-        "<h2>Models</h2>",
-        _table(_metrics_rows(models), header),
-        f'<img alt="metrics" src="{metric_bars(models)}">',
-        "<h2>Cold-start slice (test items with few known interactions)</h2>",
-        _table(_metrics_rows(models, "cold_items"), header),
+def _run_summary(results: Mapping[str, Any]) -> str:
+    parts = []
+    if results.get("protocol"):
+        parts.append(f"protocol: <b>{html.escape(str(results['protocol']))}</b>")
+    test_users = results.get("training", {}).get("test_users")
+    if test_users is not None:
+        parts.append(f"{int(test_users)} test users")
+    dataset = results.get("dataset")
+    if isinstance(dataset, Mapping):
+        parts.append(", ".join(f"{int(v)} {html.escape(str(k))}" for k, v in dataset.items()))
+    window = results.get("windows", {}).get("test")
+    if window:
+        parts.append(f"test window {html.escape(str(window[0]))} to {html.escape(str(window[1]))}")
+    return f"<p>{'; '.join(parts)}.</p>" if parts else ""
+
+
+# --- publish sections ----------------------------------------------------------------------------
+
+
+def trend_section(trend: Trend) -> list[str]:
+    """The new version next to the bundle it replaces (with the difference), and over earlier versions."""
+    out = ["<h2>Against the published versions</h2>"]
+    new, old = trend.new, trend.replaces
+    if old is None:
+        out.append("<p>Nothing is promoted in this namespace yet: no bundle to compare against.</p>")
+    else:
+        keys = [k for k in PRIMARY_KEYS if k in new.metrics and k in old.metrics]
+        rows = [
+            [f"this version {new.version}", *(_num(new.metrics[k]) for k in keys)],
+            [f"replaced {old.version}", *(_num(old.metrics[k]) for k in keys)],
+            ["difference", *(_signed(new.metrics[k] - old.metrics[k]) for k in keys)],
+        ]
+        out += [
+            f"<p>Compared with the current bundle <b>{html.escape(old.version)}</b> (logical date "
+            f"{html.escape(old.logical_date)}), which this version replaces if it is promoted. Each version "
+            "is measured on its own test window; the quality gate compares both rankers on this run's test "
+            "data.</p>",
+            _table(rows, ["ranker", *(LABELS[k] for k in keys)]),
+        ]
+    if trend.previous:
+        points = [*trend.previous, new]
+        out += [
+            f"<p>{len(trend.previous)} earlier published version(s), oldest first.</p>",
+            f'<img alt="trend" src="{trend_lines(points)}">',
+        ]
+    else:
+        out.append("<p>No earlier version is published in this namespace: no trend yet.</p>")
+    return out
+
+
+def examples_section(examples: Sequence[Example]) -> list[str]:
+    """Recent history and recommendations with reasons per example user (what serving returns)."""
+    out = [
+        "<h2>Example recommendations</h2>",
+        "<p>What the serving code returns for a few users, from the least to the most active.</p>",
     ]
-    if results.get("comparisons"):
+    for ex in examples:
+        recent = ", ".join(f"“{t}”" for t in ex.history) or "none"
+        items = "".join(
+            f"<li>{html.escape(title)} <span class='reason'>({html.escape(reason)})</span></li>"
+            for title, reason in ex.recommendations
+        )
+        out += [
+            f"<h3>User {html.escape(ex.user_id)} ({ex.history_length} interactions: {html.escape(ex.segment)}; "
+            f"{html.escape(ex.strategy)})</h3>",
+            f"<p>Recently: {html.escape(recent)}</p>",
+            f"<ol>{items}</ol>",
+        ]
+    return out
+
+
+# --- the page ------------------------------------------------------------------------------------
+
+
+def build_report(
+    results: dict[str, Any],
+    title: str,
+    *,
+    trend: Trend | None = None,
+    examples: Sequence[Example] = (),
+) -> str:
+    """The HTML page for ``results`` as returned by ``train.evaluate_stages`` (plus run fields);
+    publish adds ``trend`` and ``examples``."""
+    models = results["models"]
+    comparisons = results.get("comparisons", {})
+    sections = [f"<h1>{html.escape(title)}</h1>", _run_summary(results)]
+    ablation = comparisons.get(f"{RANKER}_vs_{ABLATION}")
+    if ablation:
+        sentences = " ".join(ablation_sentence(ablation, key) for key in PRIMARY_KEYS if key in ablation)
+        sections += ["<h2>What the LLM features add</h2>", f"<p>{html.escape(sentences)}</p>"]
+    if trend is not None:
+        sections += trend_section(trend)
+    sections += ["<h2>Models</h2>", _models_table(models), f'<img alt="metrics" src="{metric_bars(models)}">']
+    segments = segments_table(models)
+    if segments:
+        sections += ["<h2>By segment</h2>", segments]
+    if examples:
+        sections += examples_section(examples)
+    if comparisons:
         sections += [
             "<h2>Gain of the ranker (paired over the same users)</h2>",
-            f'<img alt="gain" src="{gain_bars(results["comparisons"])}">',
+            f'<img alt="gain" src="{gain_bars(comparisons)}">',
         ]
     recall = results.get("candidate_recall", {}).get("test")
     if recall:
@@ -159,6 +391,7 @@ def build_report(results: dict[str, Any], title: str) -> str:
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #d0d7de;padding:4px 8px;"
         "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+        ".note,.reason{color:#57606a}"
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

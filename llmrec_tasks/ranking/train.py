@@ -59,7 +59,7 @@ def align_items(items: pd.DataFrame, item_ids: list[str]) -> pd.DataFrame:
 
 def run_train(cfg: RunConfig, validated: Validated, embedded: Embedded) -> Trained:
     """Production protocol end to end; writes the ranker, spec, metrics, report and serving stats."""
-    from llmrec_tasks.ranking.report import build_report
+    from llmrec_tasks.ranking.report import build_report, report_title
 
     started = time.monotonic()
     rcfg = cfg.ranker
@@ -88,7 +88,7 @@ def run_train(cfg: RunConfig, validated: Validated, embedded: Embedded) -> Train
     store.put_bytes(C.RANKER_MODEL, booster.model_to_string().encode())
     store.put_bytes(C.FEATURE_SPEC, json.dumps(spec, indent=2).encode())
     store.put_bytes(C.METRICS, json.dumps(results, indent=2, default=json_default).encode())
-    store.put_bytes(C.REPORT_HTML, build_report(results, title=f"llmrec ranker {validated.version}").encode())
+    store.put_bytes(C.REPORT_HTML, build_report(results, title=report_title(validated.version)).encode())
     _put_eval(store, test)
     log.info(
         "train done in %.0fs: ranker NDCG@10 %.4f vs popularity %.4f",

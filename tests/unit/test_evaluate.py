@@ -9,6 +9,8 @@ from llmrec_tasks.ranking.evaluate import (
     Targets,
     bootstrap_ci,
     coverage,
+    history_segment,
+    history_segments,
     hit_matrix,
     mrr,
     ndcg_at_k,
@@ -80,6 +82,39 @@ def test_summarize_runs_over_seeds_and_slices():
     assert result["runs"] == 2 and result["users"] == 4
     assert result["slices"]["cold"]["users"] == 2
     assert result["slices"]["cold"]["recall@10"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    ("length", "segment"),
+    [
+        (0, "history 0-4"),
+        (4, "history 0-4"),
+        (5, "history 5-19"),
+        (99, "history 20-99"),
+        (100, "history 100+"),
+    ],
+)
+def test_history_segment_ranges(length, segment):
+    assert history_segment(length) == segment
+
+
+def test_history_segments_split_the_users_by_history_length():
+    targets = Targets(np.array([0, 1, 3, 4, 5]), np.array([7, 1, 2, 3, 4]))  # user 1 has two targets
+    segments = history_segments(np.array([0, 7, 150, 30]), targets)
+    assert list(segments) == ["history 0-4", "history 5-19", "history 20-99", "history 100+"]
+    assert {name: s.counts.tolist() for name, s in segments.items()} == {
+        "history 0-4": [1, 0, 0, 0],
+        "history 5-19": [0, 2, 0, 0],
+        "history 20-99": [0, 0, 0, 1],
+        "history 100+": [0, 0, 1, 0],
+    }
+    assert segments["history 5-19"].items.tolist() == [1, 2]
+    ranked = np.array([[7, 9], [9, 9], [3, 9], [9, 9]])
+    sliced = summarize_runs([ranked], targets, 10, slices=segments, n_boot=20)["slices"]
+    assert sliced["history 0-4"]["recall@10"] == 1.0 and sliced["history 5-19"]["recall@10"] == 0.0
+    assert [sliced[name]["users"] for name in segments] == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="history lengths for 4 users"):
+        history_segments(np.array([1, 2]), targets)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -16,7 +17,7 @@ from llmrec_tasks.core.results import Published
 from llmrec_tasks.serving import recommender as serving
 from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.registry import current_key, manifest_key
-from llmrec_tasks.storage.store import open_store
+from llmrec_tasks.storage.store import open_store, split_uri
 from tests.bundle_factory import make_run, race, toy_scorer
 
 DAY1 = datetime(2024, 2, 1, tzinfo=UTC)
@@ -293,3 +294,50 @@ def test_racing_runs_lose_no_promotion(store_uri: str) -> None:
     pointer, _ = registry.read_pointer(open_store(store_uri), C.DEFAULT_NAMESPACE)
     versions = {r.version for r in results}
     assert {pointer["version"], pointer["history"][0]["version"]} == versions
+
+
+def test_published_report_holds_trend_and_examples_and_is_the_runs_report(store_uri: str) -> None:
+    import hashlib
+    import html
+
+    first = publish_run(store_uri, cutoff=DAY1, ndcg=0.30)
+    store = open_store(store_uri)
+    first_report = store.get_bytes(registry.bundle_key(C.DEFAULT_NAMESPACE, first.version, C.REPORT_HTML))
+    assert b"Nothing is promoted in this namespace yet" in first_report
+    assert b"no trend yet" in first_report
+
+    cfg, validated, embedded, indexed, trained = make_run(store_uri, cutoff=DAY2, seed=1, ndcg=0.32)
+    second = publish.run_publish(cfg, validated, embedded, indexed, trained)
+    key = registry.bundle_key(C.DEFAULT_NAMESPACE, second.version, C.REPORT_HTML)
+    report = store.get_bytes(key)
+    run_store, run_key = split_uri(trained.report_uri)
+    assert run_store.get_bytes(run_key) == report  # the run's report is the bundle's
+    manifest = registry.read_manifest(store, C.DEFAULT_NAMESPACE, second.version)
+    assert manifest["files"][C.REPORT_HTML]["sha256"] == hashlib.sha256(report).hexdigest()
+
+    page = report.decode()
+    assert f"Compared with the current bundle <b>{first.version}</b>" in page
+    assert "<tr><td>difference</td><td>+0.0200</td><td>+0.0200</td></tr>" in page
+    assert '<img alt="trend" src="data:image/png;base64,' in page and "1 earlier published version(s)" in page
+    assert "Without the LLM features NDCG@10 drops by 0.010" in page  # from the run's metrics.json
+    # The examples are what serving returns for those users, reasons included.
+    recommender = serving.Recommender(serving.load_bundle(store_uri, cfg.namespace, second.version))
+    users = re.findall(r"<h3>User (\S+) \(\d+ interactions", page)
+    assert len(users) == publish.EXAMPLE_USERS
+    for user in users:
+        for item in recommender.recommend(user_id=user, k=publish.EXAMPLE_K).items:
+            assert f"<li>{html.escape(item.title)} <span class='reason'>({html.escape(item.reason)})" in page
+
+
+def test_trend_lists_at_most_the_newest_versions(store_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(publish, "TREND_VERSIONS", 2)
+    published = [
+        publish_run(store_uri, cutoff=day, seed=i).version for i, day in enumerate((DAY1, DAY2, DAY3))
+    ]
+    new = publish._version_point(
+        "99990101T000000Z-ffffffff-ffffff", "9999-01-01", {"ranker": {"ndcg@10": 0.4}}
+    )
+    trend = publish.report_trend(open_store(store_uri), C.DEFAULT_NAMESPACE, new)
+    assert [p.version for p in trend.previous] == published[1:]
+    assert trend.replaces is not None and trend.replaces.version == current_version(store_uri)
+    assert trend.replaces.metrics == {"ndcg@10": pytest.approx(0.30), "recall@10": pytest.approx(0.40)}
