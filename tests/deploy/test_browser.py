@@ -113,6 +113,7 @@ def trigger_from_form(page, artifacts_dir: Path, namespace: str, attempts: int =
             field = dialog.locator("#element_namespace")
             assert field.input_value(timeout=10_000) == "production"
             field.fill(namespace, timeout=10_000)
+            dialog.get_by_text("Data source", exact=True).first.click(timeout=10_000)
             data = dialog.locator("#element_data_uri")
             assert data.input_value(timeout=5_000) == ""  # no default data source; its help says why
             dialog.get_by_text("Variable llmrec_data_uri", exact=False).first.wait_for(timeout=5_000)
