@@ -18,6 +18,7 @@ export TRANSFORMERS_OFFLINE := 1
 export OMP_WAIT_POLICY := PASSIVE
 DEMO_STORE := file://$(DEMO_DIR)/store
 DEMO_DATE ?= 2026-11-01
+DEMO_NAMESPACE := demo
 
 .PHONY: install system-deps demo test test-fast lint format clean
 
@@ -30,13 +31,22 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | $(QUIET_PIP)
 	touch $(STAMP)
 
-demo: install
-	@mkdir -p $(AIRFLOW_HOME)
-	$(BIN)/airflow db migrate > $(DEMO_DIR)/db-migrate.log 2>&1
-	$(BIN)/airflow dags test llmrec_daily $(DEMO_DATE) \
-		--conf '{"store_uri": "$(DEMO_STORE)", "namespace": "production"}' > $(DEMO_DIR)/dags-test.log 2>&1 \
-		|| { tail -n 60 $(DEMO_DIR)/dags-test.log; exit 1; }
-	@$(BIN)/llmrec summary --store $(DEMO_STORE) --namespace production
+# The demo runs the generated sample in its own namespace (the sample is refused in production).
+demo:
+	@echo "[1/3] install $(VENV) from requirements.txt (the first time: a few minutes)"
+	@$(MAKE) --no-print-directory -s install
+	@mkdir -p $(DEMO_DIR) $(AIRFLOW_HOME)
+	@echo "[2/3] airflow db migrate (log: $(DEMO_DIR)/db-migrate.log)"
+	@$(BIN)/airflow db migrate > $(DEMO_DIR)/db-migrate.log 2>&1 \
+		|| { tail -n 40 $(DEMO_DIR)/db-migrate.log; echo "full log: $(DEMO_DIR)/db-migrate.log"; exit 1; }
+	@echo "[3/3] airflow dags test llmrec_daily $(DEMO_DATE): data sample, namespace $(DEMO_NAMESPACE) (log: $(DEMO_DIR)/dags-test.log)"
+	@PYTHONUNBUFFERED=1 $(BIN)/airflow dags test llmrec_daily $(DEMO_DATE) \
+		--conf '{"data_uri": "sample", "namespace": "$(DEMO_NAMESPACE)", "store_uri": "$(DEMO_STORE)"}' 2>&1 \
+		| $(BIN)/llmrec demo-progress --log $(DEMO_DIR)/dags-test.log
+	@echo
+	@$(BIN)/llmrec summary --store $(DEMO_STORE) --namespace $(DEMO_NAMESPACE)
+	@echo
+	@$(BIN)/llmrec next-steps --store $(DEMO_STORE) --namespace $(DEMO_NAMESPACE)
 
 # The browser tests drive Debian's Chromium (Playwright cannot download its own browser here).
 system-deps:

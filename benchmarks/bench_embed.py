@@ -129,7 +129,8 @@ def incremental(n_items: int, fraction: float) -> None:
     changed_items, n_changed = change_texts(data.items, fraction)
     with tempfile.TemporaryDirectory() as tmp:
         store_uri = Path(tmp).as_uri()
-        cfg = RunConfig.from_dict({"store_uri": store_uri})
+        # The catalog is written as the run's snapshot below: data_uri is lineage only.
+        cfg = RunConfig.from_dict({"data_uri": "generated-catalog", "store_uri": store_uri})
         embed.encode_texts(["warm-up"], cfg.encoder)  # steady state: the worker's export cache is filled
         rows = []
         for version, items in (("full", data.items), ("incremental", changed_items)):

@@ -28,6 +28,11 @@ bundle and manifest URIs, metrics). `llmrec_serving_refresh` is scheduled on the
 A bundle that fails the gate (or `promote=false`) emits nothing; a rerun whose bundle is already
 current emits again (at least once: consumers are idempotent).
 
+**Data.** Empty `data_uri` = Variable `llmrec_data_uri`, else env `LLMREC_DATA_URI`; with none
+set the run fails at `config` with how to set one: there is no default data, so the schedule never
+trains on demo data. `sample` / `sample:SEED` (generated demo data) is refused in `production`:
+`make demo` runs it in namespace `demo`.
+
 **Store.** Empty `store_uri` = Variable `llmrec_store_uri`, else env `LLMREC_STORE_URI`, else
 `file://$AIRFLOW_HOME/llmrec-store`. `s3://` stores use the `aws_default` connection.
 

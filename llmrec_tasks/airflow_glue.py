@@ -3,7 +3,8 @@
 - building the run's :class:`RunConfig` from the DAG ``params``, the run's data interval and its
   ids (the cutoff comes from the run, never from the wall clock);
 - resolving the deployment's default store (Airflow Variable, then ``LLMREC_STORE_URI``, then a
-  folder under ``$AIRFLOW_HOME``) at run time, never at parse time;
+  folder under ``$AIRFLOW_HOME``) and data source (Airflow Variable, then ``LLMREC_DATA_URI``, no
+  default) at run time, never at parse time;
 - a stage's task body: XCom JSON in, typed results (``llmrec_tasks.core.results``) to the stage,
   JSON out;
 - the bundle Asset (one per namespace) and the metadata of its events.
@@ -34,6 +35,7 @@ from llmrec_tasks.core.results import (
     Trained,
     Validated,
 )
+from llmrec_tasks.core.settings import DATA_ENV, DATA_VARIABLE
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,26 @@ def default_store_uri(env: Mapping[str, str] | None = None) -> str:
     return (airflow_home(env) / STORE_FOLDER).resolve().as_uri()
 
 
+def _deployment_value(
+    explicit: str | None,
+    variable: str,
+    env_name: str,
+    variable_get: Callable[[str], str | None] | None,
+    env: Mapping[str, str],
+) -> str | None:
+    """The first non-blank of: the param, Airflow Variable ``variable``, ``$env_name``; else None."""
+    candidates = (
+        lambda: explicit,
+        lambda: variable_get(variable) if variable_get is not None else None,
+        lambda: env.get(env_name),
+    )
+    for candidate in candidates:  # lazily: the Variable is read only when the param is empty
+        value = candidate()
+        if value and value.strip():
+            return value.strip()
+    return None
+
+
 def resolve_store_uri(
     explicit: str | None,
     *,
@@ -94,16 +116,20 @@ def resolve_store_uri(
     """The run's store: the ``store_uri`` param, else Variable ``llmrec_store_uri``, else
     ``$LLMREC_STORE_URI``, else ``file://$AIRFLOW_HOME/llmrec-store``. Called at run time."""
     env = os.environ if env is None else env
-    if explicit and explicit.strip():
-        return explicit.strip()
-    if variable_get is not None:
-        value = variable_get(STORE_VARIABLE)
-        if value and value.strip():
-            return value.strip()
-    value = env.get(STORE_ENV, "")
-    if value.strip():
-        return value.strip()
-    return default_store_uri(env)
+    return _deployment_value(explicit, STORE_VARIABLE, STORE_ENV, variable_get, env) or default_store_uri(env)
+
+
+def resolve_data_uri(
+    explicit: str | None,
+    *,
+    variable_get: Callable[[str], str | None] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> str | None:
+    """The run's data source: the ``data_uri`` param, else Variable ``llmrec_data_uri``, else
+    ``$LLMREC_DATA_URI``; None when none is set (``RunConfig`` refuses the run then: there is no
+    default, so a schedule never trains on demo data). Called at run time."""
+    env = os.environ if env is None else env
+    return _deployment_value(explicit, DATA_VARIABLE, DATA_ENV, variable_get, env)
 
 
 def airflow_variable(key: str) -> str | None:
@@ -173,12 +199,14 @@ def build_run_config(
     variable_get: Callable[[str], str | None] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> RunConfig:
-    """``RunConfig`` of one run: the flat params, the resolved store, the run's cutoff and ids.
+    """``RunConfig`` of one run: the flat params, the resolved store and data source, the run's
+    cutoff and ids.
 
     Backfills must name an experiment namespace: they never write to production.
     """
     values = {k: v for k, v in dict(params).items() if k not in NON_CONFIG_PARAMS}
     values["store_uri"] = resolve_store_uri(values.get("store_uri"), variable_get=variable_get, env=env)
+    values["data_uri"] = resolve_data_uri(values.get("data_uri"), variable_get=variable_get, env=env)
     values.setdefault("namespace", DEFAULT_NAMESPACE)
     if run_type and str(run_type).lower().endswith("backfill") and values["namespace"] == DEFAULT_NAMESPACE:
         raise ConfigError(

@@ -6,18 +6,30 @@ import argparse
 import json
 import logging
 import os
+import re
+import shlex
 import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
+from llmrec_tasks.airflow_glue import STORE_ENV
 from llmrec_tasks.core.constants import DEFAULT_NAMESPACE, REPORT_HTML
 from llmrec_tasks.core.errors import LlmrecError
+from llmrec_tasks.core.settings import DATA_ENV, SAMPLE_DATA
 
-DEFAULT_STORE = os.environ.get("LLMREC_STORE_URI", Path("llmrec-store").resolve().as_uri())
+DEFAULT_STORE = os.environ.get(STORE_ENV, Path("llmrec-store").resolve().as_uri())
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="sample", help="input folder/URI, MovieLens folder, or 'sample'")
+    parser.add_argument(
+        "--data",
+        default=os.environ.get(DATA_ENV),
+        help=f"input folder/URI or MovieLens folder; required unless ${DATA_ENV} is set. "
+        f"'{SAMPLE_DATA}' (generated demo data) only with a --namespace other than {DEFAULT_NAMESPACE}",
+    )
     parser.add_argument("--store", default=DEFAULT_STORE, help="file:///path or s3://bucket/prefix")
     parser.add_argument("--namespace", default=DEFAULT_NAMESPACE)
     parser.add_argument("--cutoff", default=None, help="ISO datetime: ignore interactions after it")
@@ -94,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="write the generated demo dataset as contract CSVs")
     sample.add_argument("folder", type=Path)
     sample.add_argument("--seed", type=int, default=7)
+    progress = sub.add_parser(
+        "demo-progress",
+        help="filter `airflow dags test` output (stdin): one line per task, the full log to --log",
+    )
+    progress.add_argument("--log", type=Path, required=True, help="where the full output is written")
+    _store_args(
+        sub.add_parser("next-steps", help="after `make demo`: open the report, see it in Airflow, serve")
+    )
     return parser
 
 
@@ -112,16 +132,23 @@ def _bundle_command(args: argparse.Namespace) -> Any:
     return registry.gc(args.store, args.namespace, args.keep)
 
 
-def summary_text(store_uri: str, namespace: str) -> str:
-    """Human summary of the newest published version: where it is, whether it is current, metrics."""
+def _newest_bundle(store_uri: str, namespace: str) -> dict[str, Any]:
+    """The newest complete published version (``registry.list_versions`` row); BundleError if none."""
     from llmrec_tasks.core.errors import BundleError
     from llmrec_tasks.storage import registry
-    from llmrec_tasks.storage.store import open_store
 
     versions = [v for v in registry.list_versions(store_uri, namespace) if v["complete"]]
     if not versions:
         raise BundleError(f"no complete bundle in {store_uri} namespace {namespace!r}")
-    newest = max(versions, key=lambda v: (v["logical_date"], v["created_at"]))
+    return max(versions, key=lambda v: (v["logical_date"], v["created_at"]))
+
+
+def summary_text(store_uri: str, namespace: str) -> str:
+    """Human summary of the newest published version: where it is, whether it is current, metrics."""
+    from llmrec_tasks.storage import registry
+    from llmrec_tasks.storage.store import open_store
+
+    newest = _newest_bundle(store_uri, namespace)
     store = open_store(store_uri)
     version = newest["version"]
     manifest = registry.read_manifest(store, namespace, version)
@@ -137,6 +164,109 @@ def summary_text(store_uri: str, namespace: str) -> str:
         if isinstance(values, dict) and "ndcg@10" in values:
             lines.append(f"{model:<24}{values['ndcg@10']:>10.4f}{values['recall@10']:>11.4f}")
     return "\n".join(lines)
+
+
+# The environment `airflow standalone` needs to show the demo's run and store (the Makefile's).
+AIRFLOW_DEMO_ENV = (
+    "AIRFLOW_HOME",
+    "AIRFLOW__CORE__DAGS_FOLDER",
+    "AIRFLOW__CORE__PLUGINS_FOLDER",
+    "AIRFLOW__CORE__LOAD_EXAMPLES",
+    "HF_HUB_OFFLINE",
+)
+
+
+def next_steps_text(store_uri: str, namespace: str, env: Mapping[str, str] | None = None) -> str:
+    """What to do after ``make demo``: open the new bundle's HTML report, see the run in Airflow's
+    UI (same home, metadata DB and store as the demo), serve the bundle."""
+    from llmrec_tasks.core.errors import BundleError
+    from llmrec_tasks.storage import registry
+    from llmrec_tasks.storage.store import open_store
+
+    env = os.environ if env is None else env
+    newest = _newest_bundle(store_uri, namespace)
+    store = open_store(store_uri)
+    report_key = registry.bundle_key(namespace, newest["version"], REPORT_HTML)
+    if not store.exists(report_key):
+        raise BundleError(f"bundle {newest['version']} has no {REPORT_HTML} in {store_uri}")
+    bin_dir = Path(sys.executable).parent
+    airflow_env = [f"{key}={shlex.quote(env[key])}" for key in AIRFLOW_DEMO_ENV if key in env]
+    airflow = [*airflow_env, f"{STORE_ENV}={shlex.quote(store_uri)}", str(bin_dir / "airflow"), "standalone"]
+    where = f"--store {shlex.quote(store_uri)} --namespace {namespace}"
+    lines = [
+        "next steps",
+        f"  1. open the report: {store.uri_for(report_key)}",
+        "  2. see the run in Airflow: start it with the demo's settings, open http://localhost:8080",
+        "     (Browse > llmrec runs; `standalone` prints the admin password):",
+        f"       {' '.join(airflow)}",
+    ]
+    if not newest["current"]:
+        lines += [
+            f"  3. {newest['version']} is not current: promote it, then serve it:",
+            f"       {bin_dir / 'llmrec'} promote {newest['version']} {where}",
+        ]
+    else:
+        lines.append("  3. serve it (GET /recommendations/{user_id}?k=10, POST /recommendations):")
+    lines.append(f"       {bin_dir / 'llmrec'} serve {where}")
+    return "\n".join(lines)
+
+
+# `airflow dags test` (dag.test) logs these around every task instance it runs.
+_TASK_START = re.compile(r"\[DAG TEST\] starting task_id=(?P<task>\S+) map_index=(?P<index>-?\d+)")
+_TASK_END = re.compile(r"\[DAG TEST\] end task task_id=(?P<task>\S+) map_index=(?P<index>-?\d+)")
+_TASK_STATE = re.compile(r"Task instance state updated.* new_state=(?P<state>\w+)")
+_RUN_STATE = re.compile(r"Marking run <DagRun .*> (?P<state>successful|failed)")
+TAIL_LINES = 60
+
+
+def _clock_text(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes:2d}:{secs:02d}"
+
+
+def demo_progress(
+    lines: Iterable[str], log: TextIO, out: TextIO, clock: Callable[[], float] = time.monotonic
+) -> bool:
+    """Copy ``airflow dags test`` output to ``log`` and print one line per task as it starts and
+    ends, with the elapsed time; on failure print the log's tail. True when the DAG run succeeded."""
+    started = clock()
+    task_started: dict[str, float] = {}
+    state: str | None = None
+    run_state: str | None = None
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    for line in lines:
+        log.write(line)
+        tail.append(line)
+        now = clock()
+        if match := _TASK_START.search(line):
+            name = _task_name(match)
+            task_started[name], state = now, None
+            print(f"  [{_clock_text(now - started)}] {name:<18} started", file=out, flush=True)
+        elif match := _TASK_END.search(line):
+            name = _task_name(match)
+            took = now - task_started.pop(name, now)
+            print(
+                f"  [{_clock_text(now - started)}] {name:<18} {state or 'ended'} in {took:.1f}s",
+                file=out,
+                flush=True,
+            )
+        elif match := _TASK_STATE.search(line):
+            state = match["state"]
+        elif match := _RUN_STATE.search(line):
+            run_state = match["state"]
+    log.flush()
+    if run_state == "successful":
+        print(f"  [{_clock_text(clock() - started)}] DAG run succeeded", file=out)
+        return True
+    print(f"the DAG run {run_state or 'did not finish'}; the last {len(tail)} lines of its log:", file=out)
+    out.writelines(tail)
+    print(f"full log: {getattr(log, 'name', log)}", file=out, flush=True)
+    return False
+
+
+def _task_name(match: re.Match[str]) -> str:
+    """``task`` or ``task[i]`` for a mapped task instance."""
+    return match["task"] if match["index"] == "-1" else f"{match['task']}[{match['index']}]"
 
 
 def dispatch(args: argparse.Namespace) -> Any:
@@ -165,6 +295,14 @@ def dispatch(args: argparse.Namespace) -> Any:
         from llmrec_tasks.serving.api import serve
 
         serve(args.store, args.namespace, args.host, args.port)
+        return None
+    if args.command == "demo-progress":
+        with args.log.open("w") as log:
+            if not demo_progress(sys.stdin, log, sys.stdout):
+                raise LlmrecError(f"the demo's DAG run failed: see {args.log}")
+        return None
+    if args.command == "next-steps":
+        print(next_steps_text(args.store, args.namespace))
         return None
     if args.command == "sample":
         from llmrec_tasks.data.sample import write_sample

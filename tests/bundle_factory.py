@@ -26,7 +26,7 @@ from llmrec_tasks.core.config import RunConfig
 from llmrec_tasks.core.results import Embedded, Indexed, Trained, Validated
 from llmrec_tasks.storage.registry import make_version, run_prefix
 from llmrec_tasks.storage.store import PreconditionFailed, open_store
-from tests.stage_results import embedded_for, indexed_for
+from tests.stage_results import DATA_URI, embedded_for, indexed_for
 
 FEATURES = ["profile_sim", "log_popularity", "last_item_sim"]
 N_ITEMS = 60
@@ -161,6 +161,7 @@ def make_run(
     store_uri: str,
     *,
     namespace: str = C.DEFAULT_NAMESPACE,
+    data_uri: str = DATA_URI,
     cutoff: datetime = datetime(2024, 2, 1, tzinfo=UTC),
     seed: int = 0,
     ndcg: float = 0.30,
@@ -171,6 +172,7 @@ def make_run(
     import faiss
 
     cfg = RunConfig(
+        data_uri=data_uri,
         store_uri=store_uri,
         namespace=namespace,
         cutoff=cutoff,

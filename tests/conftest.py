@@ -1,4 +1,4 @@
-"""Shared fixtures: the generated sample, a temporary local store, the MovieLens folder, the toy
+"""Shared fixtures: the generated sample (in memory and as a folder), a temporary local store, the MovieLens folder, the toy
 ranker's features, and the ranking tests' chain data (tests.unit.ranking_data)."""
 
 from __future__ import annotations
@@ -44,6 +44,15 @@ def sample_data():
     from llmrec_tasks.data.contract import normalize, read_raw
 
     return normalize(read_raw("sample"))
+
+
+@pytest.fixture(scope="session")
+def sample_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generated sample as a folder of contract CSVs (what `llmrec sample` writes): configured
+    data, so a run may take it into the production namespace, where data `sample` is refused."""
+    from llmrec_tasks.data.sample import write_sample
+
+    return write_sample(tmp_path_factory.mktemp("sample-folder") / "data")
 
 
 @pytest.fixture

@@ -11,6 +11,9 @@ from typing import Any
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.results import Embedded, Indexed, Trained, Validated
 
+# The data source of configs whose stages read a snapshot written by the test: lineage only.
+DATA_URI = "/data/llmrec-test-input"
+
 
 def validated_for(work_uri: str, version: str = "v1") -> Validated:
     """The validate result of a run whose work folder (and snapshot) is ``work_uri``."""

@@ -16,10 +16,30 @@ from datetime import datetime
 from typing import Any
 
 from llmrec_tasks.core import settings
+from llmrec_tasks.core.constants import DEFAULT_NAMESPACE
 from llmrec_tasks.core.errors import ConfigError
 
 DEFAULT_ENCODER = settings.DEFAULT_ENCODER
 ENCODER_BACKENDS = settings.ENCODER_BACKENDS
+_DATA_SOURCES = (
+    f"the run's `data_uri` param (trigger form or --conf), the Airflow Variable "
+    f"`{settings.DATA_VARIABLE}` or the environment variable `{settings.DATA_ENV}` "
+    "(CLI: --data); a folder or s3:// prefix with items + interactions, or a MovieLens folder"
+)
+NO_DATA_MESSAGE = (
+    f"no data source configured: set {_DATA_SOURCES}. To try the generated demo data, run "
+    f"`make demo` (data `{settings.SAMPLE_DATA}`, namespace `{settings.DEMO_NAMESPACE}`)."
+)
+SAMPLE_IN_PRODUCTION_MESSAGE = (
+    f"data `{{data}}` is the generated demo data and never goes to the `{DEFAULT_NAMESPACE}` namespace: "
+    f"give real data through {_DATA_SOURCES}; or run the sample in another namespace, e.g. "
+    f"`{settings.DEMO_NAMESPACE}` as `make demo` does."
+)
+
+
+def is_sample_data(data_uri: str) -> bool:
+    """Whether ``data_uri`` names the generated demo dataset (``sample`` or ``sample:SEED``)."""
+    return data_uri == settings.SAMPLE_DATA or data_uri.startswith(settings.SAMPLE_DATA + ":")
 
 
 def validate_name(kind: str, value: str) -> str:
@@ -88,6 +108,9 @@ _RunSettings = _section_dataclass("run", "_RunSettings", "The run-level settings
 class RunConfig(_RunSettings):
     """Everything one pipeline run needs; identical params give identical version ids.
 
+    A run needs a data source (there is no default), and the generated sample never runs in the
+    production namespace.
+
     The run-level settings (``data_uri``, ``store_uri``, ``namespace``, ``gate_tolerance``,
     ``promote``) come from the settings table like the sections' fields.
     """
@@ -103,6 +126,10 @@ class RunConfig(_RunSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.data_uri is None or not self.data_uri.strip():
+            raise ConfigError(NO_DATA_MESSAGE)
+        if is_sample_data(self.data_uri) and self.namespace == DEFAULT_NAMESPACE:
+            raise ConfigError(SAMPLE_IN_PRODUCTION_MESSAGE.format(data=self.data_uri))
         if not self.store_uri:
             raise ConfigError("store_uri is empty: give file:///path or s3://bucket/prefix")
 

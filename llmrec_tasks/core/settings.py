@@ -35,6 +35,14 @@ GATE = "Quality gate"
 ADVANCED = "Advanced: data validation thresholds"
 FORM_SECTIONS = {"encoder": ENCODER, "index": INDEX, "ranker": RANKER, "validation": ADVANCED}
 
+# The deployment's data source when a run's `data_uri` is empty (resolved at run time, like the
+# store): Airflow Variable, else environment variable. There is no default: demo data is opt-in.
+DATA_VARIABLE = "llmrec_data_uri"
+DATA_ENV = "LLMREC_DATA_URI"
+# The generated demo dataset (`sample` or `sample:SEED`) and the namespace `make demo` runs it in.
+SAMPLE_DATA = "sample"
+DEMO_NAMESPACE = "demo"
+
 DEFAULT_ENCODER = "default"
 ENCODER_BACKENDS = ("onnx", "onnx-int8", "torch")
 # `$(?!\n)`: the end of the text, also under Python's `re`, whose `$` accepts a trailing newline.
@@ -200,11 +208,13 @@ TABLE: tuple[Setting, ...] = (
     Setting(
         "data_uri",
         str,
-        "sample",
+        None,
         "Input data",
-        "Folder or s3:// prefix with items + interactions (CSV or Parquet), a MovieLens "
-        "folder, or `sample` / `sample:SEED` for the generated demo data.",
-        min_length=1,
+        "Folder or s3:// prefix with items + interactions (CSV or Parquet), or a MovieLens "
+        f"folder. Empty: the deployment's source (Variable {DATA_VARIABLE}, else env {DATA_ENV}); "
+        "with none set the run is refused. `sample` / `sample:SEED` (generated demo data) is "
+        f"refused in `{DEFAULT_NAMESPACE}`: `make demo` runs it in namespace `{DEMO_NAMESPACE}`.",
+        nullable=True,
         form_section=DATA,
     ),
     Setting(

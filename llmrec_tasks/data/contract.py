@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.config import is_sample_data
 from llmrec_tasks.core.errors import DataContractError, StoreError
 from llmrec_tasks.data.dataset import Dataset
 from llmrec_tasks.data.sample import generate_sample
@@ -126,7 +127,7 @@ def _require_columns(frame: pd.DataFrame, required: tuple[str, ...], table: str,
 
 def read_raw(uri: str) -> Dataset:
     """Read the tables as they are (strings for CSV), contract columns renamed, nothing coerced."""
-    if uri == "sample" or uri.startswith("sample:"):
+    if is_sample_data(uri):
         seed = int(uri.split(":", 1)[1]) if ":" in uri else 7
         return generate_sample(seed=seed)
     try:

@@ -70,7 +70,7 @@ TASKS = {"config", "validate", "plan_shards", "embed_shard", "merge_shards", "in
 def test_wiring_with_stub_stages(tmp_path):
     """Fast check of the DAG's plumbing, independent of the ML stages."""
     store = (tmp_path / "store").as_uri()
-    conf = {"store_uri": store, "namespace": "wiring", "encoder_shards": 3}
+    conf = {"data_uri": "sample", "store_uri": store, "namespace": "wiring", "encoder_shards": 3}
     runs = run_dag(
         tmp_path,
         {

@@ -240,8 +240,10 @@ def test_params_cover_the_run_config(daily):
     assert set(daily.params) == expected
 
     values = daily.params.validate()
-    cfg = RunConfig.from_dict({**values, "store_uri": "file:///tmp/llmrec"})
-    assert cfg == RunConfig(store_uri="file:///tmp/llmrec")
+    assert values["data_uri"] is None  # no default data: resolved at run time, else refused
+    data = "s3://acme/llmrec-input"
+    cfg = RunConfig.from_dict({**values, "store_uri": "file:///tmp/llmrec", "data_uri": data})
+    assert cfg == RunConfig(data_uri=data, store_uri="file:///tmp/llmrec")
 
 
 def test_params_are_the_settings_table(scheduler_daily):
@@ -274,7 +276,7 @@ def test_params_are_the_settings_table(scheduler_daily):
         {"ranker_learning_rate": "fast"},
         {"gate_tolerance": 1.5},
         {"store_uri": "ftp://host/x"},
-        {"data_uri": ""},
+        {"data_uri": 7},
         {"promote": "maybe"},
         {"validation": {"ids_mostly": 2}},
         {"validation": {"no_such_threshold": 1}},

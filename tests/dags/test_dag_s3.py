@@ -16,12 +16,12 @@ from tests.dags.test_dag_e2e import run_dag
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-CONF = {"data_uri": "sample", "ranker_n_estimators": 60, "ranker_train_windows": 2}
+CONF = {"ranker_n_estimators": 60, "ranker_train_windows": 2}
 # Distinctive credentials (moto accepts any): none may appear in a log or a stored object.
 ACCESS_KEY, SECRET_KEY = "AKIALLMRECCANARY7Q2", "llmrec-canary-secret-5f0d9c"
 
 
-def test_dag_runs_publish_to_s3_promote_and_roll_back(tmp_path, s3_store_uri, moto_server):
+def test_dag_runs_publish_to_s3_promote_and_roll_back(tmp_path, s3_store_uri, moto_server, sample_folder):
     connection = {
         "conn_type": "aws",
         "login": ACCESS_KEY,
@@ -30,7 +30,7 @@ def test_dag_runs_publish_to_s3_promote_and_roll_back(tmp_path, s3_store_uri, mo
     }
     # Inside Airflow the endpoint and credentials come from the connection only.
     env = {"AIRFLOW_CONN_AWS_DEFAULT": json.dumps(connection), "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
-    conf = {**CONF, "store_uri": s3_store_uri}
+    conf = {**CONF, "data_uri": str(sample_folder), "store_uri": s3_store_uri}  # production: real data
     versions = []
     for day in ("2026-10-30T00:00:00+00:00", "2026-11-01T00:00:00+00:00"):
         folder = tmp_path / day[:10]

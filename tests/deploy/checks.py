@@ -21,11 +21,12 @@ FAST = {"ranker_n_estimators": 60, "ranker_early_stopping_rounds": 10}
 PRODUCTION_DATE = "2026-11-01T00:00:00Z"  # after the sample's last interaction
 
 
-def production_conf(store_uri: str, shards: int = 2) -> dict:
+def production_conf(store_uri: str, data: Path, shards: int = 2) -> dict:
     """The conf of the tests' production runs (LocalExecutor and Celery: same params but the
-    shard count, which is not a result parameter, so the same version id)."""
+    shard count, which is not a result parameter, so the same version id). ``data`` is the
+    ``sample_folder`` fixture: configured data (data ``sample`` is refused in production)."""
     return {
-        "data_uri": "sample",
+        "data_uri": str(data),
         "store_uri": store_uri,
         "namespace": "production",
         "encoder_shards": shards,

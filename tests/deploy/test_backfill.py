@@ -28,13 +28,19 @@ from tests.deploy.checks import (
 
 FROM_DATE, TO_DATE = "2026-10-20", "2026-10-22"  # inside the sample's time span: three cutoffs
 NAMESPACE = "exp-backfill-lr"
-CONF = {"namespace": NAMESPACE, "ranker_learning_rate": 0.1, "encoder_shards": 2, **FAST}
+CONF = {
+    "data_uri": "sample",
+    "namespace": NAMESPACE,
+    "ranker_learning_rate": 0.1,
+    "encoder_shards": 2,
+    **FAST,
+}
 
 
-def test_backfill_three_days_into_experiment_namespace(local_airflow, artifacts_dir):
+def test_backfill_three_days_into_experiment_namespace(local_airflow, artifacts_dir, sample_folder):
     dep = local_airflow
     if current_pointer(dep.store_uri, "production") is None:  # run alone: make a production first
-        run_and_wait(dep, production_conf(dep.store_uri), PRODUCTION_DATE)
+        run_and_wait(dep, production_conf(dep.store_uri, sample_folder), PRODUCTION_DATE)
     production_before = current_bytes(dep.store_uri, "production")
     production_versions = bundle_versions(dep.store_uri, "production")
     assert production_before is not None

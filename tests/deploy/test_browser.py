@@ -99,7 +99,7 @@ def shot(page, artifacts_dir: Path, name: str) -> Path:
 
 
 def trigger_from_form(page, artifacts_dir: Path, namespace: str, attempts: int = 3) -> None:
-    """Open the trigger form, expand its Namespace section, set the namespace, submit.
+    """Open the trigger form, expand its Namespace section, set the namespace and the data, submit.
 
     The DAG page re-renders when the DAG is re-parsed or runs change state, and that can close an
     open modal: then reload and start again. A form the UI refuses to submit fails at once."""
@@ -113,14 +113,18 @@ def trigger_from_form(page, artifacts_dir: Path, namespace: str, attempts: int =
             field = dialog.locator("#element_namespace")
             assert field.input_value(timeout=10_000) == "production"
             field.fill(namespace, timeout=10_000)
-            assert dialog.locator("#element_data_uri").input_value(timeout=5_000) == "sample"
+            dialog.get_by_text("Data source", exact=True).first.click(timeout=10_000)
+            data = dialog.locator("#element_data_uri")
+            assert data.input_value(timeout=5_000) == ""  # no default data source; its help says why
+            dialog.get_by_text("Variable llmrec_data_uri", exact=False).first.wait_for(timeout=5_000)
+            data.fill("sample", timeout=10_000)
             shot(page, artifacts_dir, "02-trigger-form")
             submit = dialog.get_by_role("button", name="Trigger", exact=True)
             if not submit.is_enabled(timeout=5_000):
                 dialog.get_by_text("Data source", exact=True).click()
                 shot(page, artifacts_dir, "02-trigger-form-invalid")
                 pytest.fail(
-                    "the trigger form cannot be submitted with its defaults (only the namespace changed); "
+                    "the trigger form cannot be submitted with its defaults (only namespace and data set); "
                     "see browser-02-trigger-form-invalid.png for the field the UI marks invalid"
                 )
             submit.click(timeout=5_000)
@@ -168,7 +172,7 @@ def test_find_dag_and_trigger_from_form(page, local_airflow, artifacts_dir):
     )
     assert new_run["run_type"] == "manual", new_run
     assert new_run["conf"]["namespace"] == BROWSER_NAMESPACE, new_run["conf"]
-    assert new_run["conf"]["data_uri"] == "sample", new_run["conf"]
+    assert new_run["conf"]["data_uri"] == "sample", new_run["conf"]  # entered in the form
     shot(page, artifacts_dir, "03-triggered")
 
     # The UI shows the run with the conf from the form.
@@ -188,10 +192,12 @@ def test_find_dag_and_trigger_from_form(page, local_airflow, artifacts_dir):
     )
 
 
-def test_plugin_page_shows_versions_metrics_gate_and_report(page, local_airflow, artifacts_dir):
+def test_plugin_page_shows_versions_metrics_gate_and_report(
+    page, local_airflow, artifacts_dir, sample_folder
+):
     dep = local_airflow
     if current_pointer(dep.store_uri, "production") is None:  # run alone: publish one first
-        run_and_wait(dep, production_conf(dep.store_uri), PRODUCTION_DATE)
+        run_and_wait(dep, production_conf(dep.store_uri, sample_folder), PRODUCTION_DATE)
     current = current_pointer(dep.store_uri, "production")["version"]
 
     page.goto("/dags", wait_until="networkidle")

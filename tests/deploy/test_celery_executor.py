@@ -40,9 +40,11 @@ def _bundle_arrays(store_uri: str, namespace: str, version: str) -> tuple[list[s
     return json.loads((folder / "item_ids.json").read_text()), np.load(folder / "embeddings.npy")
 
 
-def test_celery_mapped_shards_run_in_parallel_and_merge_deterministically(celery_airflow, results):
+def test_celery_mapped_shards_run_in_parallel_and_merge_deterministically(
+    celery_airflow, results, sample_folder
+):
     dep = celery_airflow
-    conf = production_conf(dep.store_uri, shards=SHARDS)
+    conf = production_conf(dep.store_uri, sample_folder, shards=SHARDS)
     run, tis = run_and_wait(dep, conf, logical_date=PRODUCTION_DATE, timeout=480)
     run_id = run["dag_run_id"]
 

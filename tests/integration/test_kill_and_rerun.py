@@ -21,14 +21,14 @@ pytestmark = pytest.mark.slow
 CUTOFF = "2026-11-01T00:00:00+00:00"
 
 
-def llmrec(store_uri: str) -> list[str]:
+def llmrec(store_uri: str, data: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
         "llmrec_tasks.cli",
         "run",
         "--data",
-        "sample",
+        str(data),  # the sample as contract CSVs: `sample` itself is refused in production
         "--store",
         store_uri,
         "--cutoff",
@@ -40,9 +40,9 @@ def llmrec(store_uri: str) -> list[str]:
     ]
 
 
-def test_killed_run_is_completed_by_a_rerun(tmp_path: Path, store_uri: str) -> None:
+def test_killed_run_is_completed_by_a_rerun(tmp_path: Path, store_uri: str, sample_folder: Path) -> None:
     store = Path(store_uri.removeprefix("file://"))
-    proc = subprocess.Popen(llmrec(store_uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(llmrec(store_uri, sample_folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 600
     # Kill it once the embeddings exist: mid-way between embed and publish.
     while not list(store.glob("production/runs/*/stages/embed.json")):
@@ -54,7 +54,7 @@ def test_killed_run_is_completed_by_a_rerun(tmp_path: Path, store_uri: str) -> N
     assert not (store / "production" / "current.json").exists()
     assert not list(store.glob("production/bundles/*/manifest.json"))
 
-    rerun = subprocess.run(llmrec(store_uri), capture_output=True, text=True, timeout=900)
+    rerun = subprocess.run(llmrec(store_uri, sample_folder), capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     result = json.loads(rerun.stdout)["publish"]
     assert result["promoted"] is True, result["reason"]

@@ -22,6 +22,7 @@ from tests.stage_results import embedded_for, validated_for
 use_test_airflow_home()
 
 CUTOFF = datetime(2026, 10, 2, tzinfo=UTC)
+DATA = "s3://acme-data/llmrec"  # configured data: the config never reads it
 
 
 # --- store ---------------------------------------------------------------------------------------
@@ -45,6 +46,26 @@ def test_store_variable_then_env_then_airflow_home(tmp_path):
     assert glue.resolve_store_uri(None, variable_get=lambda k: None, env=env) == "s3://env/x"
     assert glue.resolve_store_uri("", variable_get=lambda k: "  ", env={"AIRFLOW_HOME": str(tmp_path)}) == (
         (tmp_path / "llmrec-store").as_uri()
+    )
+
+
+def test_data_param_then_variable_then_env_and_no_default():
+    env = {glue.DATA_ENV: " s3://env/data ", "AIRFLOW_HOME": "/opt/airflow"}
+    seen = []
+
+    def variable(key):
+        seen.append(key)
+        return "s3://var/data"
+
+    assert glue.resolve_data_uri(" /data/p ", variable_get=variable, env=env) == "/data/p"
+    assert seen == []  # the param wins without reading the Variable
+    assert glue.resolve_data_uri("", variable_get=variable, env=env) == "s3://var/data"
+    assert seen == [glue.DATA_VARIABLE] == ["llmrec_data_uri"]
+    assert glue.resolve_data_uri(None, variable_get=lambda k: "  ", env=env) == "s3://env/data"
+    assert glue.DATA_ENV == "LLMREC_DATA_URI"
+    # Unlike the store, there is no fallback: no sample, no folder under AIRFLOW_HOME.
+    assert (
+        glue.resolve_data_uri(None, variable_get=lambda k: None, env={"AIRFLOW_HOME": "/opt/airflow"}) is None
     )
 
 
@@ -96,8 +117,27 @@ def build(params, **kw):
     kw.setdefault("cutoff", CUTOFF)
     kw.setdefault("dag_id", glue.DAG_ID)
     kw.setdefault("run_id", "scheduled__2026-10-02T00:00:00+00:00")
-    kw.setdefault("env", {"AIRFLOW_HOME": "/opt/airflow"})
+    kw.setdefault("env", {"AIRFLOW_HOME": "/opt/airflow", glue.DATA_ENV: DATA})
     return glue.build_run_config(params, **kw)
+
+
+def test_a_run_without_a_data_source_is_refused_with_how_to_configure_one():
+    with pytest.raises(ConfigError, match="no data source configured") as caught:
+        build({"namespace": "exp-a"}, variable_get=lambda k: None, env={"AIRFLOW_HOME": "/opt/airflow"})
+    assert "Variable `llmrec_data_uri`" in str(caught.value) and "`make demo`" in str(caught.value)
+    assert build({}).data_uri == DATA
+    assert build({"data_uri": "/data/param"}).data_uri == "/data/param"
+
+
+def test_the_sample_is_refused_in_production_whichever_way_it_is_configured():
+    """A Variable or environment set to `sample` is refused in production like the param."""
+    demo_env = {"AIRFLOW_HOME": "/opt/airflow", glue.DATA_ENV: "sample"}
+    assert build({"namespace": "demo"}, env=demo_env).data_uri == "sample"
+    for kw in ({"env": demo_env}, {"variable_get": {glue.DATA_VARIABLE: "sample:3"}.get}):
+        with pytest.raises(ConfigError, match="generated demo data and never goes to the `production`"):
+            build({}, **kw)
+    with pytest.raises(ConfigError, match="generated demo data"):
+        build({"data_uri": "sample"}, run_type="scheduled")
 
 
 def test_build_run_config_from_flat_params():
@@ -151,7 +191,8 @@ def test_backfill_into_production_is_refused():
 
 def test_config_from_context(monkeypatch, tmp_path):
     monkeypatch.setenv(glue.STORE_ENV, (tmp_path / "store").as_uri())
-    monkeypatch.setattr(glue, "airflow_variable", lambda key: None)
+    monkeypatch.delenv(glue.DATA_ENV, raising=False)
+    monkeypatch.setattr(glue, "airflow_variable", {glue.DATA_VARIABLE: DATA}.get)
     dag_run = SimpleNamespace(
         dag_id=glue.DAG_ID,
         run_id="manual__x",
@@ -169,7 +210,13 @@ def test_config_from_context(monkeypatch, tmp_path):
     assert config["cutoff"] == "2026-11-01T09:00:00+00:00"
     assert config["store_uri"] == (tmp_path / "store").as_uri()
     assert config["run_id"] == "manual__x" and config["namespace"] == "exp-ctx"
+    assert config["data_uri"] == DATA  # from the Variable, read at run time
     json.dumps(config)  # XCom-able
+
+    monkeypatch.setattr(glue, "airflow_variable", lambda key: None)
+    with pytest.raises(ConfigError, match="no data source configured"):
+        glue.config_from_context(context)
+    monkeypatch.setattr(glue, "airflow_variable", {glue.DATA_VARIABLE: DATA}.get)
 
     dag_run.run_type = SimpleNamespace(value="backfill")
     context["params"] = {}
@@ -410,4 +457,4 @@ def test_wait_for_serving_times_out():
 
 def test_run_config_defaults_match_dataclass():
     """Guard for the DAG params' defaults: RunConfig defaults are what the form shows."""
-    assert build({}).encoder == RunConfig(store_uri="file:///x").encoder
+    assert build({}).encoder == RunConfig(data_uri=DATA, store_uri="file:///x").encoder

@@ -1,8 +1,25 @@
+import io
+import itertools
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
+from llmrec_tasks import cli, publish
 from llmrec_tasks.cli import build_parser, main
+from tests.bundle_factory import make_run
+
+# `airflow dags test llmrec_daily` output captured from `make demo` (trimmed): a run that succeeded
+# and one refused at `config` (no data source).
+LOGS = Path(__file__).with_name("demo_logs")
+TASKS = ["config", "validate", "plan_shards", "embed_shard[0]", "merge_shards", "index", "train", "publish"]
+
+
+def ticking_clock():
+    """One second per call: the filter reads the clock once at start and once per line."""
+    ticks = itertools.count()
+    return lambda: float(next(ticks))
 
 
 def test_every_stage_and_operation_has_a_command():
@@ -51,3 +68,96 @@ def test_stage_without_validated_run_says_what_to_do(tmp_path, capsys):
 def test_unknown_command_is_a_usage_error():
     with pytest.raises(SystemExit):
         main(["frobnicate"])
+
+
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_run_and_validate_need_a_data_source(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LLMREC_DATA_URI", raising=False)
+    assert main([command, "--store", tmp_path.as_uri()]) == 2
+    err = capsys.readouterr().err
+    assert "no data source configured" in err and "--data" in err and "`make demo`" in err
+    assert not (tmp_path / "production").exists()  # refused before anything is written
+
+
+def test_data_source_from_the_environment_and_the_flag_wins(monkeypatch):
+    monkeypatch.setenv("LLMREC_DATA_URI", "/data/env")
+    assert build_parser().parse_args(["validate"]).data == "/data/env"
+    assert build_parser().parse_args(["run", "--data", "/data/flag"]).data == "/data/flag"
+
+
+def test_the_sample_is_refused_in_production_from_the_cli_too(tmp_path, capsys):
+    assert main(["validate", "--data", "sample", "--store", tmp_path.as_uri()]) == 2
+    err = capsys.readouterr().err
+    assert "data `sample` is the generated demo data" in err and "namespace, e.g. `demo`" in err
+    assert not (tmp_path / "production").exists()
+
+
+def test_demo_progress_prints_each_task_as_it_starts_and_ends_and_keeps_the_full_log():
+    text = (LOGS / "dags-test-success.log").read_text()
+    log, out = io.StringIO(), io.StringIO()
+    assert cli.demo_progress(text.splitlines(keepends=True), log, out, clock=ticking_clock()) is True
+    assert log.getvalue() == text
+    lines = out.getvalue().splitlines()
+    assert [line.split()[2] for line in lines if line.endswith(" started")] == TASKS
+    assert [line.split()[2] for line in lines if " success in " in line] == TASKS
+    # Line 2 of the log starts `config` (clock 2 s), line 8 ends it.
+    assert lines[:2] == [
+        "  [ 0:02] config             started",
+        "  [ 0:08] config             success in 6.0s",
+    ]
+    assert len(text.splitlines()) == 60 and lines[-1] == "  [ 1:01] DAG run succeeded"
+    assert "Done. Returned value" not in out.getvalue()  # the log's noise stays in the log
+
+
+def test_demo_progress_on_failure_shows_the_failed_task_the_tail_and_where_the_log_is(tmp_path):
+    text = (LOGS / "dags-test-failed.log").read_text()
+    out = io.StringIO()
+    with (tmp_path / "dags-test.log").open("w") as log:
+        assert cli.demo_progress(text.splitlines(keepends=True), log, out, clock=ticking_clock()) is False
+    printed = out.getvalue()
+    assert (tmp_path / "dags-test.log").read_text() == text
+    assert "] config             failed in " in printed
+    assert f"the DAG run failed; the last {cli.TAIL_LINES} lines of its log:" in printed
+    assert "ConfigError: no data source configured" in printed  # the cause, from the tail
+    assert printed.rstrip().endswith(f"full log: {tmp_path / 'dags-test.log'}")
+
+
+def test_demo_progress_without_a_finished_run_is_a_failure():
+    """Airflow died before the run ended (import error, killed): not a success."""
+    lines = (LOGS / "dags-test-success.log").read_text().splitlines(keepends=True)[:10]
+    out = io.StringIO()
+    assert cli.demo_progress(lines, io.StringIO(), out, clock=ticking_clock()) is False
+    assert "the DAG run did not finish; the last 10 lines" in out.getvalue()
+
+
+def test_demo_progress_command_exits_non_zero_on_a_failed_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO((LOGS / "dags-test-failed.log").read_text()))
+    assert main(["demo-progress", "--log", str(tmp_path / "dags-test.log")]) == 2
+    captured = capsys.readouterr()
+    assert "config             failed" in captured.out
+    assert f"the demo's DAG run failed: see {tmp_path / 'dags-test.log'}" in captured.err
+
+
+@pytest.mark.usefixtures("toy_ranker_features")
+def test_next_steps_name_the_report_airflow_and_serving(store_uri, tmp_path, capsys):
+    published = publish.run_publish(*make_run(store_uri, namespace="demo"))
+    env = {"AIRFLOW_HOME": str(tmp_path / "airflow home"), "AIRFLOW__CORE__DAGS_FOLDER": "/src/dags"}
+    text = cli.next_steps_text(store_uri, "demo", env=env)
+    report = next(line.split(": ", 1)[1] for line in text.splitlines() if "open the report" in line)
+    assert report.startswith("file://") and report.endswith(f"/demo/bundles/{published.version}/report.html")
+    assert Path(report.removeprefix("file://")).is_file()
+    assert f"AIRFLOW_HOME='{tmp_path / 'airflow home'}' AIRFLOW__CORE__DAGS_FOLDER=/src/dags" in text
+    assert f"LLMREC_STORE_URI={store_uri} " in text and text.count("airflow standalone") == 1
+    assert text.splitlines()[-1].endswith(f"llmrec serve --store {store_uri} --namespace demo")
+    assert "promote" not in text  # the first bundle is current
+
+    assert main(["next-steps", "--store", store_uri, "--namespace", "exp-none"]) == 2
+    assert "no complete bundle" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("toy_ranker_features")
+def test_next_steps_say_to_promote_a_bundle_that_is_not_current(store_uri):
+    published = publish.run_publish(*make_run(store_uri, namespace="demo", promote=False))
+    text = cli.next_steps_text(store_uri, "demo", env={})
+    assert f"{published.version} is not current" in text
+    assert f"llmrec promote {published.version} --store {store_uri} --namespace demo" in text

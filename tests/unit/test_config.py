@@ -5,10 +5,14 @@ import pytest
 from llmrec_tasks.core.config import EncoderConfig, RankerConfig, RunConfig, validate_name
 from llmrec_tasks.core.errors import ConfigError
 
+# Configured data (a folder): the config never reads it.
+DATA = "/data/llmrec-input"
+
 
 def test_from_dict_maps_flat_keys_and_json_types():
     cfg = RunConfig.from_dict(
         {
+            "data_uri": DATA,
             "store_uri": "file:///tmp/s",
             "encoder_max_length": 64.0,
             "ranker_learning_rate": 0.1,
@@ -35,7 +39,11 @@ def test_from_dict_maps_flat_keys_and_json_types():
         ({"store_uri": "file:///x", "namespace": "prod\n"}, "invalid namespace"),
         ({"store_uri": ""}, "store_uri is empty"),
         ({"store_uri": "ftp://host/x"}, "invalid store_uri"),
-        ({"store_uri": "file:///x", "data_uri": ""}, "data_uri must have at least 1 character"),
+        ({"store_uri": "file:///x", "data_uri": ""}, "no data source configured"),
+        ({"store_uri": "file:///x", "data_uri": "  "}, "no data source configured"),
+        ({"store_uri": "file:///x", "data_uri": None}, "no data source configured"),
+        ({"store_uri": "file:///x", "data_uri": "sample"}, "never goes to the `production` namespace"),
+        ({"store_uri": "file:///x", "data_uri": "sample:3"}, "never goes to the `production` namespace"),
         ({"store_uri": "file:///x", "encoder_model": ""}, "encoder_model must have at least 1 character"),
         ({"store_uri": "file:///x", "encoder_backend": "tpu"}, "encoder_backend must be one of"),
         ({"store_uri": "file:///x", "index_kind": "lsh"}, "index_kind must be one of"),
@@ -62,15 +70,36 @@ def test_from_dict_maps_flat_keys_and_json_types():
 )
 def test_invalid_values_are_refused_with_a_message(values, message):
     with pytest.raises(ConfigError, match=message):
-        RunConfig.from_dict(values)
+        RunConfig.from_dict({"data_uri": DATA, **values})
+
+
+def test_a_run_without_data_says_how_to_configure_it_and_how_to_try_the_demo():
+    with pytest.raises(ConfigError) as caught:
+        RunConfig(store_uri="file:///x")
+    message = str(caught.value)
+    for part in ("`data_uri` param", "Variable `llmrec_data_uri`", "`LLMREC_DATA_URI`", "--data"):
+        assert part in message
+    assert "`make demo` (data `sample`, namespace `demo`)" in message
+
+
+def test_the_sample_runs_outside_production_only():
+    for data in ("sample", "sample:11"):
+        assert RunConfig(data_uri=data, namespace="demo", store_uri="file:///x").data_uri == data
+        with pytest.raises(ConfigError) as caught:
+            RunConfig(data_uri=data, store_uri="file:///x")
+        message = str(caught.value)
+        assert f"data `{data}` is the generated demo data" in message
+        assert "Variable `llmrec_data_uri`" in message and "namespace, e.g. `demo`" in message
+    # Only the sample's own names: a folder called "samples" is real data.
+    assert RunConfig(data_uri="samples", store_uri="file:///x").namespace == "production"
 
 
 def test_one_user_per_window_is_a_valid_bound():
     """The form's minimum was 100 while the config allowed 1: one bound now, 1."""
-    cfg = RunConfig.from_dict({"store_uri": "file:///x", "ranker_max_users_per_window": 1})
+    cfg = RunConfig.from_dict({"data_uri": DATA, "store_uri": "file:///x", "ranker_max_users_per_window": 1})
     assert cfg.ranker.max_users_per_window == 1
     with pytest.raises(ConfigError, match="ranker_max_users_per_window must be in"):
-        RunConfig.from_dict({"store_uri": "file:///x", "ranker_max_users_per_window": 0})
+        RunConfig.from_dict({"data_uri": DATA, "store_uri": "file:///x", "ranker_max_users_per_window": 0})
 
 
 def test_section_dataclasses_check_their_values():
@@ -82,15 +111,19 @@ def test_section_dataclasses_check_their_values():
 
 
 def test_params_hash_ignores_lineage_and_shards_but_not_results():
-    base = RunConfig.from_dict({"store_uri": "file:///a"})
-    same = RunConfig.from_dict({"store_uri": "s3://b/c", "run_id": "x", "encoder_shards": 4})
-    other = RunConfig.from_dict({"store_uri": "file:///a", "ranker_num_leaves": 31})
+    base = RunConfig.from_dict({"data_uri": DATA, "store_uri": "file:///a"})
+    same = RunConfig.from_dict(
+        {"data_uri": DATA, "store_uri": "s3://b/c", "run_id": "x", "encoder_shards": 4}
+    )
+    other = RunConfig.from_dict({"data_uri": DATA, "store_uri": "file:///a", "ranker_num_leaves": 31})
     assert base.params_hash() == same.params_hash()
     assert base.params_hash() != other.params_hash()
 
 
 def test_round_trip_through_dict():
-    cfg = RunConfig.from_dict({"store_uri": "file:///a", "cutoff": "2026-03-01T00:00:00+00:00"})
+    cfg = RunConfig.from_dict(
+        {"data_uri": DATA, "store_uri": "file:///a", "cutoff": "2026-03-01T00:00:00+00:00"}
+    )
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
 
 

@@ -17,7 +17,7 @@ from llmrec_tasks.data.contract import Dataset, write_snapshot
 from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.store import open_store
 from llmrec_tasks.text import embed, onnx_encoder
-from tests.stage_results import validated_for
+from tests.stage_results import DATA_URI, validated_for
 
 TEXTS = [
     "Distant Nebula I. A story about astronauts exploring a distant planet. Categories: Space",
@@ -165,7 +165,7 @@ def _items(
 def _run(
     store_uri: str, version: str, data: Dataset, **encoder: object
 ) -> tuple[RunConfig, Validated, Embedded]:
-    cfg = RunConfig.from_dict({"store_uri": store_uri, "encoder": encoder})
+    cfg = RunConfig.from_dict({"data_uri": DATA_URI, "store_uri": store_uri, "encoder": encoder})
     store = open_store(store_uri)
     prefix = registry.run_prefix(cfg.namespace, version)
     write_snapshot(data, store, prefix)

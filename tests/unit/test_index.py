@@ -15,7 +15,7 @@ from llmrec_tasks.core.errors import ConfigError, IndexRecallError
 from llmrec_tasks.core.results import Embedded, Validated
 from llmrec_tasks.retrieval import index as ix
 from llmrec_tasks.storage.store import open_store
-from tests.stage_results import embedded_for, validated_for
+from tests.stage_results import DATA_URI, embedded_for, validated_for
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,9 @@ def test_approximate_index_is_tuned_to_the_recall_floor(store_uri, kind):
 
     vectors = clustered(4000, 32, 20)
     validated, embedded = _work(store_uri, vectors)
-    cfg = RunConfig.from_dict({"store_uri": store_uri, "index_kind": kind, "index_recall_floor": 0.95})
+    cfg = RunConfig.from_dict(
+        {"data_uri": DATA_URI, "store_uri": store_uri, "index_kind": kind, "index_recall_floor": 0.95}
+    )
     result = ix.run_index(cfg, validated, embedded)
     assert result.kind == kind and result.recall_at_10 >= 0.95
     assert result.recall_query_source == "user_profiles" and result.recall_queries == 300
@@ -120,7 +122,9 @@ def test_approximate_index_is_tuned_to_the_recall_floor(store_uri, kind):
 def test_pq_codes_alone_miss_the_floor_that_the_exact_rerank_reaches(store_uri):
     vectors = clustered(4000, 32, 20)
     validated, embedded = _work(store_uri, vectors)
-    cfg = RunConfig.from_dict({"store_uri": store_uri, "index_kind": "ivfpq", "index_recall_floor": 0.95})
+    cfg = RunConfig.from_dict(
+        {"data_uri": DATA_URI, "store_uri": store_uri, "index_kind": "ivfpq", "index_recall_floor": 0.95}
+    )
     result = ix.run_index(cfg, validated, embedded)
     assert result.refine_factor > 1
     assert all(t["recall"] < 0.95 for t in result.tuning if t["refine_factor"] == 1)
@@ -139,7 +143,9 @@ def test_rerank_orders_the_shortlist_by_exact_score_and_keeps_padding_last():
 def test_flat_index_is_exact(store_uri):
     vectors = clustered(500, 16, 5)
     validated, embedded = _work(store_uri, vectors)
-    result = ix.run_index(RunConfig.from_dict({"store_uri": store_uri}), validated, embedded)
+    result = ix.run_index(
+        RunConfig.from_dict({"data_uri": DATA_URI, "store_uri": store_uri}), validated, embedded
+    )
     assert result.kind == "flat" and result.recall_at_10 == 1.0
     index = ix.load_index(open_store(validated.work_uri).get_bytes(C.FAISS_INDEX), result.to_json())
     _, ids = index.search(vectors[:3], 1)
@@ -149,7 +155,9 @@ def test_flat_index_is_exact(store_uri):
 def test_missing_the_recall_floor_fails_the_build(store_uri):
     vectors = clustered(3000, 32, 20)
     validated, embedded = _work(store_uri, vectors)
-    cfg = RunConfig.from_dict({"store_uri": store_uri, "index_kind": "ivfsq8", "index_recall_floor": 1.0})
+    cfg = RunConfig.from_dict(
+        {"data_uri": DATA_URI, "store_uri": store_uri, "index_kind": "ivfsq8", "index_recall_floor": 1.0}
+    )
     with pytest.raises(IndexRecallError, match="recall@10"):
         ix.run_index(cfg, validated, embedded)
     store = open_store(validated.work_uri)

@@ -93,7 +93,7 @@ def test_bundle_holds_exactly_the_allow_list_and_evaluation_features_stay_in_the
 
 
 def test_folders_of_the_run_are_copied_and_the_input_is_not(store_uri: str) -> None:
-    cfg, *results = make_run(store_uri, data_uri="sample")
+    cfg, *results = make_run(store_uri, namespace="demo", data_uri="sample")
     validated, embedded, indexed, trained = results
     manifest, written = publish.write_bundle(cfg, validated, embedded, indexed, trained)
     assert written

@@ -23,6 +23,7 @@ from llmrec_tasks.core.config import (
 from llmrec_tasks.core.errors import ConfigError
 
 STORE = "file:///tmp/llmrec-settings"
+DATA = "/data/llmrec-settings"  # configured data: the config never reads it
 SECTION_CLASSES = {
     "encoder": EncoderConfig,
     "index": IndexConfig,
@@ -35,6 +36,7 @@ PARTNERS = {
     "ranker_per_source": {"ranker_num_candidates": 5000},
     "validation_min_weight": {"validation_max_weight": 1e300},
     "validation_max_weight": {"validation_min_weight": -1e300},
+    "data_uri": {"namespace": "demo"},  # the sample is refused in production only
 }
 TEXTS = [
     "",
@@ -97,7 +99,9 @@ def config_accepts(s: settings.Setting, value, nested: bool = True) -> bool:
     with ``nested=False``, as the CLI does (flat ``validation_*`` keys)."""
     if s.key == "store_uri" and value in (None, ""):
         value = STORE  # empty: the deployment default, which airflow_glue resolves at run time
-    conf: dict = {"store_uri": STORE, **PARTNERS.get(s.key, {})}
+    if s.key == "data_uri" and (value is None or (isinstance(value, str) and not value.strip())):
+        value = DATA  # empty: the deployment's source (Variable, env), which airflow_glue resolves
+    conf: dict = {"store_uri": STORE, "data_uri": DATA, **PARTNERS.get(s.key, {})}
     if s.section in settings.OBJECT_PARAMS and nested:
         conf[s.section] = {s.name: value}
     else:
@@ -143,16 +147,17 @@ def test_values_at_the_bounds_pass_and_beyond_them_fail():
 def test_config_refuses_numbers_json_cannot_carry(value):
     """NaN and infinities are not JSON: the form never sends them, the config refuses them."""
     with pytest.raises(ConfigError, match="finite number"):
-        RunConfig.from_dict({"store_uri": STORE, "ranker_eval_days": value})
+        RunConfig.from_dict({"store_uri": STORE, "data_uri": DATA, "ranker_eval_days": value})
 
 
 def test_default_config_params_hash_is_pinned():
     """Version ids of published bundles depend on it: the defaults must not drift.
 
-    Changed on purpose once, when the ranking core's fixed numbers became ``ranker_*`` settings."""
-    assert RunConfig(store_uri=STORE).params_hash() == "feb60257c4"
-    cfg = RunConfig.from_dict({"store_uri": STORE, "cutoff": "2026-01-02T00:00:00Z"})
-    assert cfg.params_hash() == "4a6e8a6ada"
+    Changed on purpose twice: when the ranking core's fixed numbers became ``ranker_*`` settings, and
+    when ``data_uri`` lost its default (``sample``): a run names its data, here a folder."""
+    assert RunConfig(data_uri=DATA, store_uri=STORE).params_hash() == "dff6f6071c"
+    cfg = RunConfig.from_dict({"data_uri": DATA, "store_uri": STORE, "cutoff": "2026-01-02T00:00:00Z"})
+    assert cfg.params_hash() == "3727bb519c"
 
 
 def test_dataclass_fields_and_defaults_are_the_table():
@@ -183,7 +188,7 @@ def test_run_level_settings_need_a_form_section():
 
 def cli_config(*sets: str) -> RunConfig:
     args = cli.build_parser().parse_args(
-        ["validate", "--store", STORE, *(a for s in sets for a in ("--set", s))]
+        ["validate", "--data", DATA, "--store", STORE, *(a for s in sets for a in ("--set", s))]
     )
     return cli._config(args)
 
@@ -216,7 +221,7 @@ def test_set_parses_text_to_the_settings_types():
 def test_set_refuses_bad_values_with_the_configs_message(text, value):
     key = text.partition("=")[0]
     with pytest.raises(ConfigError) as from_config:
-        RunConfig.from_dict({"store_uri": STORE, key: value})
+        RunConfig.from_dict({"store_uri": STORE, "data_uri": DATA, key: value})
     with pytest.raises(ConfigError) as from_cli:
         cli_config(text)
     assert str(from_cli.value) == str(from_config.value)

@@ -32,7 +32,7 @@ from llmrec_tasks.ranking.ranker import (
 from llmrec_tasks.ranking.sources import CandidateParams, generate_candidates
 from llmrec_tasks.ranking.train import run_train
 from llmrec_tasks.storage.store import open_store
-from tests.stage_results import embedded_for, validated_for
+from tests.stage_results import DATA_URI, embedded_for, validated_for
 from tests.unit.ranking_data import embeddings, items_frame
 
 MODELS = {"ranker", "ranker_no_llm", "popularity", "itemknn", "ease", "semantic", "covis"}
@@ -58,7 +58,7 @@ def trained(tmp_path_factory, sample_data):
     work.put_bytes(C.EMBEDDINGS, buf.getvalue())
     work.put_bytes(C.ITEM_IDS, json.dumps(sample_data.items[C.ITEM_ID].tolist()).encode())
     embedded = embedded_for(work.uri, len(sample_data.items), 32)
-    cfg = RunConfig(store_uri=root.as_uri())
+    cfg = RunConfig(data_uri=DATA_URI, store_uri=root.as_uri())
     result = run_train(cfg, validated_for(work.uri), embedded)
     return work, result
 
@@ -251,6 +251,8 @@ def test_ranking_numbers_come_from_the_run_settings():
     assert candidate_params(rcfg).faiss_last_items == 5
     assert ContextParams.from_config(RankerConfig()) == ContextParams()
     assert RankerParams.from_config(RankerConfig()) == RankerParams()
-    base = RunConfig(store_uri="file:///tmp/x")
-    changed = RunConfig.from_dict({"store_uri": "file:///tmp/x", "ranker_ease_lambda": 50.0})
+    base = RunConfig(data_uri=DATA_URI, store_uri="file:///tmp/x")
+    changed = RunConfig.from_dict(
+        {"data_uri": DATA_URI, "store_uri": "file:///tmp/x", "ranker_ease_lambda": 50.0}
+    )
     assert base.params_hash() != changed.params_hash()

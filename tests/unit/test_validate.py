@@ -17,6 +17,7 @@ from llmrec_tasks.data.sample import write_sample
 from llmrec_tasks.data.validate import format_failures, run_validate
 from llmrec_tasks.storage.registry import bundle_prefix, current_key
 from llmrec_tasks.storage.store import open_store
+from tests.stage_results import DATA_URI
 
 
 def read_json(uri: str) -> dict:
@@ -32,7 +33,7 @@ def publish_stats(store_uri: str, stats_uri: str, version: str = "20260101T00000
 
 
 def test_sample_passes_and_writes_snapshot_report_and_stats(store_uri, sample_data):
-    result = run_validate(RunConfig(data_uri="sample", store_uri=store_uri))
+    result = run_validate(RunConfig(data_uri="sample", namespace="demo", store_uri=store_uri))
 
     assert result.version.startswith("20261028T000000Z-")
     assert result.counts == {"items": 720, "interactions": len(sample_data.interactions), "users": 400}
@@ -49,11 +50,11 @@ def test_sample_passes_and_writes_snapshot_report_and_stats(store_uri, sample_da
     docs = Path(result.data_docs_uri.removeprefix("file://")) / "index.html"
     assert "interactions" in docs.read_text()
     assert list(docs.parent.glob("validations/interactions/**/*.html"))
-    assert result.work_uri.endswith(f"/production/runs/{result.version}")
+    assert result.work_uri.endswith(f"/demo/runs/{result.version}")
 
 
 def test_same_input_and_params_give_the_same_version(store_uri):
-    cfg = RunConfig(data_uri="sample", store_uri=store_uri)
+    cfg = RunConfig(data_uri="sample", namespace="demo", store_uri=store_uri)
     first, second = run_validate(cfg), run_validate(cfg)
     assert first.version == second.version
     # A rerun replaces the earlier attempt's Data Docs instead of piling them up.
@@ -81,10 +82,10 @@ def test_previous_stats_enable_volume_and_drift_checks(tmp_path, store_uri):
     }
 
 
-def test_unusable_current_pointer_only_skips_drift_checks(store_uri):
+def test_unusable_current_pointer_only_skips_drift_checks(store_uri, sample_folder):
     store = open_store(store_uri)
     store.put_bytes(current_key(C.DEFAULT_NAMESPACE), b"{not json")
-    result = run_validate(RunConfig(data_uri="sample", store_uri=store_uri))
+    result = run_validate(RunConfig(data_uri=str(sample_folder), store_uri=store_uri))
     summary = read_json(result.validation_uri)
     assert summary["success"] and "no usable statistics" in summary["notes"][0]
 
@@ -115,9 +116,13 @@ def test_thresholds_come_from_config(tmp_path, store_uri):
 
 def test_validation_config_is_checked_and_not_part_of_the_version():
     with pytest.raises(ConfigError, match="orphans_mostly"):
-        RunConfig.from_dict({"store_uri": "file:///x", "validation": {"orphans_mostly": 2}})
-    strict = RunConfig(store_uri="file:///x")
-    relaxed = RunConfig.from_dict({"store_uri": "file:///x", "validation_orphans_mostly": 0.5})
+        RunConfig.from_dict(
+            {"data_uri": DATA_URI, "store_uri": "file:///x", "validation": {"orphans_mostly": 2}}
+        )
+    strict = RunConfig(data_uri=DATA_URI, store_uri="file:///x")
+    relaxed = RunConfig.from_dict(
+        {"data_uri": DATA_URI, "store_uri": "file:///x", "validation_orphans_mostly": 0.5}
+    )
     assert relaxed.validation.orphans_mostly == 0.5
     assert strict.params_hash() == relaxed.params_hash()
 
@@ -160,8 +165,8 @@ def test_movielens_validates_quickly(movielens_dir, store_uri):
 
 
 @pytest.mark.integration
-def test_validate_against_s3_reads_previous_stats_and_writes_the_report(s3_store_uri):
-    cfg = RunConfig(data_uri="sample", store_uri=s3_store_uri)
+def test_validate_against_s3_reads_previous_stats_and_writes_the_report(s3_store_uri, sample_folder):
+    cfg = RunConfig(data_uri=str(sample_folder), store_uri=s3_store_uri)
     first = run_validate(cfg)
     store = open_store(s3_store_uri)
     version = "20260101T000000Z-feedbeef-abcdef"
