@@ -33,7 +33,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 # The demo runs the generated sample in its own namespace (the sample is refused in production).
 demo:
-	@echo "[1/3] install $(VENV) from requirements.txt (the first time: a few minutes)"
+	@echo "[1/3] install $(VENV) from requirements-dev.txt (the first time: a few minutes)"
 	@$(MAKE) --no-print-directory -s install
 	@mkdir -p $(DEMO_DIR) $(AIRFLOW_HOME)
 	@echo "[2/3] airflow db migrate (log: $(DEMO_DIR)/db-migrate.log)"
