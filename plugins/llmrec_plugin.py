@@ -32,9 +32,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -85,8 +84,9 @@ def open_plugin_store(store_uri: str) -> Any:
 # --- the stores the plugin knows -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class KnownStore:
+# NamedTuples, not dataclasses: a dataclass needs its module in sys.modules, and loaders of this
+# file (tests, tools) do not always register it there.
+class KnownStore(NamedTuple):
     key: str
     uri: str
     sources: tuple[str, ...]  # "default", "variable", "runs", "events"
@@ -96,8 +96,7 @@ class KnownStore:
         return {"key": self.key, "uri": self.uri, "sources": list(self.sources), "default": self.default}
 
 
-@dataclass(frozen=True)
-class StoreSources:
+class StoreSources(NamedTuple):
     """What the plugin learned about stores: the default, then each source's URIs (newest first)."""
 
     default: str

@@ -139,6 +139,14 @@ def get(app, url: str, headers: dict[str, str] | None = None, root_path: str = "
     return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
 
 
+def test_plugin_loads_without_being_registered_in_sys_modules():
+    """As ``tests/dags/test_dag_e2e.py`` and other tools load it (no ``sys.modules`` entry)."""
+    spec = importlib.util.spec_from_file_location("llmrec_plugin_unregistered", PLUGINS / "llmrec_plugin.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.known_stores(module.StoreSources(default="file:///a"))
+
+
 def test_plugin_registration(plugin):
     from airflow.api_fastapi.app import RESERVED_URL_PREFIXES
     from airflow.api_fastapi.core_api.datamodels.plugins import ExternalViewResponse
