@@ -23,8 +23,10 @@ Tasks pass URIs and small result dicts through XCom; data stays in the store.
 date, or the trigger time when there is none). The same date, data and params give the same
 version id, so reruns and cleared tasks rebuild the same version and overwrite nothing published.
 
-**Asset.** A promoted bundle emits an event on `llmrec://bundles/<namespace>` (metadata: version,
-bundle and manifest URIs, metrics). `llmrec_serving_refresh` is scheduled on the production one.
+**Asset.** A promoted bundle emits an event on its store's and namespace's asset,
+`llmrec://bundles/<store key>/<namespace>` (the store key: a slug of the store URI and a short hash),
+through the alias `llmrec_promoted_bundles` (metadata: version, store, bundle and manifest URIs,
+metrics). `llmrec_serving_refresh` runs on the alias and serves the default store's production one.
 A bundle that fails the gate (or `promote=false`) emits nothing; a rerun whose bundle is already
 current emits again (at least once: consumers are idempotent).
 

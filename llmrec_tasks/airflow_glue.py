@@ -7,7 +7,8 @@
   default) at run time, never at parse time;
 - a stage's task body: XCom JSON in, typed results (``llmrec_tasks.core.results``) to the stage,
   JSON out;
-- the bundle Asset (one per namespace) and the metadata of its events.
+- the bundle Asset (one per store and namespace, ``llmrec://bundles/<store key>/<namespace>``),
+  the metadata of its events and the serving refresh's choice among them.
 
 Importing this module is cheap (standard library and ``llmrec_tasks.core`` only): DAG files import
 it at parse time. Airflow itself is imported inside the functions that need it.
@@ -15,12 +16,16 @@ it at parse time. Airflow itself is imported inside the functions that need it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import posixpath
+import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from llmrec_tasks.core.config import RunConfig
 from llmrec_tasks.core.constants import DEFAULT_NAMESPACE
@@ -48,9 +53,14 @@ STORE_FOLDER = "llmrec-store"
 SERVING_URL_VARIABLE = "llmrec_serving_url"
 SERVING_URL_ENV = "LLMREC_SERVING_URL"
 # The asset alias the publish task emits through; the concrete asset is chosen at run time
-# (one per namespace) and only when the bundle was promoted.
+# (one per store and namespace) and only when the bundle was promoted.
 BUNDLE_ALIAS = "llmrec_promoted_bundles"
 BUNDLE_ASSET_SCHEME = "llmrec"
+# store_key(): a slug of at most this many characters, then this many hex digits of a SHA-256.
+STORE_SLUG_CHARS = 24
+STORE_HASH_CHARS = 8
+# The UI plugin lists these stores too: a JSON list of store URIs or comma-separated URIs.
+STORES_VARIABLE = "llmrec_stores"
 # Params that are not RunConfig fields (none today; kept for forward compatibility).
 NON_CONFIG_PARAMS: frozenset[str] = frozenset()
 # Retrying cannot fix these: the run fails at once with the stage's message.
@@ -152,6 +162,24 @@ def plugin_store_uri() -> str:
         return Variable.get(key, default_var=None)
 
     return resolve_store_uri(None, variable_get=core_variable)
+
+
+def parse_store_list(value: str | None) -> list[str]:
+    """The store URIs of Variable ``llmrec_stores``: a JSON list (``["s3://a/x", "file:///b"]``)
+    or comma-separated URIs (``s3://a/x, file:///b``); blanks are dropped. A value starting
+    with ``[`` that is not a JSON list of strings is a ``ConfigError`` saying so."""
+    import json
+
+    text = (value or "").strip()
+    if not text.startswith("["):
+        return [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        items = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"Variable {STORES_VARIABLE} is not valid JSON ({exc}): {text[:200]!r}") from exc
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ConfigError(f"Variable {STORES_VARIABLE} must be a JSON list of store URIs: {text[:200]!r}")
+    return [item.strip() for item in items if item.strip()]
 
 
 def s3_client_from_connection(store_uri: str, conn_id: str = AWS_CONN_ID) -> Any:
@@ -292,22 +320,66 @@ def publish_task(
 # --- the bundle asset ----------------------------------------------------------------------------
 
 
-def bundle_asset_uri(namespace: str = DEFAULT_NAMESPACE) -> str:
-    return f"{BUNDLE_ASSET_SCHEME}://bundles/{namespace}"
+def normalize_store_uri(uri: str) -> str:
+    """One spelling per store: scheme in lower case, no trailing ``/``, ``file://`` paths
+    normalized (``.``, ``..``, ``//``) and plain absolute paths as ``file://`` URIs (``open_store``
+    reads them the same way). S3 keys are case-sensitive and ``a//b`` is another prefix: only
+    the trailing ``/`` goes."""
+    value = uri.strip()
+    if value.startswith("/"):
+        value = Path(posixpath.normpath(value)).as_uri()
+    parsed = urlsplit(value)
+    scheme = parsed.scheme.lower()
+    path = parsed.path
+    if scheme == "file":
+        path = posixpath.normpath(path) if path else "/"
+    path = path.rstrip("/")
+    if not scheme:
+        return path or value
+    return f"{scheme}://{parsed.netloc}{path}"
 
 
-def bundle_asset_name(namespace: str = DEFAULT_NAMESPACE) -> str:
-    return f"llmrec_bundle_{namespace}"
+def store_key(store_uri: str) -> str:
+    """Short, stable, URI-safe id of a store: ``<scheme>-<last path segment or bucket>-<hash>``,
+    e.g. ``file-llmrec-store-1a2b3c4d`` or ``s3-models-9f8e7d6c``.
+
+    The readable part is a slug (lower-case ``[a-z0-9-]``, at most 24 characters); the hash is the
+    first 8 hex digits of the SHA-256 of :func:`normalize_store_uri`, so two spellings of one store
+    share a key and two stores with the same folder name do not. Asset URIs and names and the UI
+    plugin's ``?store=`` use it.
+    """
+    normalized = normalize_store_uri(store_uri)
+    parsed = urlsplit(normalized)
+    last = parsed.path.rstrip("/").rpartition("/")[2] or parsed.netloc
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{parsed.scheme or 'path'}-{last}".lower()).strip("-")
+    slug = slug[:STORE_SLUG_CHARS].rstrip("-")
+    digest = hashlib.sha256(normalized.encode()).hexdigest()[:STORE_HASH_CHARS]
+    return f"{slug}-{digest}"
 
 
-def bundle_asset(namespace: str = DEFAULT_NAMESPACE) -> Any:
-    """The Asset a namespace's promoted bundles update (``llmrec://bundles/<namespace>``)."""
+def bundle_asset_uri(store_uri: str, namespace: str = DEFAULT_NAMESPACE) -> str:
+    """``llmrec://bundles/<store key>/<namespace>``: one asset per store and namespace."""
+    return f"{BUNDLE_ASSET_SCHEME}://bundles/{store_key(store_uri)}/{namespace}"
+
+
+def bundle_asset_name(store_uri: str, namespace: str = DEFAULT_NAMESPACE) -> str:
+    """``llmrec_bundle_<store key>_<namespace>`` (the URI's parts, in its order)."""
+    return f"llmrec_bundle_{store_key(store_uri)}_{namespace}"
+
+
+def bundle_asset(store_uri: str, namespace: str = DEFAULT_NAMESPACE) -> Any:
+    """The Asset a store's namespace's promoted bundles update (see :func:`bundle_asset_uri`)."""
     from airflow.sdk import Asset
 
-    return Asset(name=bundle_asset_name(namespace), uri=bundle_asset_uri(namespace), group="llmrec")
+    return Asset(
+        name=bundle_asset_name(store_uri, namespace),
+        uri=bundle_asset_uri(store_uri, namespace),
+        group="llmrec",
+    )
 
 
 def bundle_alias() -> Any:
+    """The alias every bundle event goes through; ``llmrec_serving_refresh`` is scheduled on it."""
     from airflow.sdk import AssetAlias
 
     return AssetAlias(name=BUNDLE_ALIAS, group="llmrec")
@@ -340,8 +412,9 @@ def emit_bundle_event(outlet_events: Any, cfg: RunConfig, published: Published) 
     if extra is None:
         log.info("bundle %s not promoted (%s): no asset event", published.version, published.reason)
         return None
-    outlet_events[bundle_alias()].add(bundle_asset(extra["namespace"]), extra=extra)
-    log.info("asset event %s: version %s", bundle_asset_uri(extra["namespace"]), extra["version"])
+    asset = bundle_asset(cfg.store_uri, extra["namespace"])
+    outlet_events[bundle_alias()].add(asset, extra=extra)
+    log.info("asset event %s (store %s): version %s", asset.uri, cfg.store_uri, extra["version"])
     return extra
 
 
@@ -371,18 +444,61 @@ def after_publish(
     return emit_bundle_event(outlet_events, cfg, published)
 
 
-def triggering_bundle_event(
-    triggering_asset_events: Any, namespace: str = DEFAULT_NAMESPACE
-) -> dict[str, Any]:
-    """The latest bundle event that triggered a serving refresh run (its metadata)."""
-    events = list(triggering_asset_events[bundle_asset(namespace)]) if triggering_asset_events else []
+def serving_bundle_event(
+    triggering_asset_events: Any, store_uri: str, namespace: str = DEFAULT_NAMESPACE
+) -> dict[str, Any] | None:
+    """Metadata of the latest event of ``store_uri``'s ``namespace`` bundle among the bundle
+    events that triggered this run; None when every one of them is another store's or
+    namespace's (each is logged).
+
+    The serving refresh is scheduled on the alias every bundle event goes through (its parse
+    cannot read the Variable naming the store), so it is triggered by all of them and picks its
+    own by asset URI here. Raises ``ConfigError`` when the run has no bundle event at all (a
+    manual trigger).
+    """
+    wanted = bundle_asset_uri(store_uri, namespace)
+    events = list(triggering_asset_events.get(bundle_alias(), ())) if triggering_asset_events else []
     if not events:
         raise ConfigError(
-            f"this run was not triggered by a {bundle_asset_uri(namespace)} event: trigger "
-            f"{SERVING_DAG_ID} through the asset (or pass version in the run conf)"
+            f"this run was not triggered by a bundle event: {SERVING_DAG_ID} runs when {DAG_ID} "
+            f"promotes a bundle (asset {wanted}); trigger it through that asset"
         )
-    latest = max(events, key=lambda e: e.timestamp)
+    ours = []
+    for event in events:
+        if event.asset.uri == wanted:
+            ours.append(event)
+        else:
+            extra = event.extra or {}
+            log.info(
+                "ignoring asset event %s (store %s, namespace %s, version %s): this refresh follows %s",
+                event.asset.uri,
+                extra.get("store_uri"),
+                extra.get("namespace"),
+                extra.get("version"),
+                wanted,
+            )
+    if not ours:
+        return None
+    latest = max(ours, key=lambda e: e.timestamp)
     return dict(latest.extra or {})
+
+
+def serving_refresh_task(triggering_asset_events: Any) -> dict[str, Any]:
+    """Body of the serving refresh: the deployment's default store (resolved now: Variable
+    ``llmrec_store_uri``, ``$LLMREC_STORE_URI``, the ``$AIRFLOW_HOME`` folder) and its production
+    bundle's latest event, then :func:`refresh_serving`. Skips (``AirflowSkipException``) a run
+    that only other stores or namespaces triggered."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    store_uri = resolve_store_uri(None, variable_get=airflow_variable)
+    event = serving_bundle_event(triggering_asset_events, store_uri)
+    if event is None:
+        raise AirflowSkipException(
+            f"no {bundle_asset_uri(store_uri)} event among the triggering bundle events (only other "
+            f"stores or namespaces, see above): serving follows the production bundle of the default "
+            f"store {store_uri}"
+        )
+    return refresh_serving(event)
 
 
 def metric_summary(metrics: Mapping[str, Any]) -> dict[str, Any]:

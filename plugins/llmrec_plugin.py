@@ -8,9 +8,21 @@ manifests, ``current.json`` and the run's ``stages/publish.json`` that the DAG's
 records), so the page also shows bundles published from the CLI.
 
 Pages and the JSON API require the Airflow login (the UI's JWT cookie or a bearer token) and read
-permission on the ``llmrec_daily`` DAG's runs. The store is the deployment default (Variable
-``llmrec_store_uri``, env ``LLMREC_STORE_URI``, else ``$AIRFLOW_HOME/llmrec-store``); an ``s3://``
-store is read with the ``aws_default`` connection.
+permission on the ``llmrec_daily`` DAG's runs. An ``s3://`` store is read with the ``aws_default``
+connection.
+
+Stores: the plugin lists the stores it knows, each under its store key (``store_key`` in
+``llmrec_tasks.airflow_glue``, e.g. ``file-llmrec-store-1a2b3c4d``, also part of the bundle Asset
+URIs):
+
+- the deployment default (Variable ``llmrec_store_uri``, env ``LLMREC_STORE_URI``, else
+  ``$AIRFLOW_HOME/llmrec-store``), shown when no store is selected;
+- the Variable ``llmrec_stores``: a JSON list of store URIs or comma-separated URIs;
+- the ``store_uri`` of the newest 200 ``llmrec_daily`` runs' confs and of the newest 200 bundle
+  asset events, read from Airflow's metadata DB (the plugin runs in the api-server).
+
+The list is cached for 30 s. Pages and the API take ``?store=<key>``; an unknown key is a 404: the
+plugin opens only the stores it knows, never a URI from the request. ``GET /api/stores`` lists them.
 """
 
 from __future__ import annotations
@@ -19,9 +31,9 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -37,6 +49,10 @@ log = logging.getLogger(__name__)
 URL_PREFIX = "/llmrec"
 MAX_VERSIONS = 200
 NAMESPACE_TTL_S = 30.0
+STORES_TTL_S = 30.0
+RECENT_RUNS = 200  # the newest llmrec_daily runs whose conf may name a store
+RECENT_EVENTS = 200  # the newest bundle asset events (their metadata names the store)
+STORE_SCHEMES = ("file", "s3")  # what open_store reads; other URIs seen in confs are not listed
 TEMPLATES = Path(__file__).resolve().parent / "llmrec_templates"
 # The report is generated HTML: render it without scripts, forms or same-origin access, so nothing
 # in it can act with the viewer's Airflow session.
@@ -51,19 +67,130 @@ REPORT_HEADERS = {
 # --- reading the store ---------------------------------------------------------------------------
 
 
-def open_plugin_store(store_uri: str | None = None) -> Any:
-    """The deployment's store, through the ``aws_default`` connection for ``s3://``."""
-    from llmrec_tasks.airflow_glue import plugin_store_uri, s3_client_from_connection
+def open_plugin_store(store_uri: str) -> Any:
+    """A known store, through the ``aws_default`` connection for ``s3://``."""
+    from llmrec_tasks.airflow_glue import s3_client_from_connection
     from llmrec_tasks.storage.store import open_store
 
-    uri = store_uri or plugin_store_uri()
     client = None
-    if uri.startswith("s3://"):
+    if store_uri.startswith("s3://"):
         try:
-            client = s3_client_from_connection(uri)
+            client = s3_client_from_connection(store_uri)
         except Exception as exc:  # no connection defined: the standard AWS environment applies
             log.warning("aws_default connection not usable (%s): using the AWS environment", exc)
-    return open_store(uri, s3_client=client)
+    return open_store(store_uri, s3_client=client)
+
+
+# --- the stores the plugin knows -----------------------------------------------------------------
+
+
+# NamedTuples, not dataclasses: a dataclass needs its module in sys.modules, and loaders of this
+# file (tests, tools) do not always register it there.
+class KnownStore(NamedTuple):
+    key: str
+    uri: str
+    sources: tuple[str, ...]  # "default", "variable", "runs", "events"
+    default: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "uri": self.uri, "sources": list(self.sources), "default": self.default}
+
+
+class StoreSources(NamedTuple):
+    """What the plugin learned about stores: the default, then each source's URIs (newest first)."""
+
+    default: str
+    found: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+def known_stores(sources: StoreSources) -> dict[str, KnownStore]:
+    """One entry per store key: the default first, then in order of the sources; each lists the
+    sources that named it. URIs ``open_store`` cannot read (other schemes, relative paths) are left
+    out."""
+    from llmrec_tasks.airflow_glue import normalize_store_uri, store_key
+
+    order: list[str] = []
+    uris: dict[str, str] = {}
+    named: dict[str, list[str]] = {}
+    for source, found in (("default", (sources.default,)), *sources.found):
+        for uri in found:
+            normalized = normalize_store_uri(uri)
+            if source != "default" and normalized.partition("://")[0] not in STORE_SCHEMES:
+                continue
+            key = store_key(normalized)
+            if key not in uris:
+                order.append(key)
+                uris[key] = normalized
+                named[key] = []
+            if source not in named[key]:
+                named[key].append(source)
+    return {
+        key: KnownStore(key=key, uri=uris[key], sources=tuple(named[key]), default=i == 0)
+        for i, key in enumerate(order)
+    }
+
+
+def _conf_store_uris(confs: Iterable[Any]) -> tuple[str, ...]:
+    """The distinct non-blank ``store_uri`` values of run confs or event metadata, in order."""
+    found: dict[str, None] = {}
+    for conf in confs:
+        value = conf.get("store_uri") if isinstance(conf, dict) else None
+        if isinstance(value, str) and value.strip():
+            found.setdefault(value.strip())
+    return tuple(found)
+
+
+def run_store_uris(session: Any, *, limit: int = RECENT_RUNS) -> tuple[str, ...]:
+    """The stores named in the confs of the newest ``limit`` ``llmrec_daily`` runs."""
+    from airflow.models.dagrun import DagRun
+    from sqlalchemy import select
+
+    query = select(DagRun.conf).where(DagRun.dag_id == DAG_ID).order_by(DagRun.id.desc()).limit(limit)
+    return _conf_store_uris(session.scalars(query))
+
+
+def event_store_uris(session: Any, *, limit: int = RECENT_EVENTS) -> tuple[str, ...]:
+    """The stores named in the metadata of the newest ``limit`` bundle asset events."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from sqlalchemy import select
+
+    from llmrec_tasks.airflow_glue import BUNDLE_ASSET_SCHEME
+
+    query = (
+        select(AssetEvent.extra)
+        .join(AssetModel, AssetModel.id == AssetEvent.asset_id)
+        .where(AssetModel.uri.startswith(f"{BUNDLE_ASSET_SCHEME}://bundles/"))
+        .order_by(AssetEvent.id.desc())
+        .limit(limit)
+    )
+    return _conf_store_uris(session.scalars(query))
+
+
+def discover_stores() -> StoreSources:
+    """The api-server side: the default store, Variable ``llmrec_stores``, recent runs and events
+    (two bounded queries on Airflow's metadata DB). A malformed Variable is a warning on the page,
+    not an error: the other stores stay readable."""
+    from airflow.models.variable import Variable
+    from airflow.utils.session import create_session
+
+    from llmrec_tasks.airflow_glue import STORES_VARIABLE, parse_store_list, plugin_store_uri
+    from llmrec_tasks.core.errors import ConfigError
+
+    warnings: list[str] = []
+    try:
+        configured = tuple(parse_store_list(Variable.get(STORES_VARIABLE, default_var=None)))
+    except ConfigError as exc:
+        warnings.append(f"{exc}: its stores are not listed")
+        configured = ()
+    with create_session() as session:
+        runs = run_store_uris(session)
+        events = event_store_uris(session)
+    return StoreSources(
+        default=plugin_store_uri(),
+        found=(("variable", configured), ("runs", runs), ("events", events)),
+        warnings=tuple(warnings),
+    )
 
 
 def _read_json(store: Any, key: str) -> dict[str, Any] | None:
@@ -217,15 +344,17 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def create_app(
-    store_factory: Callable[[], Any] = open_plugin_store,
+    store_factory: Callable[[str], Any] = open_plugin_store,
     *,
     authorize: Callable[..., Any] = require_dag_runs_read,
+    store_sources: Callable[[], StoreSources] = discover_stores,
 ) -> FastAPI:
-    """The plugin's app; tests pass their own store factory and authorization."""
+    """The plugin's app; tests pass their own store factory, store sources and authorization."""
     app = FastAPI(title="llmrec runs", docs_url=None, redoc_url=None, openapi_url=None)
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
     env.filters["fmt"] = _fmt
     cache: dict[str, tuple[float, list[str]]] = {}
+    stores_cache: list[tuple[float, dict[str, KnownStore], tuple[str, ...]]] = []
     lock = threading.Lock()
     guard = [Depends(authorize)]
 
@@ -239,6 +368,32 @@ def create_app(
             cache[store.uri] = (time.monotonic(), found)
         return found
 
+    def stores() -> tuple[dict[str, KnownStore], tuple[str, ...]]:
+        """The known stores (cached for ``STORES_TTL_S``) and the warnings of their discovery."""
+        with lock:
+            if stores_cache and time.monotonic() - stores_cache[0][0] < STORES_TTL_S:
+                return stores_cache[0][1], stores_cache[0][2]
+        sources = store_sources()
+        known = known_stores(sources)
+        with lock:
+            stores_cache[:] = [(time.monotonic(), known, sources.warnings)]
+        return known, sources.warnings
+
+    def selected_store(key: str | None) -> KnownStore:
+        known, _ = stores()
+        if not key:
+            return next(s for s in known.values() if s.default)
+        if key not in known:
+            raise HTTPException(
+                status_code=404,
+                detail=(
+                    f"unknown store {key!r}: the plugin opens only the stores it knows (the default, "
+                    f"Variable llmrec_stores, the stores of recent {DAG_ID} runs and bundle events; "
+                    f"new ones appear within {STORES_TTL_S:.0f} s). Known: {', '.join(known)}"
+                ),
+            )
+        return known[key]
+
     def checked_name(kind: str, value: str) -> str:
         from llmrec_tasks.core.config import validate_name
         from llmrec_tasks.core.errors import ConfigError
@@ -248,32 +403,42 @@ def create_app(
         except ConfigError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from exc
 
-    def store_or_503() -> Any:
+    def store_or_503(known: KnownStore) -> Any:
         from llmrec_tasks.core.errors import LlmrecError
 
         try:
-            return store_factory()
+            return store_factory(known.uri)
         except LlmrecError as exc:
-            raise HTTPException(status_code=503, detail=f"llmrec store not available: {exc}") from exc
+            raise HTTPException(
+                status_code=503, detail=f"llmrec store {known.uri} not available: {exc}"
+            ) from exc
 
     def airflow_base(request: Request) -> str:
         """Airflow's base path as seen by the browser (the app is mounted under it at /llmrec)."""
         root = request.scope.get("root_path", "")
         return root[: -len(URL_PREFIX)] if root.endswith(URL_PREFIX) else root
 
+    store_query = Query(None, description="a store key from /api/stores; the default store if absent")
+
     @app.get("/health", include_in_schema=False)
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/", response_class=HTMLResponse, dependencies=guard)
-    def index(request: Request, namespace: str = Query(DEFAULT_NAMESPACE)) -> HTMLResponse:
+    def index(
+        request: Request, namespace: str = Query(DEFAULT_NAMESPACE), store: str | None = store_query
+    ) -> HTMLResponse:
         namespace = checked_name("namespace", namespace)
-        store = store_or_503()
-        known = namespaces(store)
-        data = version_rows(store, namespace)
+        known = selected_store(store)
+        all_stores, warnings = stores()
+        opened = store_or_503(known)
+        found = namespaces(opened)
+        data = version_rows(opened, namespace)
         html = env.get_template("index.html").render(
-            store_uri=store.uri,
-            namespaces=known if namespace in known else [*known, namespace],
+            store=known,
+            stores=list(all_stores.values()),
+            store_warnings=warnings,
+            namespaces=found if namespace in found else [*found, namespace],
             namespace=namespace,
             data=data,
             metric=PRIMARY_METRIC,
@@ -283,49 +448,76 @@ def create_app(
         return HTMLResponse(html)
 
     @app.get("/versions/{namespace}/{version}", response_class=HTMLResponse, dependencies=guard)
-    def version_page(request: Request, namespace: str, version: str) -> HTMLResponse:
+    def version_page(
+        request: Request, namespace: str, version: str, store: str | None = store_query
+    ) -> HTMLResponse:
         from llmrec_tasks.storage import registry
 
         namespace, version = checked_name("namespace", namespace), checked_name("version", version)
-        store = store_or_503()
-        row = next((r for r in version_rows(store, namespace)["versions"] if r["version"] == version), None)
-        manifest = _read_json(store, registry.manifest_key(namespace, version))
+        known = selected_store(store)
+        opened = store_or_503(known)
+        row = next((r for r in version_rows(opened, namespace)["versions"] if r["version"] == version), None)
+        manifest = _read_json(opened, registry.manifest_key(namespace, version))
         if row is None or manifest is None:
-            raise HTTPException(status_code=404, detail=f"no published version {version!r} in {namespace!r}")
+            raise HTTPException(
+                status_code=404, detail=f"no published version {version!r} in {namespace!r} of {known.uri}"
+            )
         html = env.get_template("version.html").render(
             row=row,
             manifest=manifest,
             columns=metric_columns(row.get("models") or {}),
             namespace=namespace,
+            store=known,
             airflow_base=airflow_base(request),
             request_root=request.scope.get("root_path", ""),
         )
         return HTMLResponse(html)
 
     @app.get("/report/{namespace}/{version}", dependencies=guard)
-    def report(namespace: str, version: str) -> Response:
+    def report(namespace: str, version: str, store: str | None = store_query) -> Response:
         from llmrec_tasks.storage import registry
         from llmrec_tasks.storage.store import ObjectNotFound
 
         namespace, version = checked_name("namespace", namespace), checked_name("version", version)
-        store = store_or_503()
-        if not store.exists(registry.manifest_key(namespace, version)):  # unfinished bundles are not shown
-            raise HTTPException(status_code=404, detail=f"no published version {version!r} in {namespace!r}")
+        known = selected_store(store)
+        opened = store_or_503(known)
+        if not opened.exists(registry.manifest_key(namespace, version)):  # unfinished bundles are not shown
+            raise HTTPException(
+                status_code=404, detail=f"no published version {version!r} in {namespace!r} of {known.uri}"
+            )
         try:
-            body = store.get_bytes(registry.bundle_key(namespace, version, "report.html"))
+            body = opened.get_bytes(registry.bundle_key(namespace, version, "report.html"))
         except ObjectNotFound as exc:
             raise HTTPException(status_code=404, detail=f"version {version} has no report.html") from exc
         return Response(body, media_type="text/html; charset=utf-8", headers=REPORT_HEADERS)
 
+    @app.get("/api/stores", dependencies=guard)
+    def api_stores() -> JSONResponse:
+        known, warnings = stores()
+        default = next(s for s in known.values() if s.default)
+        return JSONResponse(
+            {
+                "default": default.key,
+                "stores": [s.to_json() for s in known.values()],
+                "warnings": list(warnings),
+            }
+        )
+
     @app.get("/api/namespaces", dependencies=guard)
-    def api_namespaces() -> JSONResponse:
-        store = store_or_503()
-        return JSONResponse({"store_uri": store.uri, "namespaces": namespaces(store)})
+    def api_namespaces(store: str | None = store_query) -> JSONResponse:
+        known = selected_store(store)
+        opened = store_or_503(known)
+        return JSONResponse({"store": known.key, "store_uri": known.uri, "namespaces": namespaces(opened)})
 
     @app.get("/api/versions", dependencies=guard)
-    def api_versions(namespace: str = Query(DEFAULT_NAMESPACE)) -> JSONResponse:
+    def api_versions(
+        namespace: str = Query(DEFAULT_NAMESPACE), store: str | None = store_query
+    ) -> JSONResponse:
         namespace = checked_name("namespace", namespace)
-        return JSONResponse(version_rows(store_or_503(), namespace))
+        known = selected_store(store)
+        return JSONResponse(
+            {"store": known.key, "store_uri": known.uri, **version_rows(store_or_503(known), namespace)}
+        )
 
     return app
 

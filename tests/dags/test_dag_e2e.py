@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from llmrec_tasks.airflow_glue import store_key
 from tests.airflow_env import ROOT, airflow_env, use_test_airflow_home
 
 use_test_airflow_home()
@@ -93,7 +94,9 @@ def test_wiring_with_stub_stages(tmp_path):
     assert not_promoted["xcom"]["publish[-1]"]["version"] == version  # same date + params, same id
 
     (event,) = promoted["events"]
-    assert event["uri"] == "llmrec://bundles/wiring" and event["name"] == "llmrec_bundle_wiring"
+    key = store_key(store)  # the run's store is part of the asset: another store's run is another asset
+    assert event["uri"] == f"llmrec://bundles/{key}/wiring" and event["name"] == f"llmrec_bundle_{key}_wiring"
+    assert event["extra"]["store_uri"] == store
     assert event["extra"]["version"] == version and event["extra"]["promoted"] is True
     assert event["extra"]["metrics"] == {"ranker": {"ndcg@10": 0.3}, "popularity": {"ndcg@10": 0.1}}
     assert not_promoted["events"] == []  # not promoted: no event
@@ -157,7 +160,7 @@ def test_daily_dag_end_to_end_on_the_sample(tmp_path):
 
     # The promoted bundle is an asset event with its version, URIs and metrics.
     (event,) = first["events"]
-    assert event["uri"] == "llmrec://bundles/e2e"
+    assert event["uri"] == f"llmrec://bundles/{store_key(store_root.as_uri())}/e2e"
     extra = event["extra"]
     assert extra["version"] == version and extra["manifest_uri"] == published["manifest_uri"]
     assert extra["metrics"]["ranker"]["ndcg@10"] == pytest.approx(manifest["metrics"]["ranker"]["ndcg@10"])

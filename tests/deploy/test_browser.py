@@ -5,6 +5,8 @@
    marked failed: the REST-triggered runs of the other tests cover the pipeline itself.)
 2. The llmrec plugin page (Browse → "llmrec runs"): per version the metrics against the best
    baseline, the gate outcome, the promotion status and the HTML report link, which opens.
+3. A production run into a second store (named only by its run conf): its asset event is that
+   store's asset, and the plugin lists the store; selecting it shows the run's bundle as current.
 
 Screenshots: ``test-artifacts/deploy/browser-*.png``. ``playwright install`` cannot download
 browsers here: Playwright drives ``/usr/bin/chromium`` (``LLMREC_CHROMIUM`` overrides), and the
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from llmrec_tasks.airflow_glue import bundle_asset_uri, store_key
 from tests.deploy.airflow_proc import ADMIN_PASSWORD, ADMIN_USER, skip_or_fail, wait_until
 from tests.deploy.checks import (
     DAG_ID,
@@ -45,6 +48,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 BROWSER_NAMESPACE = "exp-browser"
+SECOND_STORE_DATE = "2026-11-02T00:00:00Z"  # not the default store's date: another version id
 UI_TIMEOUT_MS = 30_000
 
 
@@ -252,3 +256,40 @@ def test_plugin_page_shows_versions_metrics_gate_and_report(
         "clicking the plugin's report link opens nothing: the Airflow UI's plugin iframe is sandboxed "
         "without allow-popups, so target=_blank is blocked (open the report in the frame instead)"
     )
+
+
+def test_plugin_shows_a_second_store_after_selecting_it(page, local_airflow, artifacts_dir, sample_folder):
+    dep = local_airflow
+    second = (dep.work_dir / "store-b").as_uri()  # the deployment's default store is dep.store_uri
+    run, _ = run_and_wait(dep, production_conf(second, sample_folder), SECOND_STORE_DATE)
+    version = current_pointer(second, "production")["version"]
+    default_current = current_pointer(dep.store_uri, "production")
+    assert default_current is None or default_current["version"] != version
+
+    # The promoted bundle's event is the second store's production asset, not the default store's.
+    events = dep.api(
+        "GET", "assets/events", params={"source_dag_id": DAG_ID, "source_run_id": run["dag_run_id"]}
+    )["asset_events"]
+    assert [e["uri"] for e in events] == [bundle_asset_uri(second, "production")], events
+    assert events[0]["uri"] != bundle_asset_uri(dep.store_uri, "production")
+
+    key = store_key(second)
+    page.goto("/plugin/llmrec", wait_until="networkidle")
+    frame = page.frame_locator("iframe").first
+    frame.get_by_test_id("store-current").wait_for()
+    assert frame.get_by_test_id("store-current").inner_text().strip() == store_key(dep.store_uri)
+    assert frame.locator(f'tr[data-version="{version}"]').count() == 0  # not in the default store
+    link = frame.locator(f'a[data-store="{key}"]')
+    link.wait_for()  # listed: the run's conf named it
+    shot(page, artifacts_dir, "09-plugin-stores")
+    link.click()
+
+    frame.get_by_test_id("store-current").filter(has_text=key).wait_for()
+    assert frame.get_by_test_id("store-uri").inner_text().strip() == second
+    assert frame.get_by_test_id("current-version").inner_text().strip() == version
+    row = frame.locator(f'tr[data-version="{version}"]')
+    assert row.get_by_test_id("gate").inner_text().strip() == "passed"
+    assert row.get_by_test_id("promotion").inner_text().strip() == "current"
+    href = row.get_by_test_id("report-link").get_attribute("href")
+    assert href and href.endswith(f"/report/production/{version}?store={key}"), href
+    shot(page, artifacts_dir, "10-plugin-second-store")

@@ -284,17 +284,18 @@ def test_no_event_when_the_gate_fails_or_promotion_is_off():
     assert events == {}
 
 
-def test_event_goes_to_the_namespace_asset_through_the_alias():
+def test_event_goes_to_the_store_and_namespace_asset_through_the_alias():
     from airflow.sdk import Asset, AssetAlias
 
     events = FakeOutletEvents()
-    cfg = build({"namespace": "exp-a"})
+    cfg = build({"namespace": "exp-a", "store_uri": "s3://acme-models/llmrec"})
     extra = glue.emit_bundle_event(events, cfg, published(namespace="exp-a"))
     ((alias, accessor),) = events.items()
     assert alias == AssetAlias(name=glue.BUNDLE_ALIAS, group="llmrec")
     ((asset, sent),) = accessor.added
     assert isinstance(asset, Asset)
-    assert (asset.name, asset.uri) == ("llmrec_bundle_exp-a", "llmrec://bundles/exp-a")
+    key = glue.store_key("s3://acme-models/llmrec")
+    assert (asset.name, asset.uri) == (f"llmrec_bundle_{key}_exp-a", f"llmrec://bundles/{key}/exp-a")
     assert sent == extra and sent["namespace"] == "exp-a"
 
 
@@ -380,16 +381,109 @@ def test_publish_task_records_emits_and_returns_json(tmp_path):
     assert len(next(iter(events.values())).added) == 1
 
 
-def test_triggering_event_is_the_latest_one():
+STORE_A = "file:///srv/llmrec-store"
+STORE_B = "s3://acme-models/llmrec"
+
+
+def test_store_key_is_short_readable_stable_and_uri_safe():
+    import re
+
+    key = glue.store_key(STORE_A)
+    assert re.fullmatch(r"file-llmrec-store-[0-9a-f]{8}", key), key
+    assert re.fullmatch(r"s3-llmrec-[0-9a-f]{8}", glue.store_key(STORE_B))
+    assert re.fullmatch(r"s3-acme-models-[0-9a-f]{8}", glue.store_key("s3://acme-models"))
+    # One store, several spellings: one key. Same folder name in two stores: two keys.
+    for spelling in (
+        "file:///srv/llmrec-store/",
+        "FILE:///srv/./llmrec-store",
+        "/srv/llmrec-store",
+        " /srv//llmrec-store ",
+    ):
+        assert glue.store_key(spelling) == key, spelling
+    assert glue.store_key("file:///other/llmrec-store") != key
+    assert glue.store_key("s3://acme-models/LLMREC") != glue.store_key(STORE_B)  # S3 keys are case-sensitive
+    long = glue.store_key("s3://b/" + "x" * 300 + "?#%")
+    assert len(long) <= glue.STORE_SLUG_CHARS + 1 + glue.STORE_HASH_CHARS and re.fullmatch(
+        r"[a-z0-9-]+", long
+    )
+
+
+def test_bundle_asset_per_store_and_namespace():
     from airflow.sdk import Asset
 
-    asset = glue.bundle_asset("production")
-    old = SimpleNamespace(timestamp=datetime(2026, 10, 1, tzinfo=UTC), extra={"version": "old"})
-    new = SimpleNamespace(timestamp=datetime(2026, 10, 2, tzinfo=UTC), extra={"version": "new"})
-    assert glue.triggering_bundle_event({asset: [new, old]}) == {"version": "new"}
-    with pytest.raises(ConfigError, match="not triggered"):
-        glue.triggering_bundle_event({})
-    assert asset == Asset(name="llmrec_bundle_production", uri="llmrec://bundles/production", group="llmrec")
+    a, b = glue.store_key(STORE_A), glue.store_key(STORE_B)
+    assert glue.bundle_asset(STORE_A) == Asset(
+        name=f"llmrec_bundle_{a}_production", uri=f"llmrec://bundles/{a}/production", group="llmrec"
+    )
+    assert glue.bundle_asset_uri(STORE_B, "exp-x") == f"llmrec://bundles/{b}/exp-x"
+    uris = {glue.bundle_asset_uri(s, ns) for s in (STORE_A, STORE_B) for ns in ("production", "exp-x")}
+    names = {glue.bundle_asset_name(s, ns) for s in (STORE_A, STORE_B) for ns in ("production", "exp-x")}
+    assert len(uris) == len(names) == 4
+
+
+def triggering_events(*events):
+    """The run's ``triggering_asset_events`` as the task runner builds them (keyed by asset and alias)."""
+    from airflow.sdk.execution_time.comms import AssetEventDagRunReferenceResult
+    from airflow.sdk.execution_time.context import TriggeringAssetEventsAccessor
+
+    refs = []
+    for store, namespace, version, day in events:
+        asset = glue.bundle_asset(store, namespace)
+        refs.append(
+            AssetEventDagRunReferenceResult(
+                asset={"name": asset.name, "uri": asset.uri, "extra": {}},
+                extra={"store_uri": store, "namespace": namespace, "version": version},
+                source_task_id="publish",
+                source_dag_id=glue.DAG_ID,
+                source_run_id=f"manual__{version}",
+                source_map_index=-1,
+                source_aliases=[{"name": glue.BUNDLE_ALIAS}],
+                timestamp=datetime(2026, 10, day, tzinfo=UTC),
+            )
+        )
+    return TriggeringAssetEventsAccessor.build(refs)
+
+
+def test_serving_event_is_the_latest_of_the_stores_production_bundle():
+    events = triggering_events(
+        (STORE_A, "production", "a-old", 1),
+        (STORE_A, "production", "a-new", 2),
+        (STORE_B, "production", "b-newest", 4),
+        (STORE_A, "exp-x", "exp-newest", 5),
+    )
+    assert glue.serving_bundle_event(events, STORE_A)["version"] == "a-new"
+    assert glue.serving_bundle_event(events, STORE_B)["version"] == "b-newest"
+    assert glue.serving_bundle_event(events, STORE_A, "exp-x")["version"] == "exp-newest"
+    with pytest.raises(ConfigError, match="not triggered by a bundle event"):
+        glue.serving_bundle_event(triggering_events(), STORE_A)
+
+
+def test_serving_refresh_of_store_a_skips_events_of_store_b(monkeypatch, caplog):
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    refreshed = []
+    monkeypatch.setattr(glue, "refresh_serving", lambda event: refreshed.append(event) or {"ok": True})
+    monkeypatch.setattr(glue, "airflow_variable", lambda key: STORE_A if key == glue.STORE_VARIABLE else None)
+    only_b = triggering_events((STORE_B, "production", "b1", 1), (STORE_A, "exp-x", "e1", 2))
+    with caplog.at_level("INFO", logger=glue.__name__), pytest.raises(AirflowSkipException, match=STORE_A):
+        glue.serving_refresh_task(only_b)
+    assert refreshed == []
+    ignored = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ignoring asset event")]
+    assert len(ignored) == 2 and STORE_B in ignored[0] and "exp-x" in ignored[1]
+    assert glue.bundle_asset_uri(STORE_A) in ignored[0]
+
+    assert glue.serving_refresh_task(triggering_events((STORE_A, "production", "a1", 3))) == {"ok": True}
+    assert refreshed[0]["version"] == "a1" and refreshed[0]["store_uri"] == STORE_A
+
+
+def test_store_list_variable_json_or_comma_separated():
+    assert glue.parse_store_list(None) == [] and glue.parse_store_list("  ") == []
+    assert glue.parse_store_list(f" {STORE_A} ,{STORE_B},, ") == [STORE_A, STORE_B]
+    assert glue.parse_store_list(f'["{STORE_A}", " ", "{STORE_B}"]') == [STORE_A, STORE_B]
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        glue.parse_store_list('["s3://a",')
+    with pytest.raises(ConfigError, match="JSON list of store URIs"):
+        glue.parse_store_list('[{"uri": "s3://a"}]')
 
 
 # --- serving refresh -----------------------------------------------------------------------------

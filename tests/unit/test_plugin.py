@@ -8,6 +8,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import pytest
@@ -88,14 +89,23 @@ def store_root(tmp_path: Path) -> Path:
     return root
 
 
+async def allow() -> None:
+    return None
+
+
 @pytest.fixture
 def app(plugin, store_root):
     from llmrec_tasks.storage.store import open_store
 
-    async def allow() -> None:
-        return None
+    return plugin.create_app(
+        open_store, authorize=allow, store_sources=lambda: plugin.StoreSources(default=store_root.as_uri())
+    )
 
-    return plugin.create_app(lambda: open_store(store_root.as_uri()), authorize=allow)
+
+def key(root: Path) -> str:
+    from llmrec_tasks.airflow_glue import store_key
+
+    return store_key(root.as_uri())
 
 
 def get(app, url: str, headers: dict[str, str] | None = None, root_path: str = "/llmrec"):
@@ -127,6 +137,14 @@ def get(app, url: str, headers: dict[str, str] | None = None, root_path: str = "
     start = next(m for m in messages if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
     return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
+
+
+def test_plugin_loads_without_being_registered_in_sys_modules():
+    """As ``tests/dags/test_dag_e2e.py`` and other tools load it (no ``sys.modules`` entry)."""
+    spec = importlib.util.spec_from_file_location("llmrec_plugin_unregistered", PLUGINS / "llmrec_plugin.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.known_stores(module.StoreSources(default="file:///a"))
 
 
 def test_plugin_registration(plugin):
@@ -170,14 +188,15 @@ def test_api_versions_status_gate_and_metrics(app):
     assert rows[V1]["run_id"].startswith("scheduled__")
 
 
-def test_index_page(app):
+def test_index_page(app, store_root):
     status, headers, body = get(app, "/?namespace=production")
     assert status == 200 and headers["content-type"].startswith("text/html")
     html = body.decode()
     for version in (V1, V2, V3, V4):
         assert version in html
-    assert f'href="/llmrec/report/production/{V2}"' in html
-    assert f'href="/llmrec/versions/production/{V2}"' in html
+    store = key(store_root)
+    assert f'href="/llmrec/report/production/{V2}?store={store}"' in html
+    assert f'href="/llmrec/versions/production/{V2}?store={store}"' in html
     assert 'data-testid="current-version"' in html
     assert html.count('data-testid="gate"') == 4
     # The Airflow run link points into Airflow's UI (base path = mount point minus /llmrec).
@@ -187,7 +206,7 @@ def test_index_page(app):
 def test_index_page_behind_a_base_path(app):
     _, _, body = get(app, "/?namespace=production", root_path="/airflow/llmrec")
     html = body.decode()
-    assert f'href="/airflow/llmrec/report/production/{V2}"' in html
+    assert f'href="/airflow/llmrec/report/production/{V2}?store=' in html
     assert 'href="/airflow/dags/llmrec_daily/runs/' in html
 
 
@@ -246,13 +265,12 @@ def test_empty_namespace_and_missing_current_bundle(app, store_root):
 def test_store_unavailable_is_503(plugin):
     from llmrec_tasks.core.errors import StoreError
 
-    def broken():
+    def broken(uri):
         raise StoreError("bucket 'x' does not exist")
 
-    async def allow() -> None:
-        return None
-
-    app = plugin.create_app(broken, authorize=allow)
+    app = plugin.create_app(
+        broken, authorize=allow, store_sources=lambda: plugin.StoreSources(default="s3://x")
+    )
     status, _, body = get(app, "/api/versions")
     assert status == 503 and b"does not exist" in body
 
@@ -261,8 +279,16 @@ def test_pages_require_an_airflow_login(plugin, store_root):
     """Default authorization: no JWT (cookie or bearer) -> 401; health stays open."""
     from llmrec_tasks.storage.store import open_store
 
-    app = plugin.create_app(lambda: open_store(store_root.as_uri()))
-    for url in ("/", "/api/versions", f"/report/production/{V2}", f"/versions/production/{V2}"):
+    app = plugin.create_app(
+        open_store, store_sources=lambda: plugin.StoreSources(default=store_root.as_uri())
+    )
+    for url in (
+        "/",
+        "/api/stores",
+        "/api/versions",
+        f"/report/production/{V2}",
+        f"/versions/production/{V2}",
+    ):
         assert get(app, url)[0] == 401, url
     assert get(app, "/health")[0] == 200
 
@@ -290,7 +316,9 @@ def test_authorization_uses_the_auth_manager(plugin, store_root, monkeypatch):
     manager = FakeAuthManager()
     monkeypatch.setattr(security, "resolve_user_from_token", fake_resolve)
     monkeypatch.setattr(api_app, "get_auth_manager", lambda: manager)
-    app = plugin.create_app(lambda: open_store(store_root.as_uri()))
+    app = plugin.create_app(
+        open_store, store_sources=lambda: plugin.StoreSources(default=store_root.as_uri())
+    )
     assert get(app, "/api/namespaces", {"Authorization": "Bearer good-token"})[0] == 403
     assert seen["dag_id"] == "llmrec_daily" and seen["method"] == "GET" and seen["user"] == "alice"
     manager.allowed = True
@@ -325,3 +353,228 @@ def test_airflow_loads_the_plugin_from_the_plugins_folder(tmp_path):
     assert report["errors"] == {}
     assert "llmrec" in report["plugins"]
     assert "/llmrec" in report["apps"] and "llmrec" in report["views"]
+
+
+# --- stores ----------------------------------------------------------------------------------------
+
+VB = "20261105T000000Z-eeeeeeee-222222"  # store B's only version
+
+
+@pytest.fixture
+def store_b(tmp_path: Path) -> Path:
+    root = tmp_path / "store-b"
+    ns = "production"
+    put_json(root, f"{ns}/bundles/{VB}/manifest.json", manifest(ns, VB, 0.4, run_id="manual__b"))
+    (root / f"{ns}/bundles/{VB}/report.html").write_bytes(b"<html><body>report of store B</body></html>")
+    put_json(root, f"{ns}/runs/{VB}/stages/publish.json", {"promoted": True, "reason": "beats"})
+    put_json(root, f"{ns}/current.json", {"version": VB, "history": []})
+    put_json(root, f"exp-b/bundles/{VB}/manifest.json", manifest("exp-b", VB, 0.4))
+    return root
+
+
+@pytest.fixture
+def two_stores(plugin, store_root, store_b):
+    """The default store A and store B, which only a recent run's conf names."""
+    from llmrec_tasks.storage.store import open_store
+
+    calls = []
+
+    def sources():
+        calls.append(1)
+        return plugin.StoreSources(default=store_root.as_uri(), found=(("runs", (store_b.as_uri(),)),))
+
+    app = plugin.create_app(open_store, authorize=allow, store_sources=sources)
+    app.source_calls = calls
+    return app
+
+
+def test_known_stores_from_each_source_one_per_store(plugin):
+    a, b, c = "file:///srv/a", "s3://bucket-b/llmrec", "file:///srv/c"
+    sources = plugin.StoreSources(
+        default=a,
+        found=(
+            ("variable", (b, "/srv/a/")),  # another spelling of the default store
+            ("runs", (c, "ftp://elsewhere/x", "relative/path", b)),  # unreadable URIs are not listed
+            ("events", (b + "/",)),
+        ),
+    )
+    known = plugin.known_stores(sources)
+    assert [s.uri for s in known.values()] == [a, b, c]
+    assert [s.sources for s in known.values()] == [
+        ("default", "variable"),
+        ("variable", "runs", "events"),
+        ("runs",),
+    ]
+    assert [s.default for s in known.values()] == [True, False, False]
+    from llmrec_tasks.airflow_glue import store_key
+
+    assert list(known) == [store_key(a), store_key(b), store_key(c)]
+
+
+@pytest.fixture
+def metadata_db(monkeypatch):
+    """An in-memory SQLite with Airflow's dag_run and asset tables, as the api-server's session."""
+    import contextlib
+    from datetime import UTC, datetime
+
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.models.base import Base
+    from airflow.models.dagrun import DagRun
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    engine = create_engine("sqlite://")
+    tables = [
+        DagRun.__table__,
+        AssetModel.__table__,
+        AssetEvent.__table__,
+        Base.metadata.tables["log_template"],
+    ]
+    Base.metadata.create_all(engine, tables=tables)
+    now = datetime(2026, 11, 5, tzinfo=UTC)
+
+    def add_run(dag_id: str, run_id: str, conf) -> None:
+        with Session(engine) as session:
+            session.execute(
+                DagRun.__table__.insert().values(
+                    dag_id=dag_id,
+                    run_id=run_id,
+                    conf=conf,
+                    run_type="manual",
+                    run_after=now,
+                    state="success",
+                    clear_number=0,
+                )
+            )
+            session.commit()
+
+    def add_event(asset_uri: str, extra) -> None:
+        with Session(engine) as session:
+            asset_id = session.execute(
+                AssetModel.__table__.insert().values(
+                    name=asset_uri, uri=asset_uri, group="llmrec", extra={}, created_at=now, updated_at=now
+                )
+            ).inserted_primary_key[0]
+            session.execute(
+                AssetEvent.__table__.insert().values(asset_id=asset_id, extra=extra, timestamp=now)
+            )
+            session.commit()
+
+    @contextlib.contextmanager
+    def create_session():
+        with Session(engine) as session:
+            yield session
+
+    monkeypatch.setattr("airflow.utils.session.create_session", create_session)
+    return SimpleNamespace(add_run=add_run, add_event=add_event, session=create_session)
+
+
+def test_discover_stores_reads_the_variable_runs_and_events(plugin, metadata_db, monkeypatch):
+    from airflow.models.variable import Variable
+
+    variables = {"llmrec_store_uri": "file:///srv/default", "llmrec_stores": '["s3://configured/llmrec"]'}
+    monkeypatch.setattr(
+        Variable, "get", staticmethod(lambda key, default_var=None: variables.get(key, default_var))
+    )
+    metadata_db.add_run("llmrec_daily", "r1", {"store_uri": "s3://from-run/old", "namespace": "exp-a"})
+    metadata_db.add_run("llmrec_daily", "r2", {"store_uri": " s3://from-run/new "})
+    metadata_db.add_run("llmrec_daily", "r3", {})  # the default store
+    metadata_db.add_run("other_dag", "r4", {"store_uri": "s3://not-ours/x"})
+    metadata_db.add_event("llmrec://bundles/s3-x-00000000/production", {"store_uri": "s3://from-event/x"})
+    metadata_db.add_event("s3://unrelated/asset", {"store_uri": "s3://not-a-bundle/x"})
+
+    found = plugin.discover_stores()
+    assert found.default == "file:///srv/default"
+    assert dict(found.found) == {
+        "variable": ("s3://configured/llmrec",),
+        "runs": ("s3://from-run/new", "s3://from-run/old"),  # newest first
+        "events": ("s3://from-event/x",),
+    }
+    assert found.warnings == ()
+    with metadata_db.session() as session:  # bounded: the newest runs only
+        assert plugin.run_store_uris(session, limit=2) == ("s3://from-run/new",)
+
+    variables["llmrec_stores"] = "[not json"
+    broken = plugin.discover_stores()
+    assert dict(broken.found)["variable"] == () and "llmrec_stores is not valid JSON" in broken.warnings[0]
+    variables["llmrec_stores"] = "s3://a/x, s3://b/y"
+    assert dict(plugin.discover_stores().found)["variable"] == ("s3://a/x", "s3://b/y")
+
+
+def test_api_stores_lists_every_known_store(two_stores, store_root, store_b):
+    status, _, body = get(two_stores, "/api/stores")
+    assert status == 200
+    data = json.loads(body)
+    assert data["default"] == key(store_root)
+    assert data["stores"] == [
+        {"key": key(store_root), "uri": store_root.as_uri(), "sources": ["default"], "default": True},
+        {"key": key(store_b), "uri": store_b.as_uri(), "sources": ["runs"], "default": False},
+    ]
+    get(two_stores, "/api/stores")
+    assert len(two_stores.source_calls) == 1  # cached: one discovery for both requests
+
+
+def test_store_param_selects_the_store(two_stores, store_root, store_b):
+    b = key(store_b)
+    data = json.loads(get(two_stores, f"/api/versions?store={b}")[2])
+    assert data["store"] == b and data["current"] == VB and [r["version"] for r in data["versions"]] == [VB]
+    assert json.loads(get(two_stores, "/api/versions")[2])["current"] == V2  # no store: the default
+    assert json.loads(get(two_stores, f"/api/namespaces?store={b}")[2])["namespaces"] == [
+        "production",
+        "exp-b",
+    ]
+    assert get(two_stores, f"/versions/production/{VB}?store={b}")[0] == 200
+    assert get(two_stores, f"/versions/production/{VB}")[0] == 404  # not in the default store
+    status, _, body = get(two_stores, f"/report/production/{VB}?store={b}")
+    assert status == 200 and b"report of store B" in body
+
+
+def test_index_shows_the_store_selector_and_links_keep_the_store(two_stores, store_root, store_b):
+    a, b = key(store_root), key(store_b)
+    html = get(two_stores, f"/?store={b}")[2].decode()
+    assert f'data-testid="store-current" title="{store_b.as_uri()}">{b}</strong>' in html
+    assert f'href="/llmrec/?store={a}"' in html  # the other store, one click away
+    assert f'data-testid="store-uri">{store_b.as_uri()}</code>' in html
+    assert f'href="/llmrec/?store={b}&amp;namespace=exp-b"' in html  # namespace links keep the store
+    assert f'href="/llmrec/versions/production/{VB}?store={b}"' in html
+    assert f'href="/llmrec/report/production/{VB}?store={b}"' in html
+    assert V2 not in html  # store A's versions are not shown
+    version = get(two_stores, f"/versions/production/{VB}?store={b}")[2].decode()
+    assert f'href="/llmrec/?store={b}&amp;namespace=production"' in version
+    assert f'href="/llmrec/report/production/{VB}?store={b}"' in version
+
+
+def test_unknown_store_is_404_and_never_opened(plugin, store_root):
+    opened = []
+
+    def factory(uri):
+        from llmrec_tasks.storage.store import open_store
+
+        opened.append(uri)
+        return open_store(uri)
+
+    app = plugin.create_app(
+        factory, authorize=allow, store_sources=lambda: plugin.StoreSources(default=store_root.as_uri())
+    )
+    for url in (
+        "/?store=s3-evil-12345678",
+        "/api/versions?store=file:///etc",
+        "/api/namespaces?store=nope",
+        f"/versions/production/{V2}?store=nope",
+        f"/report/production/{V2}?store=nope",
+    ):
+        status, _, body = get(app, url)
+        assert status == 404, url
+        assert "unknown store" in json.loads(body)["detail"] and key(store_root) in json.loads(body)["detail"]
+    assert opened == []
+
+
+def test_store_discovery_warnings_are_shown(plugin, store_root):
+    from llmrec_tasks.storage.store import open_store
+
+    sources = plugin.StoreSources(
+        default=store_root.as_uri(), warnings=("Variable llmrec_stores is not valid JSON",)
+    )
+    app = plugin.create_app(open_store, authorize=allow, store_sources=lambda: sources)
+    assert "llmrec_stores is not valid JSON" in get(app, "/")[2].decode()
+    assert json.loads(get(app, "/api/stores")[2])["warnings"] == list(sources.warnings)
