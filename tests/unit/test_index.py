@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -111,7 +112,7 @@ def test_approximate_index_is_tuned_to_the_recall_floor(store_uri, kind):
         assert faiss.downcast_index(loaded).hnsw.efSearch == result.search_param
     else:
         assert faiss.extract_index_ivf(loaded).nprobe == result.search_param
-    served = ix.load_index(open_store(validated.work_uri).get_bytes(C.FAISS_INDEX), info, vectors)
+    served = ix.load_index(Path(result.index_uri.removeprefix("file://")), info, vectors)
     assert isinstance(served, ix.RefinedIndex) == (kind == "ivfpq")
     queries = ix.profile_queries(validated.work_uri, [f"i{i}" for i in range(len(vectors))], vectors)[0]
     exact_scores, exact_ids = ix.exact_top_k(vectors, queries, 10)
@@ -147,7 +148,7 @@ def test_flat_index_is_exact(store_uri):
         RunConfig.from_dict({"data_uri": DATA_URI, "store_uri": store_uri}), validated, embedded
     )
     assert result.kind == "flat" and result.recall_at_10 == 1.0
-    index = ix.load_index(open_store(validated.work_uri).get_bytes(C.FAISS_INDEX), result.to_json())
+    index = ix.load_index(Path(result.index_uri.removeprefix("file://")), result.to_json())
     _, ids = index.search(vectors[:3], 1)
     assert ids[:, 0].tolist() == [0, 1, 2]
 
