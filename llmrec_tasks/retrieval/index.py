@@ -361,12 +361,14 @@ def serialize(index: Any) -> bytes:
 
 def load_index(path: Path, info: dict[str, Any] | None = None, vectors: np.ndarray | None = None) -> Any:
     """Index file -> ready index, memory-mapped: ``IO_FLAG_MMAP_IFC`` maps the vectors/codes of
-    every kind llmrec builds (flat, HNSW storage, IVF lists) read-only from the file instead of
-    copying them (faiss 1.15; ``IO_FLAG_MMAP`` alone maps only IVF lists, and a kind without
-    mmap support is read into memory as usual). The file must not change in place while the
-    index lives (bundle files are immutable; a rename or unlink over it is safe). Re-applies the tuned efSearch/nprobe from ``index.json``
-    (also saved inside the index; this guards against one written without it) and, when the
-    index was tuned with a refine factor, wraps it in :class:`RefinedIndex` over ``vectors``."""
+    every kind llmrec builds (flat, IVF lists, HNSW's vectors; its graph is read) read-only from
+    the file instead of copying them (faiss 1.15; ``IO_FLAG_MMAP`` alone maps only IVF lists, and
+    a kind without mmap support is read into memory as usual). The file must not change in place while the index
+    lives (bundle files are immutable; a rename or unlink over it is safe).
+
+    Re-applies the tuned efSearch/nprobe from ``index.json`` (also saved inside the index; this
+    guards against one written without it) and, when the index was tuned with a refine factor,
+    wraps it in :class:`RefinedIndex` over ``vectors``."""
     import faiss
 
     index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)

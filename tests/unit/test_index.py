@@ -181,3 +181,31 @@ def test_training_retrieval_is_exact_for_small_catalogs_and_tuned_ivf_above(monk
     assert ivf.nprobe < ivf.nlist
     exact_scores, exact_ids = ix.exact_top_k(vectors, queries, 10)
     assert ix.recall_at_k(vectors, queries, index.search(queries, 10)[1], exact_ids, exact_scores) >= 0.95
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (Linux ``VmRSS``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfsq8"])
+def test_a_loaded_index_maps_its_file_instead_of_copying_it(tmp_path: Path, kind: str) -> None:
+    import faiss
+
+    vectors = clustered(40_000, 128, 50)
+    index = ix.build_index(vectors, ix.choose_kind(len(vectors), 128, 1024, kind))
+    path = tmp_path / C.FAISS_INDEX
+    faiss.write_index(index, str(path))
+    del index
+    before = resident_bytes()
+    loaded = ix.load_index(path, {"kind": kind, "search_param": 8})
+    added = resident_bytes() - before
+    # The vectors (SQ8: their codes) stay in the file; only the rest (HNSW: its graph) is read.
+    codes = vectors.size * (1 if kind == "ivfsq8" else 4)
+    size = path.stat().st_size
+    assert added < size - 0.75 * codes, f"{added} bytes resident for a {size}-byte file with {codes} of codes"
+    _, ids = loaded.search(vectors[:3], 1)
+    assert ids[:, 0].tolist() == [0, 1, 2]
