@@ -30,6 +30,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if "LLMREC_ONNX_CACHE" not in os.environ:
     os.environ["LLMREC_ONNX_CACHE"] = tempfile.mkdtemp(prefix="llmrec-onnx-")
     atexit.register(shutil.rmtree, os.environ["LLMREC_ONNX_CACHE"], ignore_errors=True)
+# S3 bundles are cached for serving in one folder per test session, not in ~/.cache.
+if "LLMREC_BUNDLE_CACHE" not in os.environ:
+    os.environ["LLMREC_BUNDLE_CACHE"] = tempfile.mkdtemp(prefix="llmrec-bundles-")
+    atexit.register(shutil.rmtree, os.environ["LLMREC_BUNDLE_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

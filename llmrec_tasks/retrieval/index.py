@@ -359,17 +359,19 @@ def serialize(index: Any) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
 
-def deserialize(data: bytes) -> Any:
+def load_index(path: Path, info: dict[str, Any] | None = None, vectors: np.ndarray | None = None) -> Any:
+    """Index file -> ready index, memory-mapped: ``IO_FLAG_MMAP_IFC`` maps the vectors/codes of
+    every kind llmrec builds (flat, IVF lists, HNSW's vectors; its graph is read) read-only from
+    the file instead of copying them (faiss 1.15; ``IO_FLAG_MMAP`` alone maps only IVF lists, and
+    a kind without mmap support is read into memory as usual). The file must not change in place while the index
+    lives (bundle files are immutable; a rename or unlink over it is safe).
+
+    Re-applies the tuned efSearch/nprobe from ``index.json`` (also saved inside the index; this
+    guards against one written without it) and, when the index was tuned with a refine factor,
+    wraps it in :class:`RefinedIndex` over ``vectors``."""
     import faiss
 
-    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-
-
-def load_index(data: bytes, info: dict[str, Any] | None = None, vectors: np.ndarray | None = None) -> Any:
-    """Index bytes -> ready index. Re-applies the tuned efSearch/nprobe from ``index.json`` (also
-    saved inside the index; this guards against one written without it) and, when the index was
-    tuned with a refine factor, wraps it in :class:`RefinedIndex` over ``vectors``."""
-    index = deserialize(data)
+    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
     if info and info.get("search_param") is not None:
         set_search_param(index, info["kind"], info["search_param"])
     factor = (info or {}).get("refine_factor")

@@ -1,9 +1,14 @@
 """Serving: load a published bundle (checksums verified), and ``recommend()`` from it.
 
-Loading trusts nothing but the manifest: every file is fetched, its size and sha256 compared with
-the manifest, and a partial or corrupt bundle is refused with :class:`BundleError`. Nothing is
-unpickled: FAISS and LightGBM load from their native formats, the rest is JSON, ``.npy``
-(``allow_pickle=False``) and Parquet.
+Loading trusts nothing but the manifest: every file's size (stat, first) and sha256 (streamed in
+1 MiB reads) are compared with the manifest on a local copy, and a partial or corrupt bundle is
+refused with :class:`BundleError`. A ``file://`` store's bundle is used in place, an S3 bundle
+from a verified local cache (:meth:`ObjectStore.local_file`). The large artifacts are then
+memory-mapped, not read: ``embeddings.npy`` (``np.load(mmap_mode="r")``) and the FAISS index
+(:func:`~llmrec_tasks.retrieval.index.load_index`), so a load costs little more resident memory
+than the rest of the bundle (``benchmarks/bench_load.py``), and replicas on one host share the
+mapped pages. Nothing is unpickled: FAISS and LightGBM load from their native formats, the rest is
+JSON, ``.npy`` (``allow_pickle=False``) and Parquet.
 
 ``recommend(user_id | recent items, k, exclude_seen)``: the user's published history plus the
 request's recent events (real-time personalisation) go to a :data:`Scorer`, which returns
@@ -23,7 +28,6 @@ lets seen items into the popularity fill.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import threading
@@ -31,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -41,7 +46,7 @@ from llmrec_tasks.core.config import validate_name
 from llmrec_tasks.core.errors import BundleError, ConfigError, DataContractError, LlmrecError
 from llmrec_tasks.ranking import context, events, features, sources
 from llmrec_tasks.storage import registry
-from llmrec_tasks.storage.store import ObjectNotFound, ObjectStore, open_store
+from llmrec_tasks.storage.store import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +83,8 @@ class History:
 
 @dataclass
 class Bundle:
-    """Every artifact of one verified bundle, in memory and ready to serve."""
+    """Every artifact of one verified bundle, ready to serve (embeddings and index memory-mapped
+    from the verified files, which bundles never change in place)."""
 
     namespace: str
     version: str
@@ -120,27 +126,21 @@ Scorer = Callable[[History, float], tuple[np.ndarray, np.ndarray]]
 # --- loading -------------------------------------------------------------------------------------
 
 
-def _fetch_verified(
+def _local_files(
     store: ObjectStore, namespace: str, version: str, manifest: dict[str, Any]
-) -> dict[str, bytes]:
-    """Fetch every file of the manifest and check it against the manifest (size and sha256)."""
+) -> dict[str, Path]:
+    """Every file of the manifest as a local path, checked against the manifest (size and sha256)."""
     where = store.uri_for(registry.bundle_prefix(namespace, version))
     files: dict[str, dict[str, Any]] = manifest["files"]
     missing = registry.missing_required(files)
     if missing:
         raise BundleError(f"{where}: manifest lacks {missing}; re-publish this version")
 
-    def fetch(name: str) -> tuple[str, bytes]:
-        try:
-            return name, store.get_bytes(registry.bundle_key(namespace, version, name))
-        except ObjectNotFound as exc:
-            raise BundleError(f"{where} is partial: {name} cannot be read ({exc})") from exc
+    def local(name: str) -> tuple[str, Path]:
+        return name, registry.bundle_file(store, namespace, version, name, manifest)
 
     with ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS) as pool:
-        blobs = dict(pool.map(fetch, sorted(files)))
-    for name, data in blobs.items():
-        registry.verify_file(where, name, data, manifest)
-    return blobs
+        return dict(pool.map(local, sorted(files)))
 
 
 def _parse(name: str, parse: Callable[[], Any], where: str) -> Any:
@@ -153,35 +153,68 @@ def _parse(name: str, parse: Callable[[], Any], where: str) -> Any:
         raise BundleError(f"{where}: {name} passed its checksum but cannot be loaded: {exc}") from exc
 
 
-def load_bundle(store_uri: str, namespace: str, version: str = registry.CURRENT) -> Bundle:
-    """Load and verify a bundle by store URI + namespace + version (``current`` or a version id)."""
+@dataclass
+class Artifacts:
+    """The parsed files of a bundle, before the serving structures are derived from them."""
+
+    embeddings: np.ndarray
+    item_ids: list[str]
+    index: Any
+    booster: Any
+    spec: dict[str, Any]
+    tables: dict[str, pd.DataFrame]  # every Parquet file of the bundle, by file name
+
+
+def read_artifacts(paths: dict[str, Path], where: str) -> Artifacts:
+    """Parse verified local files: embeddings and index memory-mapped, the rest read."""
     import lightgbm
 
     from llmrec_tasks.retrieval.index import load_index
 
+    embeddings = _parse(
+        C.EMBEDDINGS, lambda: np.load(paths[C.EMBEDDINGS], mmap_mode="r", allow_pickle=False), where
+    )
+    if embeddings.dtype != np.float32 or not embeddings.flags.c_contiguous:
+        raise BundleError(
+            f"{where}: {C.EMBEDDINGS} holds {embeddings.dtype} "
+            f"{'C' if embeddings.flags.c_contiguous else 'Fortran'}-order vectors; serving maps "
+            "float32 C-order ones: re-publish"
+        )
+    item_ids = _parse(C.ITEM_IDS, lambda: json.loads(paths[C.ITEM_IDS].read_bytes()), where)
+    index_info = _parse(C.INDEX_INFO, lambda: json.loads(paths[C.INDEX_INFO].read_bytes()), where)
+    return Artifacts(
+        embeddings=embeddings,
+        item_ids=[str(i) for i in item_ids],
+        index=_parse(C.FAISS_INDEX, lambda: load_index(paths[C.FAISS_INDEX], index_info, embeddings), where),
+        booster=_parse(
+            C.RANKER_MODEL, lambda: lightgbm.Booster(model_file=str(paths[C.RANKER_MODEL])), where
+        ),
+        spec=_parse(C.FEATURE_SPEC, lambda: json.loads(paths[C.FEATURE_SPEC].read_bytes()), where),
+        tables={
+            name: _parse(name, lambda path=path: pd.read_parquet(path), where)
+            for name, path in paths.items()
+            if name.endswith(".parquet")
+        },
+    )
+
+
+def load_bundle(store_uri: str, namespace: str, version: str = registry.CURRENT) -> Bundle:
+    """Load and verify a bundle by store URI + namespace + version (``current`` or a version id)."""
     validate_name("namespace", namespace)
     store = open_store(store_uri)
     version = registry.resolve_version(store, namespace, version)
     manifest = registry.read_manifest(store, namespace, version)
     where = store.uri_for(registry.bundle_prefix(namespace, version))
-    blobs = _fetch_verified(store, namespace, version, manifest)
+    paths = _local_files(store, namespace, version, manifest)
+    return assemble_bundle(namespace, version, where, manifest, read_artifacts(paths, where))
 
-    embeddings = _parse(
-        C.EMBEDDINGS, lambda: np.load(io.BytesIO(blobs[C.EMBEDDINGS]), allow_pickle=False), where
-    )
-    item_ids = [str(i) for i in _parse(C.ITEM_IDS, lambda: json.loads(blobs[C.ITEM_IDS]), where)]
-    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    index_info = _parse(C.INDEX_INFO, lambda: json.loads(blobs[C.INDEX_INFO]), where)
-    index = _parse(C.FAISS_INDEX, lambda: load_index(blobs[C.FAISS_INDEX], index_info, embeddings), where)
-    booster = _parse(
-        C.RANKER_MODEL, lambda: lightgbm.Booster(model_str=blobs[C.RANKER_MODEL].decode("utf-8")), where
-    )
-    spec = _parse(C.FEATURE_SPEC, lambda: json.loads(blobs[C.FEATURE_SPEC]), where)
-    tables = {
-        name: _parse(name, lambda name=name: pd.read_parquet(io.BytesIO(blobs[name])), where)
-        for name in blobs
-        if name.endswith(".parquet")
-    }
+
+def assemble_bundle(
+    namespace: str, version: str, where: str, manifest: dict[str, Any], artifacts: Artifacts
+) -> Bundle:
+    """Check that the artifacts agree and derive what serving looks up (rows, popularity, histories)."""
+    embeddings, item_ids, index = artifacts.embeddings, artifacts.item_ids, artifacts.index
+    booster, spec, tables = artifacts.booster, artifacts.spec, artifacts.tables
     items, hist = tables[C.BUNDLE_ITEMS], tables[C.USER_HISTORIES]
 
     n = len(item_ids)

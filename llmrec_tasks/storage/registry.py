@@ -15,7 +15,6 @@ wins; :func:`update_current` re-reads the pointer and lets the loser decide agai
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -23,13 +22,20 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import validate_name
 from llmrec_tasks.core.errors import BundleError, ConfigError
 from llmrec_tasks.core.results import Embedded, Indexed, Trained, Validated
-from llmrec_tasks.storage.store import ObjectNotFound, ObjectStore, PreconditionFailed, open_store
+from llmrec_tasks.storage.store import (
+    ContentMismatch,
+    ObjectNotFound,
+    ObjectStore,
+    PreconditionFailed,
+    open_store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,20 +160,25 @@ def write_manifest(store: ObjectStore, manifest: Mapping[str, Any]) -> None:
     store.put_bytes(manifest_key(namespace, version), data.encode(), if_absent=True)
 
 
-def verify_file(where: str, name: str, data: bytes, manifest: Mapping[str, Any]) -> None:
-    """BundleError unless ``data`` has the size and sha256 the manifest records for ``name``."""
+def bundle_file(
+    store: ObjectStore, namespace: str, version: str, name: str, manifest: Mapping[str, Any]
+) -> Path:
+    """A local path of one bundle file with the size and sha256 its manifest records (the store's
+    own file, or its verified local cache: :meth:`ObjectStore.local_file`); BundleError otherwise."""
+    where = store.uri_for(bundle_prefix(namespace, version))
     meta = manifest["files"][name]
-    if len(data) != meta["size"]:
+    try:
+        return store.local_file(bundle_key(namespace, version, name), int(meta["size"]), str(meta["sha256"]))
+    except ObjectNotFound as exc:
+        raise BundleError(f"{where} is partial: {name} cannot be read ({exc})") from exc
+    except ContentMismatch as exc:
+        if exc.what == "size":
+            found = f"{name} has {exc.actual} bytes, manifest says {exc.expected}"
+        else:
+            found = f"sha256 of {name} is {str(exc.actual)[:12]}…, manifest says {str(exc.expected)[:12]}…"
         raise BundleError(
-            f"{where} is corrupt: {name} has {len(data)} bytes, manifest says {meta['size']}; "
-            "roll back (`llmrec rollback`) or re-publish"
-        )
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != meta["sha256"]:
-        raise BundleError(
-            f"{where} is corrupt: sha256 of {name} is {digest[:12]}…, manifest says "
-            f"{meta['sha256'][:12]}…; roll back (`llmrec rollback`) or re-publish"
-        )
+            f"{where} is corrupt: {found}; roll back (`llmrec rollback`) or re-publish"
+        ) from exc
 
 
 # --- the current pointer -------------------------------------------------------------------------

@@ -13,6 +13,18 @@ Conditional writes (what promotion relies on):
   threads and processes on one host's local filesystem (not across hosts on NFS).
 - S3: ``IfNoneMatch: "*"`` / ``IfMatch`` headers on PutObject; atomic on AWS S3 and stores that
   implement them (MinIO, recent moto). A store that ignores the headers gives no guarantee.
+
+Verified local files (what serving memory-maps): ``local_file(key, size, sha256)`` returns a path
+on local disk whose content has that size and sha256, checked by ``stat`` first (a wrong size
+fails before any hashing) and then a streamed sha256 (1 MiB reads, never the whole file in memory).
+A ``file://`` store returns the object's own file (bundles are immutable and replaced only by
+``rename()``, so a mapping of it stays valid). An S3 store returns its copy in the local cache
+``$LLMREC_BUNDLE_CACHE`` (default ``~/.cache/llmrec/bundles``), at ``<bucket>/<prefix>/<key>``:
+downloaded once, hashed while it streams into a hidden temp file, renamed into place only when
+size and sha256 match. A cached copy is reused after the same stat + streamed-sha256 check (local
+hashing is ~1 s per GB, far cheaper than a download, and catches a damaged disk or a hand-edited
+file); one that fails it is downloaded again. Nothing prunes the cache: delete the folders of
+versions no longer served (``<namespace>/bundles/<version>``), a mapped file stays readable.
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -38,6 +50,8 @@ log = logging.getLogger(__name__)
 BODY_READ_ATTEMPTS = 4
 # Files are streamed in parts of this size (S3: 5 MiB minimum, 10,000 parts: 640 GiB at most).
 MULTIPART_CHUNK = 64 * 2**20
+HASH_CHUNK = 1 << 20
+BUNDLE_CACHE_ENV = "LLMREC_BUNDLE_CACHE"
 
 
 class ObjectStore(Protocol):
@@ -55,6 +69,10 @@ class ObjectStore(Protocol):
     def get_with_etag(self, key: str) -> tuple[bytes, str]: ...
     def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> str: ...
     def get_file(self, key: str, path: Path) -> Path: ...
+    def local_file(self, key: str, size: int, sha256: str) -> Path:
+        """A local path holding the object, checked to have ``size`` bytes and this ``sha256``."""
+        ...
+
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
@@ -75,6 +93,32 @@ class ObjectNotFound(StoreError):
 
 class PreconditionFailed(StoreError):
     """A conditional write lost: the object already exists (or changed)."""
+
+
+class ContentMismatch(StoreError):
+    """A file's size or sha256 is not the expected one."""
+
+    def __init__(self, uri: str, what: str, actual: int | str, expected: int | str) -> None:
+        super().__init__(f"{uri}: {what} is {actual}, expected {expected}")
+        self.what = what  # "size" or "sha256"
+        self.actual = actual
+        self.expected = expected
+
+
+def check_file(path: Path, size: int, sha256: str, uri: str) -> None:
+    """ContentMismatch unless ``path`` has ``size`` bytes (stat, before reading) and this sha256
+    (streamed)."""
+    actual = path.stat().st_size
+    if actual != size:
+        raise ContentMismatch(uri, "size", actual, size)
+    digest = file_sha256(path)
+    if digest != sha256:
+        raise ContentMismatch(uri, "sha256", digest, sha256)
+
+
+def bundle_cache_dir() -> Path:
+    """Where S3 objects are cached for local use: ``$LLMREC_BUNDLE_CACHE`` or ``~/.cache/llmrec/bundles``."""
+    return Path(os.environ.get(BUNDLE_CACHE_ENV) or Path.home() / ".cache" / "llmrec" / "bundles")
 
 
 def content_etag(data: bytes) -> str:
@@ -169,6 +213,14 @@ class LocalStore:
             raise ObjectNotFound(f"{self.uri_for(key)} does not exist")
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, path)
+        return path
+
+    def local_file(self, key: str, size: int, sha256: str) -> Path:
+        """The object's own file, once checked."""
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFound(f"{self.uri_for(key)} does not exist")
+        check_file(path, size, sha256, self.uri_for(key))
         return path
 
     def exists(self, key: str) -> bool:
@@ -349,6 +401,73 @@ class S3Store:
         )
         return path
 
+    def cache_path(self, key: str) -> Path:
+        """Where :meth:`local_file` keeps its copy of ``key``."""
+        return bundle_cache_dir() / self.bucket / self._key(key)
+
+    def local_file(self, key: str, size: int, sha256: str) -> Path:
+        """The cached copy of the object: reused when it passes the check, else (re)downloaded."""
+        path = self.cache_path(key)
+        if path.is_file():
+            try:
+                check_file(path, size, sha256, path.as_uri())
+                return path
+            except ContentMismatch as exc:
+                log.warning(
+                    "cached copy of %s fails its check (%s): downloading it again", self.uri_for(key), exc
+                )
+        try:
+            self._download_checked(key, path, size, sha256)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write {self.uri_for(key)} into the bundle cache at {path.parent}: {exc}; "
+                f"free disk space or point {BUNDLE_CACHE_ENV} at a writable folder"
+            ) from exc
+        return path
+
+    def _download_checked(self, key: str, path: Path, size: int, sha256: str) -> None:
+        """Stream the object into a hidden temp file next to ``path``, hashing it on the way;
+        rename it into place only when size and sha256 match."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                digest = self._stream_hashing(key, fh, size)
+                written = fh.tell()
+                fh.flush()
+                os.fsync(fh.fileno())
+            if written != size:
+                raise ContentMismatch(self.uri_for(key), "size", written, size)
+            if digest != sha256:
+                raise ContentMismatch(self.uri_for(key), "sha256", digest, sha256)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _stream_hashing(self, key: str, fh: Any, size: int) -> str:
+        """Write the object's body to ``fh`` (from the start again after a failed body read) and
+        return its sha256; a ContentLength other than ``size`` fails before the body is read."""
+        from botocore.exceptions import BotoCoreError
+
+        attempt = 1
+        while True:
+            response = self._call("get", key, self.client.get_object, Key=self._key(key))
+            length = int(response.get("ContentLength", -1))
+            if length != size:
+                response["Body"].close()
+                raise ContentMismatch(self.uri_for(key), "size", length, size)
+            fh.seek(0)
+            fh.truncate()
+            try:
+                return _copy_hashing(response["Body"].iter_chunks(HASH_CHUNK), fh)
+            except BotoCoreError as exc:
+                if attempt >= BODY_READ_ATTEMPTS:
+                    raise StoreError(f"S3 get {self.uri_for(key)} failed reading the body: {exc}") from exc
+                log.warning("reading %s failed (%s); retrying", self.uri_for(key), exc)
+                time.sleep(0.2 * 2**attempt)
+                attempt += 1
+
     def exists(self, key: str) -> bool:
         try:
             self._call("head", key, self.client.head_object, Key=self._key(key))
@@ -379,8 +498,17 @@ def file_sha256(path: Path) -> str:
     """sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
+        while chunk := fh.read(HASH_CHUNK):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _copy_hashing(chunks: Iterable[bytes], out: Any) -> str:
+    """Write ``chunks`` to ``out``; the sha256 of what was written."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+        out.write(chunk)
     return digest.hexdigest()
 
 

@@ -11,7 +11,7 @@ from llmrec_tasks import publish
 from llmrec_tasks.core.errors import BundleError
 from llmrec_tasks.serving.recommender import load_bundle
 from llmrec_tasks.storage.registry import bundle_prefix
-from llmrec_tasks.storage.store import open_store
+from llmrec_tasks.storage.store import BUNDLE_CACHE_ENV, open_store
 from tests.dags.test_dag_e2e import run_dag
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -21,7 +21,9 @@ CONF = {"ranker_n_estimators": 60, "ranker_train_windows": 2}
 ACCESS_KEY, SECRET_KEY = "AKIALLMRECCANARY7Q2", "llmrec-canary-secret-5f0d9c"
 
 
-def test_dag_runs_publish_to_s3_promote_and_roll_back(tmp_path, s3_store_uri, moto_server, sample_folder):
+def test_dag_runs_publish_to_s3_promote_and_roll_back(
+    tmp_path, s3_store_uri, moto_server, sample_folder, monkeypatch
+):
     connection = {
         "conn_type": "aws",
         "login": ACCESS_KEY,
@@ -51,6 +53,8 @@ def test_dag_runs_publish_to_s3_promote_and_roll_back(tmp_path, s3_store_uri, mo
     data = bytearray(store.get_bytes(key))
     data[len(data) // 2] ^= 0x01
     store.put_bytes(key, bytes(data))
+    # This process cached a verified copy above (it keeps serving that); a fresh host refuses the object.
+    monkeypatch.setenv(BUNDLE_CACHE_ENV, str(tmp_path / "empty-cache"))
     with pytest.raises(BundleError, match=r"ranker\.txt"):
         load_bundle(s3_store_uri, "production", versions[1])
 

@@ -2,7 +2,7 @@
 
 The "done when" path: a run publishes, the check passes and `current` moves; a second run
 publishes a new version; rollback returns `current` to the first; a corrupted file makes loading
-fail loudly; the HTTP service answers real requests from the current bundle.
+fail loudly (on a host without a verified cached copy); the HTTP service answers real requests from the current bundle.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from llmrec_tasks.serving import api
 from llmrec_tasks.serving import recommender as serving
 from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.registry import bundle_prefix, current_key
-from llmrec_tasks.storage.store import open_store
+from llmrec_tasks.storage.store import BUNDLE_CACHE_ENV, open_store
 from tests.bundle_factory import make_run, race
 from tests.s3server import FlakyProxy, create_bucket, free_port
 
@@ -61,7 +61,9 @@ def wait_for_version(base: str, version: str) -> None:
         time.sleep(0.1)
 
 
-def test_publish_promote_rollback_corrupt_and_serve(s3_store_uri: str, http_service: str) -> None:
+def test_publish_promote_rollback_corrupt_and_serve(
+    s3_store_uri: str, http_service: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert httpx.get(f"{http_service}/healthz").status_code == 503  # nothing promoted yet
 
     first = publish.run_publish(*make_run(s3_store_uri, cutoff=DAY1))
@@ -93,6 +95,10 @@ def test_publish_promote_rollback_corrupt_and_serve(s3_store_uri: str, http_serv
     data = bytearray(store.get_bytes(key))
     data[100] ^= 0x20
     store.put_bytes(key, bytes(data))
+    # This host holds a copy checked against the manifest: it keeps loading exactly what was
+    # published. A host without one (an empty cache) downloads the damaged object and refuses it.
+    assert serving.load_bundle(s3_store_uri, NS, second.version).version == second.version
+    monkeypatch.setenv(BUNDLE_CACHE_ENV, str(tmp_path / "empty-cache"))
     with pytest.raises(BundleError, match=r"corrupt: sha256 of ranker\.txt"):
         serving.load_bundle(s3_store_uri, NS, second.version)
     with pytest.raises(BundleError, match="corrupt"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -111,7 +112,7 @@ def test_approximate_index_is_tuned_to_the_recall_floor(store_uri, kind):
         assert faiss.downcast_index(loaded).hnsw.efSearch == result.search_param
     else:
         assert faiss.extract_index_ivf(loaded).nprobe == result.search_param
-    served = ix.load_index(open_store(validated.work_uri).get_bytes(C.FAISS_INDEX), info, vectors)
+    served = ix.load_index(Path(result.index_uri.removeprefix("file://")), info, vectors)
     assert isinstance(served, ix.RefinedIndex) == (kind == "ivfpq")
     queries = ix.profile_queries(validated.work_uri, [f"i{i}" for i in range(len(vectors))], vectors)[0]
     exact_scores, exact_ids = ix.exact_top_k(vectors, queries, 10)
@@ -147,7 +148,7 @@ def test_flat_index_is_exact(store_uri):
         RunConfig.from_dict({"data_uri": DATA_URI, "store_uri": store_uri}), validated, embedded
     )
     assert result.kind == "flat" and result.recall_at_10 == 1.0
-    index = ix.load_index(open_store(validated.work_uri).get_bytes(C.FAISS_INDEX), result.to_json())
+    index = ix.load_index(Path(result.index_uri.removeprefix("file://")), result.to_json())
     _, ids = index.search(vectors[:3], 1)
     assert ids[:, 0].tolist() == [0, 1, 2]
 
@@ -180,3 +181,31 @@ def test_training_retrieval_is_exact_for_small_catalogs_and_tuned_ivf_above(monk
     assert ivf.nprobe < ivf.nlist
     exact_scores, exact_ids = ix.exact_top_k(vectors, queries, 10)
     assert ix.recall_at_k(vectors, queries, index.search(queries, 10)[1], exact_ids, exact_scores) >= 0.95
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (Linux ``VmRSS``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfsq8"])
+def test_a_loaded_index_maps_its_file_instead_of_copying_it(tmp_path: Path, kind: str) -> None:
+    import faiss
+
+    vectors = clustered(40_000, 128, 50)
+    index = ix.build_index(vectors, ix.choose_kind(len(vectors), 128, 1024, kind))
+    path = tmp_path / C.FAISS_INDEX
+    faiss.write_index(index, str(path))
+    del index
+    before = resident_bytes()
+    loaded = ix.load_index(path, {"kind": kind, "search_param": 8})
+    added = resident_bytes() - before
+    # The vectors (SQ8: their codes) stay in the file; only the rest (HNSW: its graph) is read.
+    codes = vectors.size * (1 if kind == "ivfsq8" else 4)
+    size = path.stat().st_size
+    assert added < size - 0.75 * codes, f"{added} bytes resident for a {size}-byte file with {codes} of codes"
+    _, ids = loaded.search(vectors[:3], 1)
+    assert ids[:, 0].tolist() == [0, 1, 2]

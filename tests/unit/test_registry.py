@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 import pytest
@@ -85,12 +86,17 @@ def test_manifest_is_immutable_and_verified(store: ObjectStore) -> None:
     assert registry.read_manifest(store, NS, V[0]) == manifest
     with pytest.raises(PreconditionFailed):
         registry.write_manifest(store, {**manifest, "created_at": "later"})
-    where = registry.bundle_prefix(NS, V[0])
-    registry.verify_file(where, C.METRICS, C.METRICS.encode(), manifest)
-    with pytest.raises(BundleError, match="bytes"):
-        registry.verify_file(where, C.METRICS, b"short", manifest)
-    with pytest.raises(BundleError, match="sha256"):
-        registry.verify_file(where, C.METRICS, C.METRICS.upper().encode(), manifest)
+    key = registry.bundle_key(NS, V[0], C.METRICS)
+    assert registry.bundle_file(store, NS, V[0], C.METRICS, manifest).read_bytes() == C.METRICS.encode()
+    store.put_bytes(key, b"short")
+    with pytest.raises(BundleError, match=f"corrupt: {re.escape(C.METRICS)} has 5 bytes, manifest says"):
+        registry.bundle_file(store, NS, V[0], C.METRICS, manifest)
+    store.put_bytes(key, C.METRICS.upper().encode())
+    with pytest.raises(BundleError, match=f"corrupt: sha256 of {re.escape(C.METRICS)} is"):
+        registry.bundle_file(store, NS, V[0], C.METRICS, manifest)
+    store.delete(key)
+    with pytest.raises(BundleError, match=f"partial: {re.escape(C.METRICS)} cannot be read"):
+        registry.bundle_file(store, NS, V[0], C.METRICS, manifest)
 
 
 def test_read_manifest_refuses_unknown_corrupt_and_foreign(store: ObjectStore) -> None:

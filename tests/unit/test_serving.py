@@ -1,4 +1,5 @@
-"""Serving: verified loading (partial/corrupt bundles refused), recommend(), hot reload."""
+"""Serving: verified loading (partial/corrupt bundles refused; files memory-mapped, S3 through a
+checked cache), recommend(), hot reload."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import json
 import re
 import time
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from llmrec_tasks import publish
@@ -18,8 +22,9 @@ from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.errors import BundleError
 from llmrec_tasks.core.results import Published
 from llmrec_tasks.serving import recommender as serving
+from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.registry import bundle_prefix, manifest_key
-from llmrec_tasks.storage.store import open_store
+from llmrec_tasks.storage.store import BUNDLE_CACHE_ENV, S3Store, open_store
 from tests.bundle_factory import make_run
 
 NS = C.DEFAULT_NAMESPACE
@@ -322,3 +327,90 @@ def test_a_reason_claims_only_what_the_features_show(real_recommender: serving.R
 def test_to_dict_is_the_dataclass_as_dicts(recommender: serving.Recommender) -> None:
     result = recommender.recommend(user_id="u1", k=3)
     assert result.items[0].signals and result.to_dict() == dataclasses.asdict(result)
+
+
+def bytes_loaded(store_uri: str, version: str) -> serving.Bundle:
+    """The bundle parsed the way serving did before it mapped files: every file read into memory
+    and parsed from the bytes."""
+    import faiss
+    import lightgbm
+
+    store = open_store(store_uri)
+    manifest = registry.read_manifest(store, NS, version)
+    blobs = {name: store.get_bytes(registry.bundle_key(NS, version, name)) for name in manifest["files"]}
+    artifacts = serving.Artifacts(
+        embeddings=np.load(io.BytesIO(blobs[C.EMBEDDINGS]), allow_pickle=False),
+        item_ids=json.loads(blobs[C.ITEM_IDS]),
+        index=faiss.deserialize_index(np.frombuffer(blobs[C.FAISS_INDEX], dtype=np.uint8)),
+        booster=lightgbm.Booster(model_str=blobs[C.RANKER_MODEL].decode()),
+        spec=json.loads(blobs[C.FEATURE_SPEC]),
+        tables={n: pd.read_parquet(io.BytesIO(d)) for n, d in blobs.items() if n.endswith(".parquet")},
+    )
+    return serving.assemble_bundle(
+        NS, version, store.uri_for(bundle_prefix(NS, version)), manifest, artifacts
+    )
+
+
+def mapped_files() -> set[Path]:
+    """Files this process has memory-mapped (Linux)."""
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return {Path(parts[5]) for parts in (line.split(maxsplit=5) for line in lines) if len(parts) == 6}
+
+
+def test_a_file_store_bundle_is_mapped_from_the_stores_own_files(
+    store_uri: str, published: Published
+) -> None:
+    bundle = serving.load_bundle(store_uri, NS)
+    folder = Path(store_uri.removeprefix("file://")) / bundle_prefix(NS, published.version)
+    assert isinstance(bundle.embeddings, np.memmap) and not bundle.embeddings.flags.writeable
+    assert Path(bundle.embeddings.filename) == folder / C.EMBEDDINGS
+    assert {folder / C.EMBEDDINGS, folder / C.FAISS_INDEX} <= mapped_files()
+
+
+def test_the_mapped_bundle_answers_exactly_as_one_read_into_memory(
+    store_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.undo()  # the ranking stage's scorer, which reads embeddings and index
+    version = publish.run_publish(*make_run(store_uri, real_features=True)).version
+    mapped = serving.Recommender(serving.load_bundle(store_uri, NS, version))
+    in_memory = serving.Recommender(bytes_loaded(store_uri, version))
+    assert isinstance(mapped.bundle.embeddings, np.memmap)
+    assert not isinstance(in_memory.bundle.embeddings, np.memmap)
+    for query in [{"user_id": f"u{n}"} for n in range(20)] + [
+        {"recent": ["i3", "i7"]},
+        {"user_id": "nobody"},
+    ]:
+        assert mapped.recommend(**query, k=10).to_dict() == in_memory.recommend(**query, k=10).to_dict()
+
+
+def test_an_s3_bundle_is_served_from_a_checked_local_cache(
+    s3_store_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(BUNDLE_CACHE_ENV, str(cache))
+    version = publish.run_publish(*make_run(s3_store_uri)).version  # its serving check fills the cache
+    downloads: list[str] = []
+    download = S3Store._download_checked
+
+    def counted(self: S3Store, key: str, *args: Any) -> None:
+        downloads.append(key.rsplit("/", 1)[1])
+        download(self, key, *args)
+
+    monkeypatch.setattr(S3Store, "_download_checked", counted)
+    bundle = serving.load_bundle(s3_store_uri, NS)
+    cached = open_store(s3_store_uri).cache_path(registry.bundle_key(NS, version, C.EMBEDDINGS))
+    assert downloads == [] and cached.is_relative_to(cache)
+    assert isinstance(bundle.embeddings, np.memmap) and Path(bundle.embeddings.filename) == cached
+
+    original = np.array(bundle.embeddings)  # a copy: the edit below is in place, under the mapping
+    tampered = bytearray(cached.read_bytes())
+    tampered[len(tampered) // 2] ^= 0x01
+    cached.write_bytes(bytes(tampered))
+    again = serving.load_bundle(s3_store_uri, NS)
+    assert downloads == [C.EMBEDDINGS]
+    np.testing.assert_array_equal(again.embeddings, original)
+
+    rewrite(s3_store_uri, version, C.EMBEDDINGS, bytes(tampered))  # the object itself is bad now
+    cached.write_bytes(bytes(tampered))
+    with pytest.raises(BundleError, match=f"corrupt: sha256 of {re.escape(C.EMBEDDINGS)}"):
+        serving.load_bundle(s3_store_uri, NS)

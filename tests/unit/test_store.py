@@ -1,17 +1,26 @@
-"""LocalStore: atomic writes, conditional writes (create-if-absent, compare-and-swap), key safety."""
+"""LocalStore: atomic writes, conditional writes (create-if-absent, compare-and-swap), key safety;
+verified local files (a file store's own file, an S3 store's checked cache, on the moto server)."""
 
 from __future__ import annotations
 
 import functools
+import os
+import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from llmrec_tasks.core.errors import StoreError
+from llmrec_tasks.storage import store as store_module
 from llmrec_tasks.storage.store import (
+    BUNDLE_CACHE_ENV,
+    ContentMismatch,
     LocalStore,
     ObjectNotFound,
     PreconditionFailed,
+    S3Store,
+    check_file,
     content_etag,
     open_store,
 )
@@ -91,3 +100,103 @@ def test_open_store_schemes(tmp_path: Path) -> None:
         open_store("ftp://host/x")
     with pytest.raises(StoreError, match="without a bucket"):
         open_store("s3:///prefix")
+
+
+def test_local_file_is_the_objects_own_file_checked_size_first(
+    store: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = bytes(range(256)) * 12_000
+    store.put_bytes("ns/bundles/v/a.bin", data)
+    assert (
+        store.local_file("ns/bundles/v/a.bin", len(data), content_etag(data))
+        == store.root / "ns/bundles/v/a.bin"
+    )
+    changed = bytearray(data)
+    changed[len(data) // 2] ^= 0x01
+    store.put_bytes("ns/bundles/v/a.bin", bytes(changed))
+    with pytest.raises(ContentMismatch, match="sha256") as mismatch:
+        store.local_file("ns/bundles/v/a.bin", len(data), content_etag(data))
+    assert mismatch.value.actual == content_etag(bytes(changed))
+
+    def no_hashing(path: Path) -> str:
+        raise AssertionError(f"{path} was hashed although its size is wrong")
+
+    monkeypatch.setattr(store_module, "file_sha256", no_hashing)
+    with pytest.raises(ContentMismatch, match="size") as mismatch:
+        store.local_file("ns/bundles/v/a.bin", len(data) + 1, content_etag(data))
+    assert (mismatch.value.actual, mismatch.value.expected) == (len(data), len(data) + 1)
+    with pytest.raises(ObjectNotFound):
+        store.local_file("ns/bundles/v/missing.bin", 1, content_etag(b"x"))
+
+
+def test_checking_a_file_streams_it(tmp_path: Path) -> None:
+    """The sha256 is computed over 1 MiB reads: Python never holds the whole file."""
+    path = tmp_path / "big.bin"
+    data = os.urandom(24 * 2**20)
+    path.write_bytes(data)
+    tracemalloc.start()
+    try:
+        check_file(path, len(data), content_etag(data), path.as_uri())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * store_module.HASH_CHUNK
+
+
+@pytest.fixture
+def s3_store(s3_store_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[S3Store, list[str]]:
+    """An S3 store whose bundle cache is under tmp_path, and the keys of its GetObject calls."""
+    monkeypatch.setenv(BUNDLE_CACHE_ENV, str(tmp_path / "cache"))
+    s3 = open_store(s3_store_uri)
+    assert isinstance(s3, S3Store)
+    gets: list[str] = []
+    get_object = s3.client.get_object
+
+    def counted(**kwargs: Any) -> Any:
+        gets.append(kwargs["Key"])
+        return get_object(**kwargs)
+
+    monkeypatch.setattr(s3.client, "get_object", counted)
+    return s3, gets
+
+
+def test_s3_local_file_downloads_once_then_reuses_its_checked_cache(
+    s3_store: tuple[S3Store, list[str]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s3, gets = s3_store
+    key = "ns/bundles/v1/embeddings.npy"
+    data = os.urandom(3 * 2**20 + 17)
+    s3.put_bytes(key, data)
+    size, sha = len(data), content_etag(data)
+    path = s3.local_file(key, size, sha)
+    assert path == tmp_path / "cache" / s3.bucket / s3.prefix / key
+    assert path.read_bytes() == data and len(gets) == 1
+    assert s3.local_file(key, size, sha) == path and len(gets) == 1  # the verified copy is reused
+    assert [p.name for p in path.parent.iterdir()] == ["embeddings.npy"]  # no temp file left
+
+    tampered = bytearray(data)
+    tampered[size // 2] ^= 0x01
+    path.write_bytes(bytes(tampered))  # same size: only the sha256 tells
+    with caplog.at_level("WARNING", logger="llmrec_tasks.storage.store"):
+        assert s3.local_file(key, size, sha).read_bytes() == data
+    assert len(gets) == 2 and "fails its check" in caplog.text
+
+
+def test_s3_local_file_caches_nothing_that_differs_from_the_expected(
+    s3_store: tuple[S3Store, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3, gets = s3_store
+    key = "ns/bundles/v1/index.faiss"
+    data = os.urandom(2**20)
+    s3.put_bytes(key, data)
+    with pytest.raises(ContentMismatch, match="sha256"):
+        s3.local_file(key, len(data), content_etag(b"something else"))
+
+    def no_body_read(chunks: Any, out: Any) -> str:
+        raise AssertionError("the body was read although its length is wrong")
+
+    monkeypatch.setattr(store_module, "_copy_hashing", no_body_read)
+    with pytest.raises(ContentMismatch, match="size"):
+        s3.local_file(key, len(data) - 1, content_etag(data))
+    assert len(gets) == 2
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
