@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -319,6 +318,19 @@ def test_a_reason_claims_only_what_the_features_show(real_recommender: serving.R
     assert claims
 
 
-def test_to_dict_is_the_dataclass_as_dicts(recommender: serving.Recommender) -> None:
-    result = recommender.recommend(user_id="u1", k=3)
-    assert result.items[0].signals and result.to_dict() == dataclasses.asdict(result)
+def test_timings_name_each_stage_of_the_ranking_scorer(real_recommender: serving.Recommender) -> None:
+    timings: dict[str, float] = {}
+    result = real_recommender.recommend(user_id="u1", k=5, timings=timings)
+    assert list(timings) == ["history", "candidates", "features", "score", "reasons"]
+    assert all(seconds >= 0 for seconds in timings.values())
+    untimed = real_recommender.recommend(user_id="u1", k=5)
+    assert [i.item_id for i in result.items] == [i.item_id for i in untimed.items]  # the same answer
+    cold: dict[str, float] = {}
+    real_recommender.recommend(user_id="someone-new", k=5, timings=cold)
+    assert list(cold) == ["history", "popular"]
+
+
+def test_timings_of_another_scorer_take_it_as_one_stage(recommender: serving.Recommender) -> None:
+    timings: dict[str, float] = {}
+    recommender.recommend(user_id="u1", k=3, timings=timings)
+    assert list(timings) == ["history", "scorer", "score", "reasons"]
