@@ -445,3 +445,26 @@ def test_the_worker_factory_needs_the_store(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv(api.STORE_ENV, raising=False)
     with pytest.raises(api.ConfigError, match="llmrec serve --store"):
         api.app_from_env()
+
+
+def test_recommendations_are_computed_on_one_thread_with_single_threaded_native_pools(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    current = client.app.state.holder.recommender
+    original = current.recommend
+    seen: list[tuple[str, set[int]]] = []
+
+    def spy(**kwargs: Any) -> Any:
+        seen.append((threading.current_thread().name, {pool["num_threads"] for pool in threadpool_info()}))
+        return original(**kwargs)
+
+    monkeypatch.setattr(current, "recommend", spy)
+    assert client.get("/recommendations/u1").status_code == 200
+    assert client.post("/recommendations", json={"user_id": "u2"}).status_code == 200
+    (first_thread, pools), (second_thread, _) = seen
+    assert first_thread == second_thread and first_thread.startswith("llmrec-recommend")
+    assert pools == {1}  # OpenBLAS and every OpenMP runtime (FAISS's, LightGBM's) at one thread
