@@ -375,7 +375,7 @@ def test_each_request_is_one_json_access_line(
     assert "user_id" not in health
 
 
-def test_the_access_log_config_writes_bare_json_lines_and_silences_uvicorns() -> None:
+def test_the_access_log_config_writes_bare_json_lines_on_stdout() -> None:
     config = api.log_config()
     access = config["loggers"]["llmrec.access"]
     handler = config["handlers"][access["handlers"][0]]
