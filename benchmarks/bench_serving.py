@@ -5,13 +5,21 @@ when the namespace has no current bundle):
 
 - ``load``: fetching + verifying + parsing the bundle (what a new ``current`` costs the service);
 - ``in_process``: ``Recommender.recommend(user_id, k=10)`` one request after another;
-- ``http``: ``GET /recommendations/{user_id}?k=10`` against ``llmrec serve`` in its own process,
-  ``--concurrency`` client threads;
+- ``http``: ``GET /recommendations/{user_id}?k=10`` against ``llmrec serve --workers N`` in its own
+  processes, for each N of ``--workers`` (default 1 and 2), ``--clients`` client threads (default 8)
+  each on its own keep-alive connection; errors are non-200 answers and transport failures;
+- ``switch``: the same load on the most workers while ``current`` is promoted to another complete
+  version and rolled back (each awaited until every worker serves it, read from ``/metrics``):
+  errors, and answers whose ``X-Bundle-Version`` header differs from the body's ``version`` (mixed);
+  skipped when the namespace has a single version. The promote and rollback skip the publisher's
+  serving check (``check=False``): what is measured is the service, not the publisher;
 - ``floor``: for the same users, only the FAISS search (profile vector, ``num_candidates``) plus
   LightGBM scoring of that user's precomputed candidate features: the time no serving code adds.
 
-The ratios are p50(end to end) / p50(floor). Users are drawn (with replacement, fixed seed) from the
-bundle's users with a history. Usage::
+The in-process figures run with the native thread pools at one thread, as the service's compute
+thread does (``api.single_threaded_native_code``). The ratios are p50(end to end) / p50(floor) and p99(HTTP) / p99(in process). Users are drawn (with
+replacement, fixed seed) from the bundle's users with a history. The service's access log goes to
+/dev/null. Usage::
 
     python benchmarks/bench_serving.py --store file:///tmp/llmrec-bench --build ../shared/data/ml-latest-small
 """
@@ -24,8 +32,11 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +45,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from llmrec_tasks import publish  # noqa: E402
 from llmrec_tasks.core import constants as C  # noqa: E402
 from llmrec_tasks.serving import recommender as serving  # noqa: E402
+from llmrec_tasks.serving.api import single_threaded_native_code  # noqa: E402
 from llmrec_tasks.storage import registry  # noqa: E402
 from llmrec_tasks.storage.store import open_store  # noqa: E402
 
@@ -118,16 +131,18 @@ def bench_floor(rec: serving.Recommender, users: list[str], num_candidates: int)
     }
 
 
-def bench_http(
-    store_uri: str, namespace: str, users: list[str], k: int, concurrency: int, port: int
-) -> dict[str, Any]:
+@contextmanager
+def service(store_uri: str, namespace: str, port: int, workers: int) -> Iterator[str]:
+    """``llmrec serve --workers N`` in its own processes until healthy; yields its base URL."""
     import httpx
 
-    code = f"from llmrec_tasks.serving.api import serve; serve({store_uri!r}, {namespace!r}, '127.0.0.1', {port})"
+    command = [
+        *(sys.executable, "-m", "llmrec_tasks.cli", "serve", "--store", store_uri, "--namespace", namespace),
+        *("--port", str(port), "--workers", str(workers), "--poll-seconds", "0.5"),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # serve makes a fresh one per start
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -140,31 +155,187 @@ def bench_http(
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("the HTTP service did not become healthy")
             time.sleep(0.2)
-        with httpx.Client(
-            base_url=base, timeout=30, limits=httpx.Limits(max_connections=concurrency)
-        ) as client:
-
-            def one(user: str) -> float:
-                t0 = time.perf_counter()
-                response = client.get(f"/recommendations/{user}", params={"k": k})
-                elapsed = (time.perf_counter() - t0) * 1000
-                response.raise_for_status()
-                return elapsed
-
-            with ThreadPoolExecutor(max_workers=concurrency) as pool:
-                list(pool.map(one, users[:50]))  # warm-up
-                started = time.perf_counter()
-                times = list(pool.map(one, users))
-                wall = time.perf_counter() - started
+        yield base
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
+
+
+class Load:
+    """``clients`` threads, each with its own keep-alive connection, sending GETs for ``users`` in turn.
+
+    ``run(users)`` sends each user once (spread over the clients); ``until(stop)`` cycles through
+    them until ``stop`` is set. Every answer is kept as (ms, status, header version, body version).
+    """
+
+    def __init__(self, base: str, clients: int, k: int) -> None:
+        import httpx
+
+        self.clients = [httpx.Client(base_url=base, timeout=30) for _ in range(clients)]
+        self.k = k
+        self.answers: list[tuple[float, int, str | None, str | None]] = []
+
+    def one(self, client: Any, user: str) -> None:
+        import httpx
+
+        t0 = time.perf_counter()
+        try:
+            response = client.get(f"/recommendations/{user}", params={"k": self.k})
+        except httpx.TransportError:
+            self.answers.append(((time.perf_counter() - t0) * 1000, 0, None, None))
+            return
+        elapsed = (time.perf_counter() - t0) * 1000
+        body = response.json().get("version") if response.status_code == 200 else None
+        self.answers.append((elapsed, response.status_code, response.headers.get("x-bundle-version"), body))
+
+    def run(self, users: list[str]) -> float:
+        """Wall seconds to answer every user once."""
+        shares = [users[i :: len(self.clients)] for i in range(len(self.clients))]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=len(self.clients)) as pool:
+            list(pool.map(lambda c, share: [self.one(c, u) for u in share], self.clients, shares))
+        return time.perf_counter() - started
+
+    def until(self, stop: threading.Event, users: list[str]) -> list[threading.Thread]:
+        def loop(n: int, client: Any) -> None:
+            while not stop.is_set():
+                self.one(client, users[n % len(users)])
+                n += len(self.clients)
+
+        threads = [threading.Thread(target=loop, args=(i, c)) for i, c in enumerate(self.clients)]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+    def summary(self, wall: float) -> dict[str, Any]:
+        ok = [ms for ms, status, _, _ in self.answers if status == 200]
+        return {
+            **percentiles(ok or [float("nan")]),
+            "requests": len(self.answers),
+            "errors": sum(status != 200 for _, status, _, _ in self.answers),
+            "throughput_rps": round(len(self.answers) / wall, 1),
+        }
+
+
+def bench_http(
+    store_uri: str, namespace: str, users: list[str], k: int, clients: int, port: int, workers: int
+) -> dict[str, Any]:
+    with service(store_uri, namespace, port, workers) as base:
+        warm = Load(base, clients, k)
+        warm.run(users[: 10 * clients])
+        warm.close()
+        load = Load(base, clients, k)
+        wall = load.run(users)
+        load.close()
+    return {**load.summary(wall), "workers": workers, "clients": clients}
+
+
+def served_versions(base: str) -> dict[str, float]:
+    """``llmrec_bundle_info`` from /metrics: version -> max over live workers (1 while any serves it)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base}/metrics", timeout=10).text
     return {
-        **percentiles(times),
-        "requests": len(users),
-        "concurrency": concurrency,
-        "throughput_rps": round(len(users) / wall, 1),
+        s.labels["version"]: s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "llmrec_bundle_info"
+        for s in family.samples
     }
+
+
+def other_version(store_uri: str, namespace: str) -> str | None:
+    """A complete version other than current (the newest such), or None."""
+    others = [v for v in registry.list_versions(store_uri, namespace) if v["complete"] and not v["current"]]
+    return max(others, key=lambda v: (v["logical_date"], v["created_at"]))["version"] if others else None
+
+
+def bench_switch(
+    store_uri: str, namespace: str, users: list[str], k: int, clients: int, port: int, workers: int
+) -> dict[str, Any]:
+    """Promote another version and roll back while ``clients`` keep asking; wait for every worker."""
+    target = other_version(store_uri, namespace)
+    if target is None:
+        return {"skipped": f"{namespace!r} has no second complete version to promote"}
+    start = registry.current_version(open_store(store_uri), namespace)
+
+    def wait_all(version: str, left: str) -> float:
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + 120
+        while (versions := served_versions(base)).get(version) != 1 or versions.get(left, 0) != 0:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the workers did not all move to {version}: {versions}")
+            time.sleep(0.1)
+        return round(time.perf_counter() - t0, 2)
+
+    with service(store_uri, namespace, port, workers) as base:
+        warm = Load(base, clients, k)
+        warm.run(users[: 10 * clients])
+        warm.close()
+        load = Load(base, clients, k)
+        stop = threading.Event()
+        started = time.perf_counter()
+        threads = load.until(stop, users)
+        try:
+            time.sleep(2)
+            publish.promote(store_uri, namespace, target, check=False)
+            promote_s = wait_all(target, start)
+            time.sleep(2)
+            publish.rollback(store_uri, namespace, check=False)
+            rollback_s = wait_all(start, target)
+            time.sleep(2)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+            load.close()
+        wall = time.perf_counter() - started
+    seen = [(header, body) for _, status, header, body in load.answers if status == 200]
+    return {
+        **load.summary(wall),
+        "mixed_versions": sum(header != body for header, body in seen),
+        "answers_by_version": {v: sum(body == v for _, body in seen) for v in (start, target)},
+        "all_workers_moved_s": {"promote": promote_s, "rollback": rollback_s},
+        "workers": workers,
+        "clients": clients,
+    }
+
+
+def print_table(results: dict[str, Any]) -> None:
+    """The figures side by side; ratios against the floor (p50) and the in-process run (p99)."""
+    floor, local = results["floor"], results["in_process"]
+    rows = [("floor (FAISS + LightGBM)", floor, None), ("in process, 1 thread", local, None)]
+    rows += [
+        (f"HTTP, {h['workers']} worker(s), {h['clients']} clients", h, h["errors"]) for h in results["http"]
+    ]
+    switch = results["switch"]
+    if "skipped" not in switch:
+        rows.append(
+            (f"HTTP during promote + rollback, {switch['workers']} workers", switch, switch["errors"])
+        )
+    print(
+        f"{'':44} {'p50 ms':>8} {'p99 ms':>8} {'rps':>7} {'errors':>6} {'p50/floor':>9} {'p99/in-proc':>11}"
+    )
+    for name, row, errors in rows:
+        rps = row.get("throughput_rps")
+        print(
+            f"{name:44} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} {rps if rps is not None else '-':>7} "
+            f"{errors if errors is not None else '-':>6} {row['p50_ms'] / floor['p50_ms']:9.1f} "
+            f"{row['p99_ms'] / local['p99_ms']:11.2f}"
+        )
+    if "skipped" in switch:
+        print(f"promote/rollback under load: skipped ({switch['skipped']})")
+    else:
+        print(
+            f"promote/rollback under load: {switch['errors']} errors, {switch['mixed_versions']} mixed answers, "
+            f"answers by version {switch['answers_by_version']}, every worker moved in "
+            f"{switch['all_workers_moved_s']} s"
+        )
+    print(f"load average (1, 5, 15 min) at the end: {results['load_average']}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -182,7 +353,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="run the pipeline on DATA first if nothing is promoted (default: MovieLens)",
     )
     parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=8, help="HTTP client threads (one connection each)")
+    parser.add_argument(
+        "--workers", type=lambda text: [int(n) for n in text.split(",")], default=[1, 2], help="e.g. 1,2"
+    )
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--seed", type=int, default=0)
@@ -192,6 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
 
     ensure_bundle(args.store, args.namespace, args.build)
+    single_threaded_native_code()  # as the service's compute thread runs: figures side by side
     started = time.perf_counter()
     bundle = serving.load_bundle(args.store, args.namespace)
     load_s = time.perf_counter() - started
@@ -214,14 +389,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     results["floor"] = bench_floor(rec, users, num_candidates)
     results["in_process"] = bench_in_process(rec, users, args.k)
-    results["http"] = bench_http(args.store, args.namespace, users, args.k, args.concurrency, args.port)
+    results["http"] = [
+        bench_http(args.store, args.namespace, users, args.k, args.clients, args.port, workers)
+        for workers in args.workers
+    ]
+    results["switch"] = bench_switch(
+        args.store, args.namespace, users, args.k, args.clients, args.port, max(args.workers)
+    )
+    results["load_average"] = [round(x, 2) for x in os.getloadavg()]
     floor = results["floor"]["p50_ms"]
-    results["ratio_p50"] = {
-        "in_process_vs_floor": round(results["in_process"]["p50_ms"] / floor, 1),
-        "http_vs_floor": round(results["http"]["p50_ms"] / floor, 1),
+    results["ratio_p50_vs_floor"] = {
+        "in_process": round(results["in_process"]["p50_ms"] / floor, 1),
+        **{f"http_{h['workers']}_workers": round(h["p50_ms"] / floor, 1) for h in results["http"]},
     }
     text = json.dumps(results, indent=2)
     print(text)
+    print_table(results)
     if args.out:
         args.out.write_text(text + "\n")
     return results

@@ -20,6 +20,7 @@ from llmrec_tasks.core.constants import DEFAULT_NAMESPACE, REPORT_HTML
 from llmrec_tasks.core.errors import LlmrecError
 from llmrec_tasks.core.settings import DATA_ENV, SAMPLE_DATA
 
+WORKERS_ENV = "LLMREC_SERVING_WORKERS"  # `llmrec serve --workers` default
 DEFAULT_STORE = os.environ.get(STORE_ENV, Path("llmrec-store").resolve().as_uri())
 
 
@@ -65,6 +66,16 @@ def _config(args: argparse.Namespace) -> Any:
     return RunConfig.from_dict(values)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _store_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=DEFAULT_STORE, help="file:///path or s3://bucket/prefix")
     parser.add_argument("--namespace", default=DEFAULT_NAMESPACE)
@@ -103,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=os.environ.get(WORKERS_ENV, "1"),
+        help=f"uvicorn worker processes, each loading the bundle (default ${WORKERS_ENV} or 1)",
+    )
+    serve.add_argument(
+        "--poll-seconds", type=float, default=5.0, help="how often each worker reads current.json"
+    )
     sample = sub.add_parser("sample", help="write the generated demo dataset as contract CSVs")
     sample.add_argument("folder", type=Path)
     sample.add_argument("--seed", type=int, default=7)
@@ -294,7 +314,14 @@ def dispatch(args: argparse.Namespace) -> Any:
     if args.command == "serve":
         from llmrec_tasks.serving.api import serve
 
-        serve(args.store, args.namespace, args.host, args.port)
+        serve(
+            args.store,
+            args.namespace,
+            args.host,
+            args.port,
+            workers=args.workers,
+            poll_seconds=args.poll_seconds,
+        )
         return None
     if args.command == "demo-progress":
         with args.log.open("w") as log:

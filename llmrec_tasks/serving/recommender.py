@@ -333,11 +333,6 @@ class Recommendation:
     history_length: int
     ignored_item_ids: list[str]
 
-    def to_dict(self) -> dict[str, Any]:
-        """As JSON-ready dicts; shallow copies, several times faster than ``dataclasses.asdict``."""
-        items = [{**vars(item), "signals": [dict(vars(s)) for s in item.signals]} for item in self.items]
-        return {**vars(self), "items": items, "ignored_item_ids": list(self.ignored_item_ids)}
-
 
 # --- reasons -------------------------------------------------------------------------------------
 
@@ -429,6 +424,21 @@ FEATURE_REASONS: dict[str, ReasonTemplate] = {
 # --- recommending --------------------------------------------------------------------------------
 
 
+class Lap:
+    """Stage timings for one request: ``lap(stage)`` stores the seconds since the previous lap."""
+
+    __slots__ = ("last", "out")
+
+    def __init__(self, out: dict[str, float]) -> None:
+        self.out = out
+        self.last = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.out[stage] = now - self.last
+        self.last = now
+
+
 @dataclass(frozen=True)
 class RankerScorer:
     """The ranking stage's candidates and features over one bundle (a :data:`Scorer`)."""
@@ -436,10 +446,15 @@ class RankerScorer:
     context: context.RankContext
     params: sources.CandidateParams
 
-    def __call__(self, history: History, now: float) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, history: History, now: float, lap: Lap | None = None) -> tuple[np.ndarray, np.ndarray]:
         hist = events.Histories.from_lists([history.items], [history.timestamps], np.array([now]))
         cands = sources.generate_candidates(self.context, hist, self.params)
-        return cands.items, features.build_features(self.context, hist, cands)
+        if lap is not None:
+            lap("candidates")
+        matrix = features.build_features(self.context, hist, cands)
+        if lap is not None:
+            lap("features")
+        return cands.items, matrix
 
 
 def ranker_scorer(bundle: Bundle) -> RankerScorer:
@@ -501,15 +516,30 @@ class Recommender:
         recent: Sequence[str | Event] = (),
         k: int = 10,
         exclude_seen: bool = True,
+        timings: dict[str, float] | None = None,
     ) -> Recommendation:
-        """Top ``k`` items for a user and/or recent events, with a score and a reason each."""
+        """Top ``k`` items for a user and/or recent events, with a score and a reason each.
+
+        ``timings``, when given, receives the seconds each stage took (``history``, ``candidates``,
+        ``features``, ``score``, ``reasons``, ``popular`` for fills; ``scorer`` for candidates and
+        features together when the scorer is not the ranking stage's), for the service's metrics.
+        """
         bundle = self.bundle
+        lap = Lap(timings) if timings is not None else None
         k = max(1, min(int(k), len(bundle.item_ids)))
         history, ignored = self._merge(user_id, recent)
         seen = set(history.items.tolist()) if exclude_seen else set()
+        if lap is not None:
+            lap("history")
         if len(history) == 0:
-            return self._popular(k, seen, [], history, ignored)
-        candidates, matrix = self.scorer(history, time.time())
+            return self._popular(k, seen, [], history, ignored, lap)
+        if lap is None:
+            candidates, matrix = self.scorer(history, time.time())
+        elif isinstance(self.scorer, RankerScorer):
+            candidates, matrix = self.scorer(history, time.time(), lap)
+        else:
+            candidates, matrix = self.scorer(history, time.time())
+            lap("scorer")
         matrix = np.asarray(matrix, dtype=np.float32)
         if matrix.shape != (len(candidates), len(bundle.feature_names)):
             raise BundleError(
@@ -517,16 +547,20 @@ class Recommender:
                 f"expects {len(bundle.feature_names)} columns ({', '.join(bundle.feature_names)})"
             )
         if len(candidates) == 0:
-            return self._popular(k, seen, [], history, ignored)
+            return self._popular(k, seen, [], history, ignored, lap)
         scores = bundle.booster.predict(matrix, num_threads=1)
         top = np.argsort(-scores, kind="stable")[:k]
+        if lap is not None:
+            lap("score")
         explained = self._reasons(history, candidates[top], matrix[top], _medians(matrix))
         chosen = [
             RecommendedItem(bundle.item_ids[c], float(scores[t]), reason, bundle.titles[c] or None, signals)
             for t, c, (reason, signals) in zip(top, candidates[top], explained, strict=True)
         ]
+        if lap is not None:
+            lap("reasons")
         if len(chosen) < k:  # tiny catalogs or long histories: fill with popular items
-            return self._popular(k, seen | set(candidates[top].tolist()), chosen, history, ignored)
+            return self._popular(k, seen | set(candidates[top].tolist()), chosen, history, ignored, lap)
         return Recommendation(chosen, "personalized", bundle.version, len(history), ignored)
 
     def _reasons(
@@ -594,7 +628,13 @@ class Recommender:
         return self.bundle.titles[row] or self.bundle.item_ids[row]
 
     def _popular(
-        self, k: int, exclude: set[int], chosen: list[RecommendedItem], history: History, ignored: list[str]
+        self,
+        k: int,
+        exclude: set[int],
+        chosen: list[RecommendedItem],
+        history: History,
+        ignored: list[str],
+        lap: Lap | None = None,
     ) -> Recommendation:
         """Fill up to ``k`` with the most popular items not excluded (cold start / fallback)."""
         bundle = self.bundle
@@ -611,6 +651,8 @@ class Recommender:
                 RecommendedItem(bundle.item_ids[row], float(count), reason, bundle.titles[row] or None)
             )
         strategy = "personalized" if chosen else "popular"
+        if lap is not None:
+            lap("popular")
         return Recommendation(items, strategy, bundle.version, len(history), ignored)
 
 
@@ -688,8 +730,10 @@ class BundleHolder:
         namespace: str,
         *,
         poll_seconds: float = 5.0,
+        on_swap: Callable[[Recommender], None] | None = None,
     ) -> None:
         self.store_uri = store_uri
+        self.on_swap = on_swap  # called with each recommender swapped in (e.g. the version metric)
         self.namespace = validate_name("namespace", namespace)
         self.poll_seconds = poll_seconds
         self.recommender: Recommender | None = None
@@ -715,6 +759,8 @@ class BundleHolder:
                 return False
             self.last_error = None
             log.info("now serving %s/%s", self.namespace, bundle.version)
+            if self.on_swap is not None:
+                self.on_swap(self.recommender)
             return True
 
     def _loop(self) -> None:

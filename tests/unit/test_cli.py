@@ -161,3 +161,26 @@ def test_next_steps_say_to_promote_a_bundle_that_is_not_current(store_uri):
     text = cli.next_steps_text(store_uri, "demo", env={})
     assert f"{published.version} is not current" in text
     assert f"llmrec promote {published.version} --store {store_uri} --namespace demo" in text
+
+
+def test_serve_workers_default_from_the_environment_and_must_be_positive(monkeypatch, capsys):
+    assert build_parser().parse_args(["serve"]).workers == 1
+    monkeypatch.setenv(cli.WORKERS_ENV, "3")
+    assert build_parser().parse_args(["serve"]).workers == 3
+    assert build_parser().parse_args(["serve", "--workers", "2"]).workers == 2
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--workers", bad])
+        assert "expected a positive integer" in capsys.readouterr().err
+
+
+def test_serve_command_passes_workers_and_polling(monkeypatch):
+    from llmrec_tasks.serving import api
+
+    calls = []
+    monkeypatch.setattr(api, "serve", lambda *args, **kwargs: calls.append((args, kwargs)))
+    assert (
+        main(["serve", "--store", "file:///s", "--namespace", "exp", "--workers", "2", "--poll-seconds", "1"])
+        == 0
+    )
+    assert calls == [(("file:///s", "exp", "127.0.0.1", 8000), {"workers": 2, "poll_seconds": 1.0})]

@@ -243,6 +243,7 @@ def test_compose_serves_the_production_bundle_on_the_same_image(compose):
     assert args.store == airflow_env(compose)["LLMREC_STORE_URI"]  # the store the DAGs publish to
     assert args.namespace == "production"
     assert args.host == "0.0.0.0"  # reachable from the other containers and the published port
+    assert args.workers == 2  # several worker processes, each following current.json
     assert serving["ports"] == [f"{args.port}:{args.port}"]
     assert serving["restart"] == "always"
     assert serving["depends_on"]["minio"]["condition"] == "service_healthy"
