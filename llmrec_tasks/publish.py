@@ -515,35 +515,34 @@ def _metric_line(metrics: Mapping[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no metrics"
 
 
-def gate_failure_message(cfg: RunConfig, published: Published) -> str:
-    """Why the bundle failed the gate, on which numbers, and how to promote it anyway."""
-    gate = published.gate or {}
+def gate_failure_message(cfg: RunConfig, published: Published, gate: Mapping[str, Any]) -> str:
+    """Why the bundle failed the gate (its record ``gate``), on which numbers, and how to promote
+    it anyway."""
     version = published.version
     lines = [
         f"bundle {version} (namespace {published.namespace}) was published but NOT promoted: "
-        f"it failed the quality gate: {gate.get('reason', published.reason)}",
-        f"  new ranker:      {_metric_line(gate.get('ranker', {}))}",
-        f"  popularity:      {_metric_line(gate.get('popularity', {}))}",
+        f"it failed the quality gate: {gate['reason']}",
+        f"  new ranker:      {_metric_line(gate['ranker'])}",
+        f"  popularity:      {_metric_line(gate['popularity'])}",
     ]
-    current_version = gate.get("current_version")
-    if current_version:
+    if gate["current_version"]:
         lines.append(
-            f"  current {current_version} (scored on this run's evaluation data): "
-            f"{_metric_line(gate.get('current') or {})}; it stays current"
+            f"  current {gate['current_version']} (as the gate scored it on this run's evaluation "
+            f"data): {_metric_line(gate['current'] or {})}; it stays current"
         )
     store = redact(cfg.store_uri)
-    lines.append(f"  report: {published.bundle_uri}/{C.REPORT_HTML}")
+    lines.append(f"  report: {redact(published.bundle_uri)}/{C.REPORT_HTML}")
     lines.append(
         f"To promote it anyway: `llmrec promote --store {store} --namespace {published.namespace} {version}`."
     )
-    new = (gate.get("ranker") or {}).get(C.PRIMARY_METRIC)
-    pop = (gate.get("popularity") or {}).get(C.PRIMARY_METRIC)
-    current = (gate.get("current") or {}).get(C.PRIMARY_METRIC)
+    new = gate["ranker"].get(C.PRIMARY_METRIC)
+    pop = gate["popularity"].get(C.PRIMARY_METRIC)
+    current = (gate["current"] or {}).get(C.PRIMARY_METRIC)
     if new is not None and pop is not None and new > pop and current:
         # The gate passes while new >= current * (1 - tolerance).
         needed = math.ceil((1 - new / current) * 1000) / 1000
         lines.append(
-            f"Or run again with gate_tolerance >= {needed:.3f} (now {gate.get('tolerance')}; it is part "
+            f"Or run again with gate_tolerance >= {needed:.3f} (now {gate['tolerance']}; it is part "
             "of the version id: the run trains a new version)."
         )
     else:
@@ -559,7 +558,7 @@ def enforce_gate(cfg: RunConfig, published: Published) -> None:
     failed, not green. Bundles the gate did not evaluate (``promote=False``, rolled back, older
     than current, already current) pass here: that was decided on purpose."""
     if published.gate is not None and not published.gate["passed"]:
-        raise QualityGateError(gate_failure_message(cfg, published))
+        raise QualityGateError(gate_failure_message(cfg, published, published.gate))
 
 
 def current_ranker_metrics(store: ObjectStore, namespace: str, version: str, work_uri: str) -> dict[str, Any]:

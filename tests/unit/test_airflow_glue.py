@@ -486,8 +486,8 @@ def test_gate_task_fails_a_bundle_that_failed_the_gate_with_how_to_promote_it():
     assert "new ranker:      ndcg@10 0.2000, recall@10 0.3000" in message
     assert "popularity:      ndcg@10 0.1000" in message
     assert (
-        "current 20261001T000000Z-abcdef12-123456 (scored on this run's evaluation data): ndcg@10 0.3000"
-        in message
+        "current 20261001T000000Z-abcdef12-123456 (as the gate scored it on this run's evaluation data): "
+        "ndcg@10 0.3000" in message
     )
     assert f"`llmrec promote --store {cfg.store_uri} --namespace production {failed.version}`" in message
     assert "gate_tolerance >= 0.334" in message  # 0.2 >= 0.3 * (1 - 0.334)
