@@ -5,7 +5,7 @@ Builds a new recommender **bundle** from the interactions up to the run's data i
 publishes it to the object store; promotes it when it passes the quality gate.
 
 `config` → `validate` → `plan_shards` → `embed_shard` (one mapped task per shard) → `merge_shards`
-→ `index` → `train` → `publish`
+→ `index` → `train` → `publish` → `gate`
 
 | task | does | writes (under `<namespace>/runs/<version>/`, then `<namespace>/bundles/<version>/`) |
 | --- | --- | --- |
@@ -16,12 +16,24 @@ publishes it to the object store; promotes it when it passes the quality gate.
 | `index` | FAISS index over the embeddings | `index.faiss`, `index.json` |
 | `train` | candidates + LightGBM LambdaRank, metrics against baselines, HTML report | `ranker.txt`, `metrics.json`, `report.html` |
 | `publish` | immutable bundle + `manifest.json`; promotes (`current.json`) when the gate passes | bundle |
+| `gate` | **fails the run** when the bundle failed the quality gate (why, metrics vs current, how to promote anyway); skipped when not promoted on purpose (`promote=false`, rolled back, older than current) | nothing |
 
 Tasks pass URIs and small result dicts through XCom; data stays in the store.
 
 **Snapshot and version.** The cutoff is the run's data interval end (manual runs: the logical
 date, or the trigger time when there is none). The same date, data and params give the same
 version id, so reruns and cleared tasks rebuild the same version and overwrite nothing published.
+
+**Gate.** A bundle that fails the quality gate is still published (immutable, listed by `llmrec
+versions`), but `current` does not move and the `gate` task fails, so the run is red. Its log says
+why, the ranker's metrics vs popularity and vs the current bundle (scored on this run's data), and
+how to promote it anyway: `llmrec promote --store S --namespace N VERSION`, or a run with a larger
+`gate_tolerance`.
+
+**Alerts.** A task that fails for good logs one `LLMREC_ALERT {json}` line (dag, run, task, try,
+exception, log URL); a run not finished `LLMREC_RUN_DEADLINE_HOURS` (default 6, `0` = off) after
+it was queued logs one too (a DAG deadline). With Variable `llmrec_alert_webhook` (else env
+`LLMREC_ALERT_WEBHOOK`) set, the JSON is also POSTed there.
 
 **Asset.** A promoted bundle emits an event on its store's and namespace's asset,
 `llmrec://bundles/<store key>/<namespace>` (the store key: a slug of the store URI and a short hash),
@@ -57,6 +69,7 @@ from datetime import UTC, datetime, timedelta
 from airflow.sdk import AssetAlias, ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag, task
 
 from llmrec_tasks.airflow_glue import BUNDLE_ALIAS, DAG_ID, NON_RETRYABLE_ERRORS
+from llmrec_tasks.alerts import deadline_alert, on_failure_callback
 from llmrec_tasks.core.settings import form_params
 
 # One param per setting of llmrec_tasks/core/settings.py (types, bounds, texts, form sections).
@@ -71,6 +84,7 @@ DEFAULT_ARGS = {
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=20),
     "execution_timeout": timedelta(hours=3),
+    "on_failure_callback": on_failure_callback,  # one LLMREC_ALERT line (+ webhook) per failed task
     # Bad params, bad data, a failed gate: retrying cannot help, fail at once with the message.
     "retry_policy": ExceptionRetryPolicy(
         rules=[
@@ -94,6 +108,7 @@ DEFAULT_ARGS = {
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
+    deadline=deadline_alert(),  # LLMREC_RUN_DEADLINE_HOURS after queued (0: none)
     params=PARAMS,
     tags=["llmrec"],
 )
@@ -165,6 +180,12 @@ def llmrec_daily():
             trained=trained,
         )
 
+    @task(multiple_outputs=False)
+    def gate(config: dict, published: dict) -> dict:
+        from llmrec_tasks.airflow_glue import gate_task
+
+        return gate_task(config, published)
+
     cfg = config()
     validated = validate(cfg)
     shards = plan_shards(cfg, validated)
@@ -172,7 +193,8 @@ def llmrec_daily():
     embedded = merge_shards(cfg, validated, shard_results)
     indexed = index(cfg, validated, embedded)
     trained = train(cfg, validated, embedded)
-    publish(cfg, validated, embedded, indexed, trained)
+    published = publish(cfg, validated, embedded, indexed, trained)
+    gate(cfg, published)
 
 
 llmrec_daily()

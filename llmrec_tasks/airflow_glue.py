@@ -317,6 +317,22 @@ def publish_task(
     return published.to_json()
 
 
+def gate_task(config: Mapping[str, Any], published: Mapping[str, Any]) -> dict[str, Any]:
+    """Body of the gate task, after publish: fail the run when the bundle failed the quality gate
+    (:class:`QualityGateError`, not retried), skip when it was not promoted on purpose
+    (``promote=false``, rolled back, older than current), else the promoted version."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from llmrec_tasks.publish import enforce_gate
+
+    result = Published.from_json(published)
+    enforce_gate(task_config(config), result)
+    if not result.promoted:
+        raise AirflowSkipException(f"{result.version} not promoted, gate not evaluated: {result.reason}")
+    log.info("bundle %s is current: %s", result.version, result.reason)
+    return {"version": result.version, "promoted": True, "reason": result.reason}
+
+
 # --- the bundle asset ----------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -25,7 +26,7 @@ import numpy as np
 import llmrec_tasks
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import RunConfig, validate_name
-from llmrec_tasks.core.errors import BundleError, ConfigError
+from llmrec_tasks.core.errors import BundleError, ConfigError, QualityGateError
 from llmrec_tasks.core.results import Embedded, Indexed, Published, StageResult, Trained, Validated
 from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.registry import Decision, bundle_prefix, manifest_key, read_manifest
@@ -49,6 +50,7 @@ TREND_VERSIONS = 12  # earlier versions in the report's trend
 EXAMPLE_USERS = 4  # users whose recommendations the report shows
 EXAMPLE_K = 5
 EXAMPLE_HISTORY = 5  # recent history titles shown per example user
+GATE_METRICS = (C.PRIMARY_METRIC, "recall@10")  # the headline metrics the gate record keeps
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 
 
@@ -433,8 +435,10 @@ def run_publish(
         return Published(**result, promoted=False, reason="promote=False: published without moving current")
     logical = manifest["lineage"]["logical_date"]
     run_ids = {"dag_id": cfg.dag_id, "run_id": cfg.run_id}
+    gate: list[dict[str, Any] | None] = [None]  # the last decision's gate record (CAS may retry)
 
     def decide(pointer: dict[str, Any] | None) -> Decision:
+        gate[0] = None
         if pointer is not None and pointer["version"] == version:
             return None, True, f"{version} is already current"
         if pointer is not None and version in pointer.get("rolled_back", []):
@@ -457,6 +461,14 @@ def run_publish(
             else None
         )
         passed, why = quality_gate(manifest.get("metrics", {}), current_metrics, cfg.gate_tolerance)
+        gate[0] = gate_record(
+            passed,
+            why,
+            cfg.gate_tolerance,
+            manifest.get("metrics", {}),
+            pointer["version"] if pointer else None,
+            current_metrics,
+        )
         if not passed:
             return None, False, f"quality gate: {why}"
         return (
@@ -468,7 +480,85 @@ def run_publish(
     promoted, reason = registry.update_current(store, cfg.namespace, decide)
     if not promoted:
         log.warning("bundle %s published but not promoted: %s", version, reason)
-    return Published(**result, promoted=promoted, reason=reason)
+    return Published(**result, promoted=promoted, reason=reason, gate=gate[0])
+
+
+def gate_record(
+    passed: bool,
+    reason: str,
+    tolerance: float,
+    new_metrics: Mapping[str, Any],
+    current_version: str | None,
+    current_metrics: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """What the gate decided and on which numbers (``Published.gate``): the ranker's, popularity's
+    and the current ranker's (on this run's evaluation data) headline metrics."""
+
+    def headline(block: Any) -> dict[str, float]:
+        block = block if isinstance(block, Mapping) else {}
+        return {k: float(block[k]) for k in GATE_METRICS if k in block}
+
+    return {
+        "passed": passed,
+        "reason": reason,
+        "tolerance": tolerance,
+        "ranker": headline(new_metrics.get("ranker")),
+        "popularity": headline(new_metrics.get("popularity")),
+        "current_version": current_version,
+        "current": None
+        if current_metrics is None
+        else headline(current_metrics.get("ranker", current_metrics)),
+    }
+
+
+def _metric_line(metrics: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no metrics"
+
+
+def gate_failure_message(cfg: RunConfig, published: Published, gate: Mapping[str, Any]) -> str:
+    """Why the bundle failed the gate (its record ``gate``), on which numbers, and how to promote
+    it anyway."""
+    version = published.version
+    lines = [
+        f"bundle {version} (namespace {published.namespace}) was published but NOT promoted: "
+        f"it failed the quality gate: {gate['reason']}",
+        f"  new ranker:      {_metric_line(gate['ranker'])}",
+        f"  popularity:      {_metric_line(gate['popularity'])}",
+    ]
+    if gate["current_version"]:
+        lines.append(
+            f"  current {gate['current_version']} (as the gate scored it on this run's evaluation "
+            f"data): {_metric_line(gate['current'] or {})}; it stays current"
+        )
+    store = redact(cfg.store_uri)
+    lines.append(f"  report: {redact(published.bundle_uri)}/{C.REPORT_HTML}")
+    lines.append(
+        f"To promote it anyway: `llmrec promote --store {store} --namespace {published.namespace} {version}`."
+    )
+    new = gate["ranker"].get(C.PRIMARY_METRIC)
+    pop = gate["popularity"].get(C.PRIMARY_METRIC)
+    current = (gate["current"] or {}).get(C.PRIMARY_METRIC)
+    if new is not None and pop is not None and new > pop and current:
+        # The gate passes while new >= current * (1 - tolerance).
+        needed = math.ceil((1 - new / current) * 1000) / 1000
+        lines.append(
+            f"Or run again with gate_tolerance >= {needed:.3f} (now {gate['tolerance']}; it is part "
+            "of the version id: the run trains a new version)."
+        )
+    else:
+        lines.append(
+            f"No gate_tolerance helps: the ranker must beat popularity on {C.PRIMARY_METRIC}; "
+            "check the report and the training params."
+        )
+    return "\n".join(lines)
+
+
+def enforce_gate(cfg: RunConfig, published: Published) -> None:
+    """Raise :class:`QualityGateError` when the bundle failed the quality gate, so the run is
+    failed, not green. Bundles the gate did not evaluate (``promote=False``, rolled back, older
+    than current, already current) pass here: that was decided on purpose."""
+    if published.gate is not None and not published.gate["passed"]:
+        raise QualityGateError(gate_failure_message(cfg, published, published.gate))
 
 
 def current_ranker_metrics(store: ObjectStore, namespace: str, version: str, work_uri: str) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 Each result is a frozen dataclass with exactly the fields its stage returns. It crosses process
 boundaries (Airflow XCom, ``stages/<stage>.json`` in the run's work folder) as the plain dict of
 :meth:`StageResult.to_json`, and comes back through :meth:`StageResult.from_json`, which refuses a
-dict with missing or unknown keys (a result written by another code version, or a typo).
+dict with missing or unknown keys (a result written by another code version, or a typo). A field
+added later with a default (e.g. ``Published.gate``) may be missing: records written before it
+still load.
 
 ``ARTIFACTS`` lists, per result, the fields whose URI publish copies into the bundle and the
 bundle file name each one gets (:meth:`StageResult.artifacts`). Other ``*_uri`` fields (the run's
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar, Self
 
 from llmrec_tasks.core import constants as C
@@ -36,14 +38,16 @@ class StageResult:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Self:
-        """The result from its :meth:`to_json` dict; every field must be there and nothing else."""
+        """The result from its :meth:`to_json` dict; every field without a default must be there,
+        and nothing else."""
         if not isinstance(data, Mapping):
             raise ConfigError(
                 f"{cls.STAGE} result must be a JSON object, got {type(data).__name__}: "
                 f"rerun the {cls.STAGE} stage"
             )
         names = [f.name for f in fields(cls)]
-        missing = [name for name in names if name not in data]
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in required if name not in data]
         unknown = sorted(str(key) for key in data if key not in names)
         if missing or unknown:
             problems = []
@@ -55,7 +59,7 @@ class StageResult:
                 f"{cls.STAGE} result ({cls.__name__}) has {' and '.join(problems)}: it was written by "
                 f"another version of llmrec; rerun the {cls.STAGE} stage for this run"
             )
-        return cls(**{name: data[name] for name in names})
+        return cls(**{name: data[name] for name in names if name in data})
 
     def artifacts(self) -> dict[str, str]:
         """Bundle file name -> source URI of this result's artifacts (unset optional ones left out)."""
@@ -192,7 +196,15 @@ class Trained(StageResult):
 
 @dataclass(frozen=True)
 class Published(StageResult):
-    """``publish``: where the bundle is, the serving check, and whether ``current`` moved."""
+    """``publish``: where the bundle is, the serving check, whether ``current`` moved, and the
+    quality gate's outcome.
+
+    ``gate`` is None when the gate was not evaluated (``promote=False``, a rolled-back version, an
+    older logical date than current's, the version already current), else a dict:
+    ``passed``, its ``reason``, the ``tolerance``, the ranker's and popularity's metrics, and the
+    current bundle (``current_version``) with its ranker's metrics on this run's evaluation data
+    (``current``, None when nothing was published yet).
+    """
 
     STAGE: ClassVar[str] = "publish"
 
@@ -205,3 +217,4 @@ class Published(StageResult):
     check: dict[str, Any]
     promoted: bool
     reason: str
+    gate: dict[str, Any] | None = None  # added later: older publish records have none

@@ -5,10 +5,15 @@ what the end-to-end test checks, as one JSON line prefixed ``RESULT``.
                                         "conf": {...}, "runs": 2}'
 
 ``"confs": [{...}, {...}]`` runs once per conf instead; ``"stub_stages": true`` swaps the stage
-functions for instant fakes (wiring only).
+functions for instant fakes (wiring only), and ``"stub_metrics": {...}`` sets the fake train's
+metrics (e.g. a ranker below popularity, which fails the quality gate).
 
 Each run is a fresh DAG run of the same logical date (``dag.test`` replaces the previous one), like
 clearing and rerunning it. The metadata DB must be migrated (``airflow db migrate``) first.
+
+The DAG's run deadline is off here (``LLMREC_RUN_DEADLINE_HOURS=0``): in Airflow 3.3.2
+``dag.test()`` crashes when a run with a deadline succeeds (``DagRun.update_state`` looks its
+deadline alert up by a dict: ``'dict' object has no attribute 'hex'``).
 """
 
 from __future__ import annotations
@@ -67,16 +72,23 @@ def summarize(dag_run, started: float) -> dict:
         }
 
 
-def install_stub_stages() -> None:
+STUB_METRICS = {"ranker": {"ndcg@10": 0.3}, "popularity": {"ndcg@10": 0.1}}
+
+
+def install_stub_stages(metrics: dict | None = None) -> None:
     """Replace the stage functions by instant fakes (wiring tests): same signatures, typed results.
 
-    The fake publish promotes unless the run conf says ``promote: false``.
+    The fake train reports ``metrics``; the fake publish applies the real quality gate to them
+    (nothing published before) and promotes when it passes, unless the run conf says
+    ``promote: false``. The gate task's real check is kept.
     """
     import dataclasses
     import importlib
     import types
 
+    from llmrec_tasks import publish
     from llmrec_tasks.core.results import EmbedShard, EncodedShard, Published
+    from llmrec_tasks.ranking.evaluate import quality_gate
     from llmrec_tasks.retrieval import index
     from llmrec_tasks.text import embed
     from tests.stage_results import embedded_for, indexed_for, trained_for, validated_for
@@ -112,34 +124,47 @@ def install_stub_stages() -> None:
         return indexed_for(validated.work_uri, embedded.n_items, embedded.dim)
 
     def run_train(cfg, validated, embedded):
-        return trained_for(validated.work_uri, {"ranker": {"ndcg@10": 0.3}, "popularity": {"ndcg@10": 0.1}})
+        return trained_for(validated.work_uri, metrics or STUB_METRICS)
 
     def run_publish(cfg, validated, embedded, indexed, trained):
         bundle = f"{cfg.store_uri}/{cfg.namespace}/bundles/{validated.version}"
+        result = {
+            "version": validated.version,
+            "namespace": cfg.namespace,
+            "bundle_uri": bundle,
+            "manifest_uri": f"{bundle}/manifest.json",
+            "status": "published",
+            "metrics": trained.metrics,
+            "check": {"queries": 0},
+        }
+        if not cfg.promote:
+            return Published(
+                **result, promoted=False, reason="promote=False: published without moving current"
+            )
+        passed, why = quality_gate(trained.metrics, None, cfg.gate_tolerance)
+        gate = publish.gate_record(passed, why, cfg.gate_tolerance, trained.metrics, None, None)
         return Published(
-            version=validated.version,
-            namespace=cfg.namespace,
-            bundle_uri=bundle,
-            manifest_uri=f"{bundle}/manifest.json",
-            status="published",
-            metrics=trained.metrics,
-            check={"queries": 0},
-            promoted=cfg.promote,
-            reason="stub gate passed" if cfg.promote else "promote=False: published without moving current",
+            **result, promoted=passed, reason=why if passed else f"quality gate: {why}", gate=gate
         )
 
     fake("llmrec_tasks.data.validate", run_validate=run_validate)
     embed.plan_shards, embed.run_embed_shard, embed.merge_shards = plan_shards, run_embed_shard, merge_shards
     index.run_index = run_index
     fake("llmrec_tasks.ranking.train", run_train=run_train)
-    fake("llmrec_tasks.publish", run_publish=run_publish)
+    fake("llmrec_tasks.publish", run_publish=run_publish, enforce_gate=publish.enforce_gate)
 
 
 def main(spec: dict) -> list[dict]:
+    import os
+
     from airflow.dag_processing.dagbag import DagBag
 
+    from llmrec_tasks.alerts import DEADLINE_ENV
+
+    os.environ[DEADLINE_ENV] = "0"  # dag.test crashes on a DAG with a deadline (see above)
+
     if spec.get("stub_stages"):
-        install_stub_stages()
+        install_stub_stages(spec.get("stub_metrics"))
 
     bag = DagBag(dag_folder=str(DAGS))
     assert not bag.import_errors, bag.import_errors

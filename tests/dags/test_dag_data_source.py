@@ -11,7 +11,7 @@ from tests.dags.test_dag_e2e import LOGICAL_DATE, run_dag
 
 pytestmark = pytest.mark.slow
 
-DOWNSTREAM = {"validate", "plan_shards", "merge_shards", "index", "train", "publish"}
+DOWNSTREAM = {"validate", "plan_shards", "merge_shards", "index", "train", "publish", "gate"}
 
 
 def test_a_run_without_a_data_source_fails_at_config_with_the_message(tmp_path, monkeypatch):

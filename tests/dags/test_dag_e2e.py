@@ -1,8 +1,9 @@
 """``dag.test()`` runs of ``llmrec_daily`` in a child process with its own AIRFLOW_HOME and SQLite
 metadata DB (``tests/dags/run_dag_test.py``).
 
-- wiring: the stage functions replaced by instant fakes; checks the mapping, XComs, the cutoff and
-  the asset events (only for promoted bundles);
+- wiring: the stage functions replaced by instant fakes; checks the mapping, XComs, the cutoff,
+  the asset events (only for promoted bundles) and the gate task (skipped for ``promote=false``,
+  failing the run when the bundle fails the quality gate);
 - end to end: every stage for real on the generated sample into a temporary store, the published
   bundle checked file by file against its manifest, the asset event, the UI plugin's view of the
   run; then the same logical date again: same version, nothing published is rewritten.
@@ -58,14 +59,27 @@ def run_dag(tmp_path: Path, spec: dict, timeout: int, env_extra: dict[str, str] 
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def assert_all_success(run: dict, expected_tasks: set[str]) -> None:
+def assert_all_success(run: dict, expected_tasks: set[str], skipped: frozenset[str] = frozenset()) -> None:
+    """The run succeeded, every task ran and succeeded but the ``skipped`` ones, which skipped."""
     assert run["state"] == "success", run["tasks"]
     assert {key.split("[")[0] for key in run["tasks"]} == expected_tasks
-    failed = {k: v for k, v in run["tasks"].items() if v != "success"}
-    assert not failed, failed
+    others = {
+        k: v for k, v in run["tasks"].items() if v != ("skipped" if k.split("[")[0] in skipped else "success")
+    }
+    assert not others, others
 
 
-TASKS = {"config", "validate", "plan_shards", "embed_shard", "merge_shards", "index", "train", "publish"}
+TASKS = {
+    "config",
+    "validate",
+    "plan_shards",
+    "embed_shard",
+    "merge_shards",
+    "index",
+    "train",
+    "publish",
+    "gate",
+}
 
 
 def test_wiring_with_stub_stages(tmp_path):
@@ -82,8 +96,9 @@ def test_wiring_with_stub_stages(tmp_path):
         timeout=300,
     )
     promoted, not_promoted = runs
-    for run in runs:
-        assert_all_success(run, TASKS)
+    assert_all_success(promoted, TASKS)
+    assert_all_success(not_promoted, TASKS, skipped=frozenset({"gate"}))  # promote=false: not a failure
+    assert promoted["xcom"]["gate[-1]"]["promoted"] is True
     assert sum(key.startswith("embed_shard[") for key in promoted["tasks"]) == 3
     xcom = promoted["xcom"]
     assert xcom["config[-1]"]["cutoff"] == LOGICAL_DATE  # the run's data interval end, not "now"
@@ -104,6 +119,44 @@ def test_wiring_with_stub_stages(tmp_path):
     # The publish result is recorded next to the run for the UI plugin and the CLI.
     record = tmp_path / "store" / "wiring" / "runs" / version / "stages" / "publish.json"
     assert json.loads(record.read_text())["promoted"] is False  # the latest run's result
+
+
+def test_a_failed_quality_gate_fails_the_run_at_the_gate_task(tmp_path):
+    """A ranker below popularity: the bundle is published but not promoted, and the run is red."""
+    store = (tmp_path / "store").as_uri()
+    conf = {"data_uri": "sample", "store_uri": store, "namespace": "wiring-gate"}
+    (run,) = run_dag(
+        tmp_path,
+        {
+            "logical_date": LOGICAL_DATE,
+            "stub_stages": True,
+            "stub_metrics": {"ranker": {"ndcg@10": 0.05}, "popularity": {"ndcg@10": 0.1}},
+            "conf": conf,
+        },
+        timeout=300,
+    )
+    assert run["state"] == "failed", run["tasks"]
+    assert run["tasks"]["gate[-1]"] == "failed"
+    assert {k: v for k, v in run["tasks"].items() if k != "gate[-1]"} == {
+        k: "success" for k in run["tasks"] if k != "gate[-1]"
+    }
+    published = run["xcom"]["publish[-1]"]
+    assert published["promoted"] is False and published["gate"]["passed"] is False
+    assert "gate[-1]" not in run["xcom"]
+    assert run["events"] == []  # nothing promoted: no asset event
+
+    log = (tmp_path / "dag-test.log").read_text()
+    assert "QualityGateError" in log and f"bundle {published['version']}" in log
+    assert "ranker ndcg@10 0.0500 does not beat popularity 0.1000" in log
+    assert f"`llmrec promote --store {store} --namespace wiring-gate {published['version']}`" in log
+    # The failure alert: one LLMREC_ALERT line naming the gate task and the error, tried once.
+    # (Airflow's log formatter appends the logger name after the JSON.)
+    decode = json.JSONDecoder().raw_decode
+    (alert,) = [
+        decode(line.split("LLMREC_ALERT ", 1)[1])[0] for line in log.splitlines() if "LLMREC_ALERT {" in line
+    ]
+    assert alert["task_id"] == "gate" and alert["exception_type"] == "QualityGateError"
+    assert alert["dag_id"] == "llmrec_daily" and alert["run_id"] == run["run_id"] and alert["try_number"] == 1
 
 
 def sha256(path: Path) -> str:

@@ -37,6 +37,7 @@ TOP_LEVEL_IMPORTS = {
     "datetime",
     "airflow.sdk",
     "llmrec_tasks.airflow_glue",
+    "llmrec_tasks.alerts",
     "llmrec_tasks.core.settings",
 }
 
@@ -174,6 +175,7 @@ def test_daily_task_graph(daily):
         "index",
         "train",
         "publish",
+        "gate",
     }
 
     def upstream(task_id: str) -> set[str]:
@@ -187,10 +189,44 @@ def test_daily_task_graph(daily):
     assert upstream("index") == {"config", "validate", "merge_shards"}
     assert upstream("train") == {"config", "validate", "merge_shards"}
     assert upstream("publish") == {"config", "validate", "merge_shards", "index", "train"}
+    assert upstream("gate") == {"config", "publish"}  # after publish: a failed gate fails the run
+    assert daily.get_task("gate").downstream_task_ids == set()
     assert type(daily.get_task("embed_shard")).__name__.endswith("MappedOperator")
     # Results are single small dicts, never split into one XCom per key.
     for t in daily.tasks:
         assert getattr(t, "multiple_outputs", False) is False, t.task_id
+
+
+def test_every_task_alerts_on_failure(daily):
+    from llmrec_tasks.alerts import on_failure_callback
+
+    for t in daily.tasks:
+        callbacks = t.on_failure_callback
+        assert on_failure_callback in (callbacks if isinstance(callbacks, list) else [callbacks]), t.task_id
+
+
+def test_the_run_has_a_deadline_from_queued_with_the_alert_callback(daily):
+    from airflow.sdk.definitions.deadline import DeadlineReference
+
+    from llmrec_tasks.alerts import DEFAULT_DEADLINE_HOURS, on_deadline_missed
+
+    (deadline,) = daily.deadline
+    assert deadline.reference == DeadlineReference.DAGRUN_QUEUED_AT
+    assert deadline.interval.total_seconds() == DEFAULT_DEADLINE_HOURS * 3600
+    assert deadline.callback.path == f"{on_deadline_missed.__module__}.{on_deadline_missed.__qualname__}"
+
+
+@pytest.mark.parametrize(("hours", "expected"), [("0", None), ("1.5", 5400.0)])
+def test_the_deadline_follows_the_environment(monkeypatch, hours, expected):
+    from airflow.dag_processing.dagbag import DagBag
+
+    from llmrec_tasks.alerts import DEADLINE_ENV
+
+    monkeypatch.setenv(DEADLINE_ENV, hours)
+    dag = DagBag(dag_folder=str(DAGS / "llmrec_daily.py")).dags["llmrec_daily"]
+    assert [d.interval.total_seconds() for d in dag.deadline or []] == (
+        [] if expected is None else [expected]
+    )
 
 
 def test_publish_emits_through_the_bundle_alias_only(daily, bag):

@@ -14,7 +14,17 @@ from urllib.parse import unquote, urlparse
 from tests.deploy.airflow_proc import AirflowDeployment
 
 DAG_ID = "llmrec_daily"
-STAGES = ("config", "validate", "plan_shards", "embed_shard", "merge_shards", "index", "train", "publish")
+STAGES = (
+    "config",
+    "validate",
+    "plan_shards",
+    "embed_shard",
+    "merge_shards",
+    "index",
+    "train",
+    "publish",
+    "gate",
+)
 # Lighter ranker settings for every run the tests make (plain DAG params, as a user would pass):
 # the default 500 rounds with early stopping after 50 take minutes of LightGBM on two shared cores.
 FAST = {"ranker_n_estimators": 60, "ranker_early_stopping_rounds": 10}

@@ -552,3 +552,65 @@ def test_wait_for_serving_times_out():
 def test_run_config_defaults_match_dataclass():
     """Guard for the DAG params' defaults: RunConfig defaults are what the form shows."""
     assert build({}).encoder == RunConfig(data_uri=DATA, store_uri="file:///x").encoder
+
+
+# --- the gate task ---------------------------------------------------------------------------------
+
+FAILED_GATE = {
+    "passed": False,
+    "reason": "ranker ndcg@10 0.2000 is worse than the published ranker 0.3000 by more than the relative "
+    "tolerance 2.0% (floor 0.2940)",
+    "tolerance": 0.02,
+    "ranker": {"ndcg@10": 0.2, "recall@10": 0.3},
+    "popularity": {"ndcg@10": 0.1},
+    "current_version": "20261001T000000Z-abcdef12-123456",
+    "current": {"ndcg@10": 0.3, "recall@10": 0.35},
+}
+
+
+def test_gate_task_fails_a_bundle_that_failed_the_gate_with_how_to_promote_it():
+    from llmrec_tasks.core.errors import QualityGateError
+
+    cfg = build({})
+    failed = published(promoted=False, reason=f"quality gate: {FAILED_GATE['reason']}", gate=FAILED_GATE)
+    with pytest.raises(QualityGateError) as raised:
+        glue.gate_task(cfg.to_dict(), failed.to_json())
+    message = str(raised.value)
+    assert FAILED_GATE["reason"] in message
+    assert "new ranker:      ndcg@10 0.2000, recall@10 0.3000" in message
+    assert "popularity:      ndcg@10 0.1000" in message
+    assert (
+        "current 20261001T000000Z-abcdef12-123456 (as the gate scored it on this run's evaluation data): "
+        "ndcg@10 0.3000" in message
+    )
+    assert f"`llmrec promote --store {cfg.store_uri} --namespace production {failed.version}`" in message
+    assert "gate_tolerance >= 0.334" in message  # 0.2 >= 0.3 * (1 - 0.334)
+    assert "llmrec_tasks.core.errors.QualityGateError" in glue.NON_RETRYABLE_ERRORS  # fails at once
+
+
+def test_gate_task_passes_a_promoted_bundle():
+    passed_gate = {**FAILED_GATE, "passed": True, "reason": "ranker beats popularity"}
+    result = glue.gate_task(build({}).to_dict(), published(gate=passed_gate).to_json())
+    assert result == {"version": "20261002T000000Z-abcdef12-123456", "promoted": True, "reason": "ok"}
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "promote=False: published without moving current",
+        "v was rolled back by an operator; promote it explicitly with `llmrec promote`",
+        "current w has a newer logical date (2026-10-03T00:00:00+00:00 > 2026-10-02T00:00:00+00:00)",
+    ],
+)
+def test_gate_task_skips_a_bundle_not_promoted_on_purpose(reason):
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    with pytest.raises(AirflowSkipException, match="gate not evaluated"):
+        glue.gate_task(build({}).to_dict(), published(promoted=False, reason=reason).to_json())
+
+
+def test_a_publish_record_written_before_the_gate_field_still_loads(tmp_path):
+    """Reruns read publish records of older code (no ``gate`` key): they load with gate None."""
+    record = published(promoted=False).to_json()
+    del record["gate"]
+    assert Published.from_json(record).gate is None

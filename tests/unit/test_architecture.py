@@ -23,6 +23,7 @@ LAYERS = [
     "serving",
     "publish",
     "pipeline",
+    "alerts",
     "airflow_glue",
     "cli",
 ]

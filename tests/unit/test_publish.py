@@ -12,7 +12,7 @@ import pytest
 
 from llmrec_tasks import publish
 from llmrec_tasks.core import constants as C
-from llmrec_tasks.core.errors import BundleError, ConfigError
+from llmrec_tasks.core.errors import BundleError, ConfigError, QualityGateError
 from llmrec_tasks.core.results import Published
 from llmrec_tasks.serving import recommender as serving
 from llmrec_tasks.storage import registry
@@ -341,3 +341,71 @@ def test_trend_lists_at_most_the_newest_versions(store_uri: str, monkeypatch: py
     assert [p.version for p in trend.previous] == published[1:]
     assert trend.replaces is not None and trend.replaces.version == current_version(store_uri)
     assert trend.replaces.metrics == {"ndcg@10": pytest.approx(0.30), "recall@10": pytest.approx(0.40)}
+
+
+# --- the gate record and the gate task's check -----------------------------------------------------
+
+
+def test_failed_gate_is_recorded_and_enforce_gate_raises_an_actionable_error(store_uri: str) -> None:
+    good = publish_run(store_uri, cutoff=DAY1, ndcg=0.30)
+    assert good.gate is not None and good.gate["passed"] and good.gate["current_version"] is None
+    publish.enforce_gate(make_run(store_uri, cutoff=DAY1)[0], good)  # passed: nothing raised
+
+    cfg, *rest = make_run(store_uri, cutoff=DAY2, seed=1, ndcg=0.20)
+    worse = publish.run_publish(cfg, *rest)
+    gate = worse.gate
+    assert gate is not None and gate["passed"] is False
+    assert gate["current_version"] == good.version and gate["tolerance"] == cfg.gate_tolerance
+    assert gate["ranker"] == {"ndcg@10": pytest.approx(0.20), "recall@10": pytest.approx(0.30)}
+    assert gate["popularity"] == {"ndcg@10": pytest.approx(0.10)}
+    assert set(gate["current"]) == {"ndcg@10", "recall@10"}
+    assert worse.reason == f"quality gate: {gate['reason']}"
+
+    with pytest.raises(QualityGateError) as raised:
+        publish.enforce_gate(cfg, worse)
+    message = str(raised.value)
+    assert f"bundle {worse.version}" in message and "NOT promoted" in message
+    assert gate["reason"] in message
+    assert "new ranker:      ndcg@10 0.2000, recall@10 0.3000" in message
+    assert f"current {good.version}" in message
+    assert (
+        f"`llmrec promote --store {store_uri} --namespace {C.DEFAULT_NAMESPACE} {worse.version}`" in message
+    )
+    needed = re.search(r"gate_tolerance >= (\d\.\d+)", message)
+    assert needed, message
+    # The suggested tolerance does pass the gate on the recorded numbers.
+    from llmrec_tasks.ranking.evaluate import quality_gate
+
+    current = {"ranker": gate["current"]}
+    assert quality_gate(worse.metrics, current, float(needed.group(1)))[0]
+    assert not quality_gate(worse.metrics, current, cfg.gate_tolerance)[0]
+
+
+def test_gate_failure_below_popularity_says_no_tolerance_helps(store_uri: str) -> None:
+    cfg, *rest = make_run(store_uri, cutoff=DAY1, ndcg=0.05)
+    below = publish.run_publish(cfg, *rest)
+    assert below.gate is not None and below.gate["passed"] is False and below.gate["current"] is None
+    with pytest.raises(QualityGateError, match="No gate_tolerance helps"):
+        publish.enforce_gate(cfg, below)
+
+
+@pytest.mark.parametrize("case", ["promote=False", "rolled back", "newer logical date", "already current"])
+def test_gate_not_evaluated_is_not_a_gate_failure(store_uri: str, case: str) -> None:
+    """Not promoted on purpose (or already current): no gate record, enforce_gate passes."""
+    if case == "promote=False":
+        cfg, *rest = make_run(store_uri, promote=False)
+    elif case == "rolled back":
+        publish_run(store_uri, cutoff=DAY1)
+        publish_run(store_uri, cutoff=DAY2, seed=1)
+        publish.rollback(store_uri, C.DEFAULT_NAMESPACE)
+        cfg, *rest = make_run(store_uri, cutoff=DAY2, seed=1)
+    elif case == "newer logical date":
+        publish_run(store_uri, cutoff=DAY2)
+        cfg, *rest = make_run(store_uri, cutoff=DAY1, seed=3)
+    else:
+        publish_run(store_uri, cutoff=DAY1)
+        cfg, *rest = make_run(store_uri, cutoff=DAY1)
+    result = publish.run_publish(cfg, *rest)
+    assert result.gate is None
+    assert result.promoted is (case == "already current")
+    publish.enforce_gate(cfg, result)
