@@ -60,6 +60,9 @@ airflow backfill create --dag-id llmrec_daily --from-date 2026-10-01 --to-date 2
 Dates that already have a run are skipped unless you add `--reprocess-behavior completed` (Airflow
 keeps one run per logical date: that run then becomes the experiment's run; the bundles it
 published stay in the store).
+Each day is gated against the namespace's current bundle (the day before): a day more than
+`gate_tolerance` worse fails its run at `gate`; a larger `gate_tolerance` or `promote=false` in the
+conf keeps every day's run green.
 """
 
 from __future__ import annotations
