@@ -301,14 +301,16 @@ def context_from_artifacts(
 
 def user_profiles(ctx: RankContext, hist: Histories) -> tuple[np.ndarray, np.ndarray]:
     """Recency-weighted and uniform mean embeddings of each user's history (L2-normalised)."""
+    return user_profile(ctx, hist, recency=True), user_profile(ctx, hist, recency=False)
+
+
+def user_profile(ctx: RankContext, hist: Histories, *, recency: bool) -> np.ndarray:
+    """One of :func:`user_profiles`: the recency-weighted profile, or the uniform (long-term) one."""
     pos = hist.position_from_end()
-    recency = np.power(0.5, pos / ctx.params.profile_half_life)
-    out = []
-    for weights in (recency, np.ones(len(pos))):
-        profile = weighted_sums(ctx.embeddings, *hist.entries(weights), hist.n_users)
-        norms = np.linalg.norm(profile, axis=1, keepdims=True)
-        out.append(np.divide(profile, norms, out=np.zeros_like(profile), where=norms > 0))
-    return out[0], out[1]
+    weights = np.power(0.5, pos / ctx.params.profile_half_life) if recency else np.ones(len(pos))
+    profile = weighted_sums(ctx.embeddings, *hist.entries(weights), hist.n_users)
+    norms = np.linalg.norm(profile, axis=1, keepdims=True)
+    return np.divide(profile, norms, out=np.zeros_like(profile), where=norms > 0)
 
 
 def weighted_sums(

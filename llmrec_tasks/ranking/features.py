@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmrec_tasks.core.errors import ConfigError
-from llmrec_tasks.ranking.context import RankContext, user_profiles, weighted_sums
+from llmrec_tasks.ranking.context import RankContext, user_profile, weighted_sums
 from llmrec_tasks.ranking.events import DAY, Histories
 from llmrec_tasks.ranking.keys import csr_keys, lookup, weighted_row_sums
 from llmrec_tasks.ranking.sources import SOURCES, CandidateSet, rowwise_dot
@@ -172,7 +172,7 @@ def relation_keys(ctx: RankContext, name: str) -> tuple[np.ndarray, np.ndarray]:
 def _semantic(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[str, np.ndarray]:
     """Similarities of each candidate to the user's long-term profile and recent items."""
     emb = ctx.embeddings
-    _, longterm = user_profiles(ctx, hist)
+    longterm = user_profile(ctx, hist, recency=False)
     user_of = cands.user_of
     out = {"sem_longterm": rowwise_dot(emb, cands.items, longterm, user_of)}
     n_recent = ctx.params.recent_similarity_items
@@ -196,6 +196,14 @@ def _semantic(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[st
     out["sem_recent_mean"] = np.where(any_recent, np.nansum(sims, axis=1) / np.maximum(counts, 1), np.nan)
     out["item_centrality"] = ctx.cached("item_centrality", lambda: _centrality(emb))[cands.items]
     return out
+
+
+def precompute(ctx: RankContext) -> None:
+    """Build now the per-context arrays the features read (serving: once per bundle, at load)."""
+    for name in ctx.relations:  # every relation: serving's reasons look up links in the others
+        relation_keys(ctx, name)
+    ctx.cached("item_centrality", lambda: _centrality(ctx.embeddings))
+    ctx.cached("category_embeddings", lambda: _category_embeddings(ctx))
 
 
 def _centrality(emb: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from llmrec_tasks.core.errors import ConfigError
-from llmrec_tasks.ranking.context import RankContext, recent_weights, user_profiles
+from llmrec_tasks.ranking.context import RankContext, recent_weights, user_profile
 from llmrec_tasks.ranking.events import Histories
 from llmrec_tasks.ranking.keys import in_sorted, lookup, rank_lists, weighted_row_sums
 
@@ -117,6 +117,13 @@ def _pop_score(ctx: RankContext, items: np.ndarray, ref: np.ndarray) -> np.ndarr
     return counts + _pop_prior(ctx)[items]
 
 
+def precompute(ctx: RankContext) -> None:
+    """Build now the per-context arrays the sources read (serving: once per bundle, at load)."""
+    ctx.cached("prior_order", lambda: np.argsort(-_pop_prior(ctx), kind="stable"))
+    if ctx.times is None:  # frozen statistics: the popularity window is the same for every request
+        ctx.window_items(ctx.stats_end, ctx.params.pop_windows[0])
+
+
 def _pop_prior(ctx: RankContext) -> np.ndarray:
     return ctx.cached("pop_prior", lambda: ctx.item_pop / (ctx.item_pop.max(initial=0) + 1) * POP_PRIOR)
 
@@ -165,7 +172,7 @@ def _batch_scores(ctx: RankContext, hist: Histories, params: CandidateParams) ->
     scores = collaborative_scores(ctx, hist)
     lists = {name: _relation_lists(sc, seen, n_users, n_items, depth) for name, sc in scores.items()}
     lists["pop"] = _pop_lists(ctx, hist, seen, depth)
-    profile, _ = user_profiles(ctx, hist)
+    profile = user_profile(ctx, hist, recency=True)
     last = hist.last(ctx.params.recent_items)[:, : params.faiss_last_items]
     # One search for all queries: each user's profile (kind 0), then its p-th most recent item (kind p + 1).
     asks = np.concatenate([hist.lengths > 0, *(last[:, p] >= 0 for p in range(last.shape[1]))])

@@ -45,6 +45,7 @@ from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import validate_name
 from llmrec_tasks.core.errors import BundleError, ConfigError, DataContractError, LlmrecError
 from llmrec_tasks.ranking import context, events, features, sources
+from llmrec_tasks.ranking.keys import lookup
 from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.store import ObjectStore, open_store
 
@@ -476,7 +477,10 @@ def ranker_scorer(bundle: Bundle) -> RankerScorer:
         params = sources.CandidateParams(**spec["candidates"])
     except (DataContractError, ConfigError, KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{bundle.uri}: the ranker's serving artifacts do not fit together: {exc}") from exc
-    return RankerScorer(replace(ctx, _index=bundle.index), params)  # the published index, not a rebuilt one
+    ctx = replace(ctx, _index=bundle.index)  # the published index, not a rebuilt one
+    sources.precompute(ctx)
+    features.precompute(ctx)
+    return RankerScorer(ctx, params)
 
 
 class Recommender:
@@ -594,8 +598,9 @@ class Recommender:
                 return int(history.items[-template.position]) if len(history) >= template.position else None
             if template.relation in self.relations:
                 if template.relation not in links:
-                    rel = self.relations[template.relation]
-                    links[template.relation] = rel[hist_items][:, chosen].toarray().T
+                    keys, data = features.relation_keys(self.scorer.context, template.relation)
+                    pairs = hist_items[None, :] * len(bundle.item_ids) + chosen[:, None]
+                    links[template.relation] = lookup(keys, data, pairs, 0.0)
                 values = links[template.relation][row]
                 return int(hist_items[values.argmax()]) if values.max(initial=0) > 0 else None
             return int(hist_items[similarity[row].argmax()])
