@@ -11,7 +11,9 @@ sources :data:`SOURCES`, each recording its score and rank for the ranker:
 - ``pop``: the most popular items at the reference time.
 
 The same code runs in training, in the benchmark and at serving time (where the context is rebuilt
-from published artifacts, see :func:`llmrec_tasks.ranking.context.context_from_artifacts`).
+from published artifacts, see :func:`llmrec_tasks.ranking.context.context_from_artifacts`). A
+user's lists and scores do not depend on the other users of its batch: a request is a batch of
+one, and its candidates are those training computes for the same history and time.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("faiss_profile", "faiss_last", "next", "prev", "cooc", "ease", "pop")
 POP_PRIOR = 1e-3  # weight of overall popularity in the `pop` score: below one count, a tie-breaker
+RESCORE_MARGIN = 16  # FAISS hits rescored exactly beyond the list depth (near-ties at its end)
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,8 @@ Scores = tuple[np.ndarray, np.ndarray]  # sorted keys ``user * n_items + item`` 
 
 @dataclass
 class _Batch:
-    """Per-source scores and top lists of one batch of users; sparse, so a batch costs what its
-    users' histories touch, not the catalog size."""
+    """Per-source scores and top lists of one batch of users; as sorted keys, so a batch costs
+    what its users' histories touch, not the catalog size."""
 
     scores: dict[str, Scores]  # relation sources; seen items included
     lists: dict[str, np.ndarray]  # (B, rank_depth) item indices, -1 padded
@@ -119,30 +122,42 @@ def _pop_score(ctx: RankContext, items: np.ndarray, ref: np.ndarray) -> np.ndarr
 
 def precompute(ctx: RankContext) -> None:
     """Build now the per-context arrays the sources read (serving: once per bundle, at load)."""
-    ctx.cached("prior_order", lambda: np.argsort(-_pop_prior(ctx), kind="stable"))
-    if ctx.times is None:  # frozen statistics: the popularity window is the same for every request
-        ctx.window_items(ctx.stats_end, ctx.params.pop_windows[0])
+    _pop_ranking(ctx, ctx.stats_end, ctx.n_items)
 
 
 def _pop_prior(ctx: RankContext) -> np.ndarray:
     return ctx.cached("pop_prior", lambda: ctx.item_pop / (ctx.item_pop.max(initial=0) + 1) * POP_PRIOR)
 
 
+def _pop_ranking(ctx: RankContext, ref: float, need: int) -> np.ndarray:
+    """The ``need`` best items by :func:`_pop_score` at ``ref``, best first (ties: lower item), -1 padded.
+
+    Only items in the window or among the ``need`` best by prior can rank, so only those are
+    scored; the prior order is complete (ties to the lower item, as in rank_lists), so a ranking is
+    a prefix of any deeper one. Frozen statistics (serving) score every reference time alike: the
+    whole ranking is built once per context and requests read its prefix.
+    """
+    if ctx.times is None and need < ctx.n_items:
+        return _pop_ranking(ctx, ref, ctx.n_items)[:need]
+    if ctx.times is None:
+        return ctx.cached("pop_ranking", lambda: _rank_by_pop(ctx, ref, need))
+    return _rank_by_pop(ctx, ref, need)
+
+
+def _rank_by_pop(ctx: RankContext, ref: float, need: int) -> np.ndarray:
+    by_prior = ctx.cached("prior_order", lambda: np.argsort(-_pop_prior(ctx), kind="stable"))
+    pool = np.union1d(ctx.window_items(ref, ctx.params.pop_windows[0]), np.sort(by_prior[:need]))
+    score = _pop_score(ctx, pool, np.full(len(pool), ref))
+    return rank_lists(np.zeros(len(pool), np.int64), pool, score, 1, need)[0]
+
+
 def _pop_lists(ctx: RankContext, hist: Histories, seen: np.ndarray, depth: int) -> np.ndarray:
-    """Most popular unseen items at each user's reference time. Only items in the window or among
-    the most popular overall can make a list, so only those are scored."""
+    """Most popular unseen items at each user's reference time (a user's list does not depend on
+    the batch's longest history: see :func:`_pop_ranking`)."""
     n_users, n_items = hist.n_users, ctx.n_items
     need = min(n_items, depth + int(hist.lengths.max(initial=0)))
-    # The `need` best by prior, ties to the lower item as in rank_lists: a user's list is then the
-    # same whatever the batch's longest history (a partial sort would break ties arbitrarily).
-    by_prior = ctx.cached("prior_order", lambda: np.argsort(-_pop_prior(ctx), kind="stable"))
-    prior_top = np.sort(by_prior[:need])
     refs, ref_of_user = np.unique(hist.ref_ts, return_inverse=True)
-    ordered = np.full((len(refs), need), -1, dtype=np.int64)
-    for j, ref in enumerate(refs):
-        pool = np.union1d(ctx.window_items(ref, ctx.params.pop_windows[0]), prior_top)
-        score = _pop_score(ctx, pool, np.full(len(pool), ref))
-        ordered[j] = rank_lists(np.zeros(len(pool), np.int64), pool, score, 1, need)[0]
+    ordered = np.stack([_pop_ranking(ctx, float(ref), need) for ref in refs])
     cand = ordered[ref_of_user.ravel()]
     valid = (cand >= 0) & ~in_sorted(seen, np.arange(n_users)[:, None] * n_items + cand)
     order = np.argsort(~valid, axis=1, kind="stable")[:, : min(depth, n_items)]
@@ -153,16 +168,28 @@ def _faiss_lists(
     ctx: RankContext, queries: np.ndarray, owner: np.ndarray, hist: Histories, seen: np.ndarray, depth: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """FAISS top lists of query vectors in one search (query i asks for user ``owner[i]``), each
-    with its user's history removed; returns (items, scores), ``(len(queries), depth)``."""
+    with its user's history removed; returns (items, scores), ``(len(queries), depth)``.
+
+    The first ``depth + RESCORE_MARGIN`` unseen hits are rescored by exact dot products and ranked
+    by them (ties: lower item): FAISS sums differently for a batch of queries (a matrix product)
+    than for a few, so its own scores would rank near-ties of a training batch and of a request
+    differently.
+    """
     extra = int(hist.lengths[owner].max(initial=0))
-    k = min(ctx.n_items, depth + extra)
-    scores, idx = ctx.faiss_index().search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    k = min(ctx.n_items, depth + extra + RESCORE_MARGIN)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    _, idx = ctx.faiss_index().search(queries, k)
     keys = owner[:, None] * ctx.n_items + np.maximum(idx, 0)
     valid = (idx >= 0) & ~in_sorted(seen, keys)
     # Stable compaction: valid entries first, keeping FAISS order.
-    order = np.argsort(~valid, axis=1, kind="stable")[:, :depth]
-    items = np.where(np.take_along_axis(valid, order, axis=1), np.take_along_axis(idx, order, axis=1), -1)
-    return items, np.take_along_axis(scores, order, axis=1)
+    order = np.argsort(~valid, axis=1, kind="stable")[:, : depth + RESCORE_MARGIN]
+    kept = np.take_along_axis(valid, order, axis=1)
+    items = np.where(kept, np.take_along_axis(idx, order, axis=1), -1)
+    exact = np.full(items.shape, -np.inf, dtype=np.float32)
+    rows, cols = np.nonzero(kept)
+    exact[rows, cols] = rowwise_dot(ctx.embeddings, items[rows, cols], queries, rows)
+    best = np.lexsort((items, -exact), axis=1)[:, :depth]
+    return np.take_along_axis(items, best, axis=1), np.take_along_axis(exact, best, axis=1)
 
 
 def _batch_scores(ctx: RankContext, hist: Histories, params: CandidateParams) -> _Batch:
@@ -228,7 +255,7 @@ def generate_candidates(
     source_found = dict.fromkeys(SOURCES, 0)
     for start in range(0, hist.n_users, batch_size):
         rows = np.arange(start, min(start + batch_size, hist.n_users))
-        sub = hist.subset(rows)
+        sub = hist if len(rows) == hist.n_users else hist.subset(rows)  # serving: one batch of one
         batch = _batch_scores(ctx, sub, params)
         ranked = {}  # source -> (sorted keys user * n_items + item, rank)
         for name in SOURCES:

@@ -219,3 +219,17 @@ def test_relation_scores_equal_the_sparse_products_bit_for_bit(chain):
         assert (product.flat[keys] != 0).any() and np.all(
             product.flat[np.setdiff1d(np.arange(product.size), keys)] == 0
         )
+
+
+def test_profiles_equal_the_sparse_products_bit_for_bit_with_repeated_items(chain):
+    from llmrec_tasks.ranking.context import weighted_sums
+
+    events, users, ctx = chain
+    base = Histories.from_events(events, len(users))
+    # A user who came back to an item: its weights are summed first, as the sparse matrix sums them.
+    items = [base.items[base.indptr[u] : base.indptr[u + 1]] for u in range(base.n_users)]
+    items[0] = np.concatenate([items[0], items[0][:2]])
+    hist = Histories.from_lists(items, [np.arange(len(x), dtype=float) for x in items], base.ref_ts)
+    weights = np.power(0.5, hist.position_from_end() / 3.0)
+    product = np.asarray(hist.weight_matrix(N_ITEMS, weights) @ ctx.embeddings, dtype=np.float32)
+    assert np.array_equal(weighted_sums(ctx.embeddings, *hist.entries(weights), hist.n_users), product)
