@@ -94,15 +94,21 @@ def sample_users(bundle: serving.Bundle, n: int, seed: int) -> list[str]:
 def bench_in_process(rec: serving.Recommender, users: list[str], k: int) -> dict[str, Any]:
     for user in users[:20]:  # warm-up
         rec.recommend(user_id=user, k=k)
-    times = []
+    times, cpu = [], []
     started = time.perf_counter()
     for user in users:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         result = rec.recommend(user_id=user, k=k)
         times.append((time.perf_counter() - t0) * 1000)
+        cpu.append((time.thread_time() - c0) * 1000)
         assert len(result.items) == k
     wall = time.perf_counter() - started
-    return {**percentiles(times), "requests": len(users), "throughput_rps": round(len(users) / wall, 1)}
+    return {
+        **percentiles(times),
+        **{f"cpu_{name}": value for name, value in percentiles(cpu).items()},
+        "requests": len(users),
+        "throughput_rps": round(len(users) / wall, 1),
+    }
 
 
 def answers(rec: serving.Recommender, users: list[str], k: int) -> dict[str, list[str]]:
@@ -121,21 +127,23 @@ def bench_floor(rec: serving.Recommender, users: list[str], num_candidates: int)
         _, features = rec.scorer(history, time.time())
         prepared.append((user, np.ascontiguousarray(profile[None, :], dtype=np.float32), features))
     by_user = {user: (profile, features) for user, profile, features in prepared}
-    faiss_ms, lgbm_ms, total_ms = [], [], []
+    faiss_ms, lgbm_ms, total_ms, cpu_ms = [], [], [], []
     k = min(num_candidates, bundle.index.ntotal)
     for user in users:
         profile, features = by_user[user]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         bundle.index.search(profile, k)
         t1 = time.perf_counter()
         bundle.booster.predict(features, num_threads=1)
         t2 = time.perf_counter()
+        cpu_ms.append((time.thread_time() - c0) * 1000)
         faiss_ms.append((t1 - t0) * 1000)
         lgbm_ms.append((t2 - t1) * 1000)
         total_ms.append((t2 - t0) * 1000)
     mean_candidates = float(np.mean([len(f) for _, _, f in prepared]))
     return {
         **percentiles(total_ms),
+        **{f"cpu_{name}": value for name, value in percentiles(cpu_ms).items()},
         "faiss_p50_ms": percentiles(faiss_ms)["p50_ms"],
         "lightgbm_p50_ms": percentiles(lgbm_ms)["p50_ms"],
         "candidates_per_request": round(mean_candidates, 1),
@@ -319,22 +327,31 @@ def bench_switch(
 def print_before_after(before: dict[str, Any], after: dict[str, Any]) -> None:
     """In-process latency before and after a change, beside the floor, as ratios to the floor."""
     floor = after["floor"]
-    print(f"{'':28} {'p50 ms':>8} {'p99 ms':>8} {'rps':>7} {'p50/floor':>9} {'p99/floor':>9}")
     rows = [
         ("floor (FAISS + LightGBM)", floor),
         ("before: in process", before["in_process"]),
         ("after: in process", after["in_process"]),
     ]
-    for name, row in rows:
-        rps = row.get("throughput_rps", "-")
-        print(
-            f"{name:28} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} {rps:>7} "
-            f"{row['p50_ms'] / floor['p50_ms']:9.1f} {row['p99_ms'] / floor['p99_ms']:9.1f}"
-        )
-    print(
-        f"after / before: p50 {after['in_process']['p50_ms'] / before['in_process']['p50_ms']:.2f}, "
-        f"p99 {after['in_process']['p99_ms'] / before['in_process']['p99_ms']:.2f}"
-    )
+    # Wall time, then the request thread's CPU time (less sensitive to other load on the host).
+    for clock in ("", "cpu_"):
+        label = "wall" if not clock else "CPU"
+        print(f"{label:28} {'p50 ms':>8} {'p99 ms':>8} {'rps':>7} {'p50/floor':>9} {'p99/floor':>9}")
+        for name, row in rows:
+            if f"{clock}p50_ms" not in row or f"{clock}p50_ms" not in floor:
+                print(f"{name:28} {'-':>8}")
+                continue
+            rps = row.get("throughput_rps", "-") if not clock else "-"
+            p50, p99 = row[f"{clock}p50_ms"], row[f"{clock}p99_ms"]
+            print(
+                f"{name:28} {p50:8.2f} {p99:8.2f} {rps:>7} "
+                f"{p50 / floor[f'{clock}p50_ms']:9.1f} {p99 / floor[f'{clock}p99_ms']:9.1f}"
+            )
+        old_row, new_row = before["in_process"], after["in_process"]
+        if f"{clock}p50_ms" in old_row:
+            print(
+                f"after / before ({label}): p50 {new_row[f'{clock}p50_ms'] / old_row[f'{clock}p50_ms']:.2f}, "
+                f"p99 {new_row[f'{clock}p99_ms'] / old_row[f'{clock}p99_ms']:.2f}"
+            )
     for label, run in (("before", before), ("after", after)):
         stages = run.get("stages_p50_ms")
         if stages:
