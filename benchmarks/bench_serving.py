@@ -17,11 +17,17 @@ when the namespace has no current bundle):
   LightGBM scoring of that user's precomputed candidate features: the time no serving code adds.
 
 The in-process figures run with the native thread pools at one thread, as the service's compute
-thread does (``api.single_threaded_native_code``). The ratios are p50(end to end) / p50(floor) and p99(HTTP) / p99(in process). Users are drawn (with
-replacement, fixed seed) from the bundle's users with a history. The service's access log goes to
-/dev/null. Usage::
+thread does (``api.single_threaded_native_code``). The ratios are p50(end to end) / p50(floor) and
+p99(HTTP) / p99(in process). Users are drawn (with replacement, fixed seed) from the bundle's users
+with a history. The service's access log goes to /dev/null. The results also hold each stage's p50
+(``recommend(..., timings=)``) and the top ``k`` of the first ``--answers`` users.
+
+``--before results.json`` (the ``--out`` of a run on the code before a change, same bundle) prints
+floor, before and after side by side as ratios to the floor, and the users whose recommendations
+changed; ``--in-process-only`` skips the HTTP runs. Usage::
 
     python benchmarks/bench_serving.py --store file:///tmp/llmrec-bench --build ../shared/data/ml-latest-small
+    python benchmarks/bench_serving.py --store file:///tmp/llmrec-bench --in-process-only --before old.json
 """
 
 from __future__ import annotations
@@ -88,15 +94,26 @@ def sample_users(bundle: serving.Bundle, n: int, seed: int) -> list[str]:
 def bench_in_process(rec: serving.Recommender, users: list[str], k: int) -> dict[str, Any]:
     for user in users[:20]:  # warm-up
         rec.recommend(user_id=user, k=k)
-    times = []
+    times, cpu = [], []
     started = time.perf_counter()
     for user in users:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         result = rec.recommend(user_id=user, k=k)
         times.append((time.perf_counter() - t0) * 1000)
+        cpu.append((time.thread_time() - c0) * 1000)
         assert len(result.items) == k
     wall = time.perf_counter() - started
-    return {**percentiles(times), "requests": len(users), "throughput_rps": round(len(users) / wall, 1)}
+    return {
+        **percentiles(times),
+        **{f"cpu_{name}": value for name, value in percentiles(cpu).items()},
+        "requests": len(users),
+        "throughput_rps": round(len(users) / wall, 1),
+    }
+
+
+def answers(rec: serving.Recommender, users: list[str], k: int) -> dict[str, list[str]]:
+    """Top ``k`` item ids per user: to check that a change keeps the recommendations."""
+    return {user: [i.item_id for i in rec.recommend(user_id=user, k=k).items] for user in users}
 
 
 def bench_floor(rec: serving.Recommender, users: list[str], num_candidates: int) -> dict[str, Any]:
@@ -110,21 +127,23 @@ def bench_floor(rec: serving.Recommender, users: list[str], num_candidates: int)
         _, features = rec.scorer(history, time.time())
         prepared.append((user, np.ascontiguousarray(profile[None, :], dtype=np.float32), features))
     by_user = {user: (profile, features) for user, profile, features in prepared}
-    faiss_ms, lgbm_ms, total_ms = [], [], []
+    faiss_ms, lgbm_ms, total_ms, cpu_ms = [], [], [], []
     k = min(num_candidates, bundle.index.ntotal)
     for user in users:
         profile, features = by_user[user]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         bundle.index.search(profile, k)
         t1 = time.perf_counter()
         bundle.booster.predict(features, num_threads=1)
         t2 = time.perf_counter()
+        cpu_ms.append((time.thread_time() - c0) * 1000)
         faiss_ms.append((t1 - t0) * 1000)
         lgbm_ms.append((t2 - t1) * 1000)
         total_ms.append((t2 - t0) * 1000)
     mean_candidates = float(np.mean([len(f) for _, _, f in prepared]))
     return {
         **percentiles(total_ms),
+        **{f"cpu_{name}": value for name, value in percentiles(cpu_ms).items()},
         "faiss_p50_ms": percentiles(faiss_ms)["p50_ms"],
         "lightgbm_p50_ms": percentiles(lgbm_ms)["p50_ms"],
         "candidates_per_request": round(mean_candidates, 1),
@@ -305,6 +324,57 @@ def bench_switch(
     }
 
 
+def print_before_after(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """In-process latency before and after a change, beside the floor, as ratios to the floor."""
+    floor = after["floor"]
+    rows = [
+        ("floor (FAISS + LightGBM)", floor),
+        ("before: in process", before["in_process"]),
+        ("after: in process", after["in_process"]),
+    ]
+    # Wall time, then the request thread's CPU time (less sensitive to other load on the host).
+    for clock in ("", "cpu_"):
+        label = "wall" if not clock else "CPU"
+        print(f"{label:28} {'p50 ms':>8} {'p99 ms':>8} {'rps':>7} {'p50/floor':>9} {'p99/floor':>9}")
+        for name, row in rows:
+            if f"{clock}p50_ms" not in row or f"{clock}p50_ms" not in floor:
+                print(f"{name:28} {'-':>8}")
+                continue
+            rps = row.get("throughput_rps", "-") if not clock else "-"
+            p50, p99 = row[f"{clock}p50_ms"], row[f"{clock}p99_ms"]
+            print(
+                f"{name:28} {p50:8.2f} {p99:8.2f} {rps:>7} "
+                f"{p50 / floor[f'{clock}p50_ms']:9.1f} {p99 / floor[f'{clock}p99_ms']:9.1f}"
+            )
+        old_row, new_row = before["in_process"], after["in_process"]
+        if f"{clock}p50_ms" in old_row:
+            print(
+                f"after / before ({label}): p50 {new_row[f'{clock}p50_ms'] / old_row[f'{clock}p50_ms']:.2f}, "
+                f"p99 {new_row[f'{clock}p99_ms'] / old_row[f'{clock}p99_ms']:.2f}"
+            )
+    for label, run in (("before", before), ("after", after)):
+        stages = run.get("stages_p50_ms")
+        if stages:
+            print(f"{label} stages p50 ms: " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
+    old, new = before.get("answers", {}), after.get("answers", {})
+    common = [u for u in new if u in old]
+    same = [u for u in common if old[u] == new[u]]
+    print(f"answers: {len(same)}/{len(common)} users get the same items in the same order")
+    for user in [u for u in common if old[u] != new[u]]:
+        print(f"  user {user}: before {old[user]}\n  {'':{len(user) + 5}} after  {new[user]}")
+
+
+def stage_timings(rec: serving.Recommender, users: list[str], k: int) -> dict[str, float]:
+    """p50 of each stage of ``recommend`` (its ``timings``) over ``users``."""
+    laps: dict[str, list[float]] = {}
+    for user in users:
+        timings: dict[str, float] = {}
+        rec.recommend(user_id=user, k=k, timings=timings)
+        for stage, seconds in timings.items():
+            laps.setdefault(stage, []).append(seconds * 1000)
+    return {stage: round(float(np.percentile(ms, 50)), 3) for stage, ms in laps.items()}
+
+
 def print_table(results: dict[str, Any]) -> None:
     """The figures side by side; ratios against the floor (p50) and the in-process run (p99)."""
     floor, local = results["floor"], results["in_process"]
@@ -361,6 +431,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument(
+        "--in-process-only", action="store_true", help="load, floor and in process: no HTTP service"
+    )
+    parser.add_argument("--answers", type=int, default=50, help="users whose top k is recorded")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="results JSON (--out) of a run on the code before a change: printed side by side",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
@@ -389,22 +469,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     results["floor"] = bench_floor(rec, users, num_candidates)
     results["in_process"] = bench_in_process(rec, users, args.k)
-    results["http"] = [
-        bench_http(args.store, args.namespace, users, args.k, args.clients, args.port, workers)
-        for workers in args.workers
-    ]
-    results["switch"] = bench_switch(
-        args.store, args.namespace, users, args.k, args.clients, args.port, max(args.workers)
-    )
-    results["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    results["stages_p50_ms"] = stage_timings(rec, users[:200], args.k)
+    results["answers"] = answers(rec, list(dict.fromkeys(users))[: args.answers], args.k)
     floor = results["floor"]["p50_ms"]
-    results["ratio_p50_vs_floor"] = {
-        "in_process": round(results["in_process"]["p50_ms"] / floor, 1),
-        **{f"http_{h['workers']}_workers": round(h["p50_ms"] / floor, 1) for h in results["http"]},
-    }
+    results["ratio_p50_vs_floor"] = {"in_process": round(results["in_process"]["p50_ms"] / floor, 1)}
+    if not args.in_process_only:
+        results["http"] = [
+            bench_http(args.store, args.namespace, users, args.k, args.clients, args.port, workers)
+            for workers in args.workers
+        ]
+        results["switch"] = bench_switch(
+            args.store, args.namespace, users, args.k, args.clients, args.port, max(args.workers)
+        )
+        results["ratio_p50_vs_floor"].update(
+            {f"http_{h['workers']}_workers": round(h["p50_ms"] / floor, 1) for h in results["http"]}
+        )
+    results["load_average"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(results, indent=2)
-    print(text)
-    print_table(results)
+    print(json.dumps({name: value for name, value in results.items() if name != "answers"}, indent=2))
+    if not args.in_process_only:
+        print_table(results)
+    if args.before:
+        print_before_after(json.loads(args.before.read_text()), results)
     if args.out:
         args.out.write_text(text + "\n")
     return results

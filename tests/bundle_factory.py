@@ -94,6 +94,19 @@ def toy_ranker(seed: int) -> str:
     return booster.model_to_string()
 
 
+REAL_CONTEXT = {"neighbors_k": 20, "ease_max_items": 100, "pop_windows": (10, 50)}
+REAL_CANDIDATES = {"num_candidates": 30, "per_source": 10, "rank_depth": 20}
+
+
+def real_context(items: pd.DataFrame, inter: pd.DataFrame, vectors: np.ndarray) -> tuple[Any, Any, Any]:
+    """The training side of :func:`real_ranker`: ``(context, encoded events, user index)``."""
+    from llmrec_tasks.ranking import context, events
+
+    encoded, users = events.encode_events(inter, pd.Index(items[C.ITEM_ID]))
+    params = context.ContextParams(**REAL_CONTEXT)
+    return context.build_context(encoded, len(users), vectors, items, params), encoded, users
+
+
 def real_ranker(items: pd.DataFrame, inter: pd.DataFrame, vectors: np.ndarray, seed: int) -> dict[str, bytes]:
     """Ranker, feature spec, serving stats and neighbours from the ranking stage's own code."""
 
@@ -101,12 +114,10 @@ def real_ranker(items: pd.DataFrame, inter: pd.DataFrame, vectors: np.ndarray, s
 
     from llmrec_tasks.ranking import context, events, features, sources
 
-    item_index = pd.Index(items[C.ITEM_ID])
-    encoded, users = events.encode_events(inter, item_index)
-    params = context.ContextParams(neighbors_k=20, ease_max_items=100, pop_windows=(10, 50))
-    ctx = context.build_context(encoded, len(users), vectors, items, params)
-    stats, neighbours = context.serving_frames(ctx, item_index.tolist())
-    cand_params = sources.CandidateParams(num_candidates=30, per_source=10, rank_depth=20)
+    ctx, encoded, users = real_context(items, inter, vectors)
+    params = ctx.params
+    stats, neighbours = context.serving_frames(ctx, items[C.ITEM_ID].tolist())
+    cand_params = sources.CandidateParams(**REAL_CANDIDATES)
     hist = events.Histories.from_events(encoded, len(users))
     cands = sources.generate_candidates(ctx, hist, cand_params)
     x = features.build_features(ctx, hist, cands)

@@ -93,7 +93,7 @@ class RankContext:
     stats_end: float
     times: ItemTimes | None = None
     frozen: dict[str, np.ndarray] = field(default_factory=dict)
-    cache: dict[Any, np.ndarray] = field(default_factory=dict)  # per-context derived arrays
+    cache: dict[Any, Any] = field(default_factory=dict)  # per-context derived arrays
     _index: Any = None
 
     @property
@@ -118,7 +118,7 @@ class RankContext:
         start = self.times.window_start(ref, n_events)
         return self.times.count(items, start, ref)
 
-    def cached(self, key: Any, make: Callable[[], np.ndarray]) -> np.ndarray:
+    def cached(self, key: Any, make: Callable[[], Any]) -> Any:
         """A derived array computed once per context (serving reuses one context per bundle)."""
         if key not in self.cache:
             self.cache[key] = make()
@@ -301,15 +301,34 @@ def context_from_artifacts(
 
 def user_profiles(ctx: RankContext, hist: Histories) -> tuple[np.ndarray, np.ndarray]:
     """Recency-weighted and uniform mean embeddings of each user's history (L2-normalised)."""
+    return user_profile(ctx, hist, recency=True), user_profile(ctx, hist, recency=False)
+
+
+def user_profile(ctx: RankContext, hist: Histories, *, recency: bool) -> np.ndarray:
+    """One of :func:`user_profiles`: the recency-weighted profile, or the uniform (long-term) one."""
     pos = hist.position_from_end()
-    recency = np.power(0.5, pos / ctx.params.profile_half_life)
-    out = []
-    for weights in (recency, np.ones(len(pos))):
-        matrix = hist.weight_matrix(ctx.n_items, weights)
-        profile = np.asarray(matrix @ ctx.embeddings, dtype=np.float32)
-        norms = np.linalg.norm(profile, axis=1, keepdims=True)
-        out.append(np.divide(profile, norms, out=np.zeros_like(profile), where=norms > 0))
-    return out[0], out[1]
+    weights = np.power(0.5, pos / ctx.params.profile_half_life) if recency else np.ones(len(pos))
+    profile = weighted_sums(ctx.embeddings, *hist.entries(weights), hist.n_users)
+    norms = np.linalg.norm(profile, axis=1, keepdims=True)
+    return np.divide(profile, norms, out=np.zeros_like(profile), where=norms > 0)
+
+
+def weighted_sums(
+    vectors: np.ndarray, user: np.ndarray, row: np.ndarray, weight: np.ndarray, n_users: int
+) -> np.ndarray:
+    """``(n_users, dim)`` float32: per user, ``sum(weight * vectors[row])`` over its entries
+    (sorted by user; e.g. :meth:`Histories.entries`).
+
+    Added up user by user, entry by entry (a reduction over the first axis is a sequential sum):
+    a user's sum is the same alone or in a batch, and equals the product of the users' sparse
+    weight matrix with ``vectors``.
+    """
+    out = np.zeros((n_users, vectors.shape[1]), dtype=np.float32)
+    bounds = np.searchsorted(user, np.arange(n_users + 1))
+    for u in np.flatnonzero(np.diff(bounds)):
+        lo, hi = bounds[u], bounds[u + 1]
+        out[u] = (weight[lo:hi, None] * vectors[row[lo:hi]]).sum(axis=0)
+    return out
 
 
 def recent_weights(ctx: RankContext, hist: Histories) -> np.ndarray:

@@ -130,6 +130,23 @@ class Histories:
         user_of = np.repeat(np.arange(self.n_users), self.lengths)
         return (self.indptr[1:][user_of] - 1 - np.arange(len(self.items))).astype(np.int64)
 
+    def entries(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(user, item, weight)`` per distinct item of each user's history, by user then item,
+        repeated items' weights summed (float32), zero weights dropped: the stored entries of
+        :meth:`weight_matrix`, in the order a product with it adds them up."""
+        user_of = np.repeat(np.arange(self.n_users, dtype=np.int64), self.lengths)
+        keys = user_of * (int(self.items.max(initial=0)) + 1) + self.items
+        order = np.argsort(keys, kind="stable")
+        keys, first = np.unique(keys[order], return_index=True)
+        weight = weights.astype(np.float32)[order]
+        if len(first) == len(order):  # no repeated items: nothing to sum
+            summed = weight
+        else:
+            summed = np.zeros(len(first), dtype=np.float32)
+            np.add.at(summed, np.repeat(np.arange(len(first)), np.diff(np.append(first, len(order)))), weight)
+        keep = summed != 0
+        return user_of[order][first][keep], self.items[order][first][keep], summed[keep]
+
     def weight_matrix(self, n_items: int, weights: np.ndarray) -> sp.csr_matrix:
         """Sparse ``(n_users, n_items)`` with the given weight per history entry (duplicates summed)."""
         user_of = np.repeat(np.arange(self.n_users), self.lengths)

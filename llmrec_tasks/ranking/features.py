@@ -24,11 +24,11 @@ columns the "no LLM features" ablation drops.
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 
 from llmrec_tasks.core.errors import ConfigError
-from llmrec_tasks.ranking.context import RankContext, user_profiles
+from llmrec_tasks.ranking.context import RankContext, user_profile, weighted_sums
 from llmrec_tasks.ranking.events import DAY, Histories
+from llmrec_tasks.ranking.keys import csr_keys, lookup, weighted_row_sums
 from llmrec_tasks.ranking.sources import SOURCES, CandidateSet, rowwise_dot
 
 LAST_K = 5  # similarity to each of the last k items (one column each: part of the feature names)
@@ -143,13 +143,12 @@ def _item_links(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[
     """Relation values between each candidate and the user's most recent items."""
     user_of = cands.user_of
     last = hist.last(ctx.params.recent_items)[user_of]
+    n_items = ctx.n_items
     out = {}
     for name in ("next", "prev", "cooc"):
-        rel = ctx.relations[name]
-        values = np.zeros((len(cands.items), last.shape[1]), dtype=np.float32)
-        for p in range(last.shape[1]):
-            ok = last[:, p] >= 0
-            values[ok, p] = np.asarray(rel[last[ok, p], cands.items[ok]]).ravel()
+        keys, data = relation_keys(ctx, name)
+        pairs = np.maximum(last, 0) * n_items + cands.items[:, None]
+        values = np.where(last >= 0, lookup(keys, data, pairs, 0.0), 0.0).astype(np.float32)
         out[f"{name}_last1"] = values[:, 0]
         if name == "next":
             out["next_support"] = (values > 0).sum(axis=1).astype(np.float32)
@@ -158,10 +157,22 @@ def _item_links(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[
     return out
 
 
+def relation_keys(ctx: RankContext, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A relation's entries as sorted keys ``row * n_items + col`` and float32 values (once per context)."""
+
+    def make() -> tuple[np.ndarray, np.ndarray]:
+        rel = ctx.relations[name]
+        keys = csr_keys(rel)
+        order = np.argsort(keys, kind="stable")
+        return keys[order], rel.data[order].astype(np.float32)
+
+    return ctx.cached(("relation_keys", name), make)
+
+
 def _semantic(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[str, np.ndarray]:
     """Similarities of each candidate to the user's long-term profile and recent items."""
     emb = ctx.embeddings
-    _, longterm = user_profiles(ctx, hist)
+    longterm = user_profile(ctx, hist, recency=False)
     user_of = cands.user_of
     out = {"sem_longterm": rowwise_dot(emb, cands.items, longterm, user_of)}
     n_recent = ctx.params.recent_similarity_items
@@ -187,6 +198,14 @@ def _semantic(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[st
     return out
 
 
+def precompute(ctx: RankContext) -> None:
+    """Build now the per-context arrays the features read (serving: once per bundle, at load)."""
+    for name in ctx.relations:  # every relation: serving's reasons look up links in the others
+        relation_keys(ctx, name)
+    ctx.cached("item_centrality", lambda: _centrality(ctx.embeddings))
+    ctx.cached("category_embeddings", lambda: _category_embeddings(ctx))
+
+
 def _centrality(emb: np.ndarray) -> np.ndarray:
     """Cosine of each item to the catalog's mean embedding."""
     centroid = emb.mean(axis=0)
@@ -206,24 +225,33 @@ def _categories(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[
     user_of = cands.user_of
     n_rows = len(cands.items)
     cats = ctx.categories
-    if cats.shape[1] == 0:
+    n_cats = cats.shape[1]
+    if n_cats == 0:
         zeros = np.zeros(n_rows, dtype=np.float32)
         return {"cat_affinity": zeros, "cat_affinity_recent": zeros, "sem_category": zeros}
     pos = hist.position_from_end()
+    # The candidates' categories as (candidate row, category) pairs, in category order per row.
+    counts = np.diff(cats.indptr)[cands.items]
+    offsets = np.cumsum(counts) - counts
+    at = np.repeat(cats.indptr[cands.items] - offsets, counts) + np.arange(int(counts.sum()))
+    row_of = np.repeat(np.arange(n_rows), counts)
+    pair_keys = user_of[row_of] * n_cats + cats.indices[at]
     out = {}
     for name, weights in (
         ("cat_affinity", np.power(0.5, pos / ctx.params.profile_half_life)),
         ("cat_affinity_recent", (pos < ctx.params.recent_items).astype(float)),
     ):
-        share = hist.weight_matrix(ctx.n_items, weights) @ cats
-        totals = np.asarray(share.sum(axis=1)).ravel()
-        share = sp.csr_matrix(sp.diags(1.0 / np.maximum(totals, 1e-9)) @ share)
-        out[name] = np.asarray(cats[cands.items].multiply(share[user_of]).sum(axis=1)).ravel()
+        keys, share = weighted_row_sums(cats, *hist.entries(weights), hist.n_users)
+        user = keys // n_cats
+        totals = np.zeros(hist.n_users, dtype=np.float32)
+        np.add.at(totals, user, share)  # in category order: the same sum alone or in a batch
+        share = share * (1.0 / np.maximum(totals, 1e-9))[user]
+        affinity = np.zeros(n_rows, dtype=np.float32)
+        np.add.at(affinity, row_of, lookup(keys, share, pair_keys, 0.0))
+        out[name] = affinity
         if name == "cat_affinity":
             cat_emb = ctx.cached("category_embeddings", lambda: _category_embeddings(ctx))
-            user_vec = np.asarray(share @ cat_emb)
+            user_vec = weighted_sums(cat_emb, user, keys % n_cats, share, hist.n_users)
             user_vec /= np.maximum(np.linalg.norm(user_vec, axis=1, keepdims=True), 1e-9)
-            out["sem_category"] = rowwise_dot(
-                ctx.embeddings, cands.items, user_vec.astype(np.float32), user_of
-            )
+            out["sem_category"] = rowwise_dot(ctx.embeddings, cands.items, user_vec, user_of)
     return out

@@ -6,6 +6,8 @@ set operations are sorts and binary searches, with no dense ``(users, catalog)``
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -44,3 +46,46 @@ def rank_lists(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int
     out = np.full((n_rows, depth), -1, dtype=np.int64)
     out[rows[take], pos[take]] = cols[take]
     return out
+
+
+ACCUMULATOR_CELLS = 1 << 22  # dense (users x columns) float32 cells summed at once (16 MiB)
+
+
+def weighted_row_sums(
+    matrix: sp.csr_matrix, user: np.ndarray, row: np.ndarray, weight: np.ndarray, n_users: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per user, ``sum(weight * matrix[row])`` over its entries: sorted keys ``user * n_cols + col``
+    of the columns reached and their values, without building a sparse product.
+
+    The rows are gathered from the CSR arrays and added up one by one in entry order (then column
+    order within a row), in the matrix's dtype, exactly as the sparse product of the users' weight
+    matrix with ``matrix`` adds them (``(user, row)`` unique, sorted: :meth:`Histories.entries`).
+    Each user's sums depend only on its own entries: one user or a batch, the same values.
+    """
+    n_cols = matrix.shape[1]
+    dtype = np.result_type(weight.dtype, matrix.dtype)
+    starts, counts = matrix.indptr[row], np.diff(matrix.indptr)[row]
+    offsets = np.cumsum(counts) - counts
+    pos = np.repeat(starts - offsets, counts) + np.arange(int(counts.sum()))
+    entry_user = np.repeat(user, counts)
+    cols = matrix.indices[pos].astype(np.int64)
+    values = np.repeat(weight.astype(dtype), counts) * matrix.data[pos].astype(dtype)
+    chunk = max(1, ACCUMULATOR_CELLS // max(n_cols, 1))
+    keys_out, values_out = [], []
+    bounds = np.searchsorted(entry_user, np.arange(0, n_users + chunk, chunk))
+    for c, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        if hi == lo:
+            continue
+        base = c * chunk
+        local = (entry_user[lo:hi] - base) * n_cols + cols[lo:hi]
+        size = min(chunk, n_users - base) * n_cols
+        acc = np.zeros(size, dtype=dtype)
+        np.add.at(acc, local, values[lo:hi])
+        reached = np.zeros(size, dtype=bool)
+        reached[local] = True
+        found = np.flatnonzero(reached)
+        keys_out.append(found + base * n_cols)
+        values_out.append(acc[found])
+    if not keys_out:
+        return np.zeros(0, np.int64), np.zeros(0, dtype)
+    return np.concatenate(keys_out).astype(np.int64), np.concatenate(values_out)

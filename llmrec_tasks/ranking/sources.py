@@ -11,7 +11,9 @@ sources :data:`SOURCES`, each recording its score and rank for the ranker:
 - ``pop``: the most popular items at the reference time.
 
 The same code runs in training, in the benchmark and at serving time (where the context is rebuilt
-from published artifacts, see :func:`llmrec_tasks.ranking.context.context_from_artifacts`).
+from published artifacts, see :func:`llmrec_tasks.ranking.context.context_from_artifacts`). A
+user's lists and scores do not depend on the other users of its batch: a request is a batch of
+one, and its candidates are those training computes for the same history and time.
 """
 
 from __future__ import annotations
@@ -22,17 +24,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from llmrec_tasks.core.errors import ConfigError
-from llmrec_tasks.ranking.context import RankContext, recent_weights, user_profiles
+from llmrec_tasks.ranking.context import RankContext, recent_weights, user_profile
 from llmrec_tasks.ranking.events import Histories
-from llmrec_tasks.ranking.keys import csr_keys, in_sorted, lookup, rank_lists
+from llmrec_tasks.ranking.keys import in_sorted, lookup, rank_lists, weighted_row_sums
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("faiss_profile", "faiss_last", "next", "prev", "cooc", "ease", "pop")
 POP_PRIOR = 1e-3  # weight of overall popularity in the `pop` score: below one count, a tie-breaker
+RESCORE_MARGIN = 16  # FAISS hits rescored exactly beyond the list depth (near-ties at its end)
 
 
 @dataclass(frozen=True)
@@ -70,69 +72,92 @@ class CandidateSet:
         return np.repeat(np.arange(self.n_users), np.diff(self.indptr))
 
 
+Scores = tuple[np.ndarray, np.ndarray]  # sorted keys ``user * n_items + item`` and their values
+
+
 @dataclass
 class _Batch:
-    """Per-source scores and top lists of one batch of users; sparse, so a batch costs what its
-    users' histories touch, not the catalog size."""
+    """Per-source scores and top lists of one batch of users; as sorted keys, so a batch costs
+    what its users' histories touch, not the catalog size."""
 
-    scores: dict[str, sp.csr_matrix]  # relation sources, (B, n_items); seen items included
+    scores: dict[str, Scores]  # relation sources; seen items included
     lists: dict[str, np.ndarray]  # (B, rank_depth) item indices, -1 padded
     profile: np.ndarray  # (B, dim) recency-weighted profile
     seen: np.ndarray  # sorted keys ``user * n_items + item`` of the batch's histories
 
 
-def collaborative_scores(ctx: RankContext, hist: Histories) -> dict[str, sp.csr_matrix]:
-    """Sparse ``(n_users, n_items)`` scores of the relation sources for a batch of users."""
+def collaborative_scores(ctx: RankContext, hist: Histories) -> dict[str, Scores]:
+    """Scores of the relation sources for a batch of users: the weighted sums of the relation
+    rows of each user's history items (:func:`~llmrec_tasks.ranking.keys.weighted_row_sums`)."""
     pos = hist.position_from_end()
-    recent = hist.weight_matrix(ctx.n_items, recent_weights(ctx, hist))
     half_life = ctx.params.cooc_half_life_factor * ctx.params.profile_half_life
-    longterm = hist.weight_matrix(ctx.n_items, np.power(0.5, pos / half_life))
-    binary = hist.weight_matrix(ctx.n_items, np.ones(len(pos)))
-    binary.data[:] = 1.0
-    products = {
-        "next": recent @ ctx.relations["next"],
-        "prev": recent @ ctx.relations["prev"],
-        "cooc": longterm @ ctx.relations["cooc"],
-        "ease": binary @ ctx.relations["ease"],
+    weights = {
+        "recent": recent_weights(ctx, hist),
+        "longterm": np.power(0.5, pos / half_life),
+        "binary": np.ones(len(pos)),
     }
-    for matrix in products.values():
-        matrix.sum_duplicates()  # canonical: sorted indices, so (row, item) keys come out sorted
-    return products
+    entries = {name: hist.entries(w) for name, w in weights.items()}
+    return {
+        relation: weighted_row_sums(ctx.relations[relation], *entries[name], hist.n_users)
+        for relation, name in (
+            ("next", "recent"),
+            ("prev", "recent"),
+            ("cooc", "longterm"),
+            ("ease", "binary"),
+        )
+    }
 
 
-def _relation_lists(matrix: sp.csr_matrix, seen: np.ndarray, depth: int) -> np.ndarray:
-    keys = csr_keys(matrix)
+def _relation_lists(scores: Scores, seen: np.ndarray, n_users: int, n_items: int, depth: int) -> np.ndarray:
+    keys, values = scores
     unseen = ~in_sorted(seen, keys)
-    n_items = matrix.shape[1]
-    return rank_lists(
-        keys[unseen] // n_items, keys[unseen] % n_items, matrix.data[unseen], matrix.shape[0], depth
-    )
+    return rank_lists(keys[unseen] // n_items, keys[unseen] % n_items, values[unseen], n_users, depth)
 
 
 def _pop_score(ctx: RankContext, items: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """Popularity in the first window, plus a tiny prior that breaks ties deterministically."""
     counts = ctx.window_counts(items, ref, ctx.params.pop_windows[0])
-    prior = ctx.cached("pop_prior", lambda: ctx.item_pop / (ctx.item_pop.max(initial=0) + 1) * POP_PRIOR)
-    return counts + prior[items]
+    return counts + _pop_prior(ctx)[items]
+
+
+def precompute(ctx: RankContext) -> None:
+    """Build now the per-context arrays the sources read (serving: once per bundle, at load)."""
+    _pop_ranking(ctx, ctx.stats_end, ctx.n_items)
+
+
+def _pop_prior(ctx: RankContext) -> np.ndarray:
+    return ctx.cached("pop_prior", lambda: ctx.item_pop / (ctx.item_pop.max(initial=0) + 1) * POP_PRIOR)
+
+
+def _pop_ranking(ctx: RankContext, ref: float, need: int) -> np.ndarray:
+    """The ``need`` best items by :func:`_pop_score` at ``ref``, best first (ties: lower item), -1 padded.
+
+    Only items in the window or among the ``need`` best by prior can rank, so only those are
+    scored; the prior order is complete (ties to the lower item, as in rank_lists), so a ranking is
+    a prefix of any deeper one. Frozen statistics (serving) score every reference time alike: the
+    whole ranking is built once per context and requests read its prefix.
+    """
+    if ctx.times is None and need < ctx.n_items:
+        return _pop_ranking(ctx, ref, ctx.n_items)[:need]
+    if ctx.times is None:
+        return ctx.cached("pop_ranking", lambda: _rank_by_pop(ctx, ref, need))
+    return _rank_by_pop(ctx, ref, need)
+
+
+def _rank_by_pop(ctx: RankContext, ref: float, need: int) -> np.ndarray:
+    by_prior = ctx.cached("prior_order", lambda: np.argsort(-_pop_prior(ctx), kind="stable"))
+    pool = np.union1d(ctx.window_items(ref, ctx.params.pop_windows[0]), np.sort(by_prior[:need]))
+    score = _pop_score(ctx, pool, np.full(len(pool), ref))
+    return rank_lists(np.zeros(len(pool), np.int64), pool, score, 1, need)[0]
 
 
 def _pop_lists(ctx: RankContext, hist: Histories, seen: np.ndarray, depth: int) -> np.ndarray:
-    """Most popular unseen items at each user's reference time. Only items in the window or among
-    the most popular overall can make a list, so only those are scored."""
+    """Most popular unseen items at each user's reference time (a user's list does not depend on
+    the batch's longest history: see :func:`_pop_ranking`)."""
     n_users, n_items = hist.n_users, ctx.n_items
     need = min(n_items, depth + int(hist.lengths.max(initial=0)))
-    prior_top = ctx.cached(
-        ("prior_top", need),
-        lambda: (
-            np.sort(np.argpartition(-ctx.item_pop, need - 1)[:need]) if need < n_items else np.arange(n_items)
-        ),
-    )
     refs, ref_of_user = np.unique(hist.ref_ts, return_inverse=True)
-    ordered = np.full((len(refs), need), -1, dtype=np.int64)
-    for j, ref in enumerate(refs):
-        pool = np.union1d(ctx.window_items(ref, ctx.params.pop_windows[0]), prior_top)
-        score = _pop_score(ctx, pool, np.full(len(pool), ref))
-        ordered[j] = rank_lists(np.zeros(len(pool), np.int64), pool, score, 1, need)[0]
+    ordered = np.stack([_pop_ranking(ctx, float(ref), need) for ref in refs])
     cand = ordered[ref_of_user.ravel()]
     valid = (cand >= 0) & ~in_sorted(seen, np.arange(n_users)[:, None] * n_items + cand)
     order = np.argsort(~valid, axis=1, kind="stable")[:, : min(depth, n_items)]
@@ -140,18 +165,31 @@ def _pop_lists(ctx: RankContext, hist: Histories, seen: np.ndarray, depth: int) 
 
 
 def _faiss_lists(
-    ctx: RankContext, queries: np.ndarray, hist: Histories, seen: np.ndarray, depth: int
-) -> tuple[np.ndarray, ...]:
-    """FAISS top lists for one query vector per user, history removed; returns (items, scores)."""
-    extra = int(hist.lengths.max(initial=0))
-    k = min(ctx.n_items, depth + extra)
-    scores, idx = ctx.faiss_index().search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    keys = np.arange(hist.n_users)[:, None] * ctx.n_items + np.maximum(idx, 0)
+    ctx: RankContext, queries: np.ndarray, owner: np.ndarray, hist: Histories, seen: np.ndarray, depth: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS top lists of query vectors in one search (query i asks for user ``owner[i]``), each
+    with its user's history removed; returns (items, scores), ``(len(queries), depth)``.
+
+    The first ``depth + RESCORE_MARGIN`` unseen hits are rescored by exact dot products and ranked
+    by them (ties: lower item): FAISS sums differently for a batch of queries (a matrix product)
+    than for a few, so its own scores would rank near-ties of a training batch and of a request
+    differently.
+    """
+    extra = int(hist.lengths[owner].max(initial=0))
+    k = min(ctx.n_items, depth + extra + RESCORE_MARGIN)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    _, idx = ctx.faiss_index().search(queries, k)
+    keys = owner[:, None] * ctx.n_items + np.maximum(idx, 0)
     valid = (idx >= 0) & ~in_sorted(seen, keys)
     # Stable compaction: valid entries first, keeping FAISS order.
-    order = np.argsort(~valid, axis=1, kind="stable")[:, :depth]
-    items = np.where(np.take_along_axis(valid, order, axis=1), np.take_along_axis(idx, order, axis=1), -1)
-    return items, np.take_along_axis(scores, order, axis=1)
+    order = np.argsort(~valid, axis=1, kind="stable")[:, : depth + RESCORE_MARGIN]
+    kept = np.take_along_axis(valid, order, axis=1)
+    items = np.where(kept, np.take_along_axis(idx, order, axis=1), -1)
+    exact = np.full(items.shape, -np.inf, dtype=np.float32)
+    rows, cols = np.nonzero(kept)
+    exact[rows, cols] = rowwise_dot(ctx.embeddings, items[rows, cols], queries, rows)
+    best = np.lexsort((items, -exact), axis=1)[:, :depth]
+    return np.take_along_axis(items, best, axis=1), np.take_along_axis(exact, best, axis=1)
 
 
 def _batch_scores(ctx: RankContext, hist: Histories, params: CandidateParams) -> _Batch:
@@ -159,21 +197,27 @@ def _batch_scores(ctx: RankContext, hist: Histories, params: CandidateParams) ->
     depth = min(params.rank_depth, n_items)
     seen = np.unique(np.repeat(np.arange(n_users, dtype=np.int64), hist.lengths) * n_items + hist.items)
     scores = collaborative_scores(ctx, hist)
-    lists = {name: _relation_lists(matrix, seen, depth) for name, matrix in scores.items()}
+    lists = {name: _relation_lists(sc, seen, n_users, n_items, depth) for name, sc in scores.items()}
     lists["pop"] = _pop_lists(ctx, hist, seen, depth)
-    profile, _ = user_profiles(ctx, hist)
-    lists["faiss_profile"], _ = _faiss_lists(ctx, profile, hist, seen, depth)
-    lists["faiss_profile"][hist.lengths == 0] = -1
-    last = hist.last(ctx.params.recent_items)
-    rows, cols, vals = [], [], []
-    for p in range(min(params.faiss_last_items, last.shape[1])):
-        items_p, sims_p = _faiss_lists(ctx, ctx.embeddings[np.maximum(last[:, p], 0)], hist, seen, depth)
-        ok = (items_p >= 0) & (last[:, p : p + 1] >= 0)
-        rows.append(np.broadcast_to(np.arange(n_users)[:, None], items_p.shape)[ok])
-        cols.append(items_p[ok])
-        vals.append(ctx.params.recent_decay**p * sims_p[ok])
-    keys = np.concatenate(rows) * n_items + np.concatenate(cols) if rows else np.zeros(0, np.int64)
-    vals = np.concatenate(vals) if vals else np.zeros(0, np.float32)
+    profile = user_profile(ctx, hist, recency=True)
+    last = hist.last(ctx.params.recent_items)[:, : params.faiss_last_items]
+    # One search for all queries: each user's profile (kind 0), then its p-th most recent item (kind p + 1).
+    asks = np.concatenate([hist.lengths > 0, *(last[:, p] >= 0 for p in range(last.shape[1]))])
+    owner = np.tile(np.arange(n_users), 1 + last.shape[1])[asks]
+    kind = np.repeat(np.arange(1 + last.shape[1]), n_users)[asks]
+    queries = np.concatenate(
+        [profile, *(ctx.embeddings[np.maximum(last[:, p], 0)] for p in range(last.shape[1]))]
+    )
+    found, sims = _faiss_lists(ctx, queries[asks], owner, hist, seen, depth)
+    lists["faiss_profile"] = np.full((n_users, depth), -1, dtype=np.int64)
+    lists["faiss_profile"][owner[kind == 0]] = found[kind == 0]
+    p = kind[kind > 0, None] - 1
+    ok = found[kind > 0] >= 0
+    rows = np.broadcast_to(owner[kind > 0, None], ok.shape)[ok]
+    vals = (ctx.params.recent_decay ** np.broadcast_to(p, ok.shape)[ok]).astype(np.float32) * sims[kind > 0][
+        ok
+    ]
+    keys = rows * n_items + found[kind > 0][ok]
     order = np.argsort(keys, kind="stable")
     keys, first = np.unique(keys[order], return_index=True)
     best = np.maximum.reduceat(vals[order], first) if len(first) else vals[:0]
@@ -211,7 +255,7 @@ def generate_candidates(
     source_found = dict.fromkeys(SOURCES, 0)
     for start in range(0, hist.n_users, batch_size):
         rows = np.arange(start, min(start + batch_size, hist.n_users))
-        sub = hist.subset(rows)
+        sub = hist if len(rows) == hist.n_users else hist.subset(rows)  # serving: one batch of one
         batch = _batch_scores(ctx, sub, params)
         ranked = {}  # source -> (sorted keys user * n_items + item, rank)
         for name in SOURCES:
@@ -247,8 +291,7 @@ def generate_candidates(
             recent[has] = np.maximum(recent[has], sims)
         sc.append(np.where(np.isfinite(recent), recent, 0.0))
         for name in ("next", "prev", "cooc", "ease"):
-            matrix = batch.scores[name]
-            sc.append(lookup(csr_keys(matrix), matrix.data, keys, 0.0))
+            sc.append(lookup(*batch.scores[name], keys, 0.0))
         sc.append(_pop_score(ctx, item, sub.ref_ts[user]))
         parts_scores.append(np.stack(sc, axis=1).astype(np.float32))
         if targets is not None:

@@ -22,8 +22,13 @@ The default scorer (:func:`ranker_scorer`) is the ranking stage's own code, so s
 exactly the training features: ``candidates.context_from_artifacts`` (built once per bundle from
 ``serving_stats.parquet``, ``item_neighbors.parquet`` and ``feature_spec.json`` keys ``context``,
 ``stats_end``, ``candidates``, ``features``), then ``generate_candidates`` + ``build_features``
-per request. Candidates never include the history (as in training): ``exclude_seen=False`` only
-lets seen items into the popularity fill.
+per request, as a batch of one user. What depends only on the bundle (relation entries as sorted
+keys, the popularity ranking, item centrality, category vectors) is built at load
+(``sources.precompute``, ``features.precompute``); a request gathers the relation rows of its
+history items and runs one FAISS search for all its queries, with no sparse matrix built, and
+adds every sum up in the same order as a training batch does, so its feature rows are
+bit-identical to training's (``tests/unit/test_feature_parity.py``). Candidates never include the
+history (as in training): ``exclude_seen=False`` only lets seen items into the popularity fill.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import validate_name
 from llmrec_tasks.core.errors import BundleError, ConfigError, DataContractError, LlmrecError
 from llmrec_tasks.ranking import context, events, features, sources
+from llmrec_tasks.ranking.keys import lookup
 from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.store import ObjectStore, open_store
 
@@ -445,13 +451,14 @@ class RankerScorer:
 
     context: context.RankContext
     params: sources.CandidateParams
+    names: list[str] | None = None  # the ranker's columns, in its order (default FEATURE_NAMES)
 
     def __call__(self, history: History, now: float, lap: Lap | None = None) -> tuple[np.ndarray, np.ndarray]:
         hist = events.Histories.from_lists([history.items], [history.timestamps], np.array([now]))
         cands = sources.generate_candidates(self.context, hist, self.params)
         if lap is not None:
             lap("candidates")
-        matrix = features.build_features(self.context, hist, cands)
+        matrix = features.build_features(self.context, hist, cands, self.names)
         if lap is not None:
             lap("features")
         return cands.items, matrix
@@ -464,6 +471,12 @@ def ranker_scorer(bundle: Bundle) -> RankerScorer:
     missing += [name for name in (C.SERVING_STATS, C.ITEM_NEIGHBORS) if name not in bundle.tables]
     if missing:
         raise BundleError(f"{bundle.uri}: the ranker cannot be served, the bundle lacks {missing}")
+    unknown = [name for name in bundle.feature_names if name not in features.FEATURE_NAMES]
+    if unknown:
+        raise BundleError(
+            f"{bundle.uri}: the ranker reads feature(s) {unknown} this llmrec version does not compute: "
+            "serve it with the llmrec version that trained it, or re-train"
+        )
     try:
         ctx = context.context_from_artifacts(
             bundle.item_ids,
@@ -476,7 +489,10 @@ def ranker_scorer(bundle: Bundle) -> RankerScorer:
         params = sources.CandidateParams(**spec["candidates"])
     except (DataContractError, ConfigError, KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{bundle.uri}: the ranker's serving artifacts do not fit together: {exc}") from exc
-    return RankerScorer(replace(ctx, _index=bundle.index), params)  # the published index, not a rebuilt one
+    ctx = replace(ctx, _index=bundle.index)  # the published index, not a rebuilt one
+    sources.precompute(ctx)
+    features.precompute(ctx)
+    return RankerScorer(ctx, params, list(bundle.feature_names))
 
 
 class Recommender:
@@ -594,8 +610,9 @@ class Recommender:
                 return int(history.items[-template.position]) if len(history) >= template.position else None
             if template.relation in self.relations:
                 if template.relation not in links:
-                    rel = self.relations[template.relation]
-                    links[template.relation] = rel[hist_items][:, chosen].toarray().T
+                    keys, data = features.relation_keys(self.scorer.context, template.relation)
+                    pairs = hist_items[None, :] * len(bundle.item_ids) + chosen[:, None]
+                    links[template.relation] = lookup(keys, data, pairs, 0.0)
                 values = links[template.relation][row]
                 return int(hist_items[values.argmax()]) if values.max(initial=0) > 0 else None
             return int(hist_items[similarity[row].argmax()])

@@ -166,7 +166,10 @@ def test_sparse_source_lists_match_a_dense_brute_force(chain):
     seen = np.zeros((hist.n_users, N_ITEMS), dtype=bool)
     seen[np.repeat(np.arange(hist.n_users), hist.lengths), hist.items] = True
     batch = _batch_scores(ctx, hist, PARAMS)
-    dense = {name: matrix.toarray() for name, matrix in collaborative_scores(ctx, hist).items()}
+    dense = {}
+    for name, (keys, values) in collaborative_scores(ctx, hist).items():
+        dense[name] = np.zeros((hist.n_users, N_ITEMS), dtype=np.float32)
+        dense[name].flat[keys] = values
     all_items = np.arange(N_ITEMS)
     dense["pop"] = np.stack([_pop_score(ctx, all_items, np.full(N_ITEMS, ref)) for ref in hist.ref_ts])
     for name, scores in dense.items():
@@ -198,3 +201,35 @@ def test_faiss_last_items_sets_how_many_recent_items_feed_faiss_last(chain):
         assert only_last[u, 0] == np.argmax(sims)
     assert PARAMS.faiss_last_items == 3
     assert not np.array_equal(only_last, _batch_scores(ctx, hist, PARAMS).lists["faiss_last"])
+
+
+def test_relation_scores_equal_the_sparse_products_bit_for_bit(chain):
+    """Gathering relation rows adds up exactly what the weight matrix @ relation product adds."""
+    from llmrec_tasks.ranking.context import recent_weights
+    from llmrec_tasks.ranking.keys import weighted_row_sums
+
+    events, users, ctx = chain
+    hist = Histories.from_events(events, len(users))
+    for weights in (recent_weights(ctx, hist), np.power(0.5, hist.position_from_end() / 7.0)):
+        product = (hist.weight_matrix(N_ITEMS, weights) @ ctx.relations["cooc"]).toarray()
+        keys, values = weighted_row_sums(ctx.relations["cooc"], *hist.entries(weights), hist.n_users)
+        got = np.zeros_like(product)
+        got.flat[keys] = values
+        assert np.array_equal(got, product)
+        assert (product.flat[keys] != 0).any() and np.all(
+            product.flat[np.setdiff1d(np.arange(product.size), keys)] == 0
+        )
+
+
+def test_profiles_equal_the_sparse_products_bit_for_bit_with_repeated_items(chain):
+    from llmrec_tasks.ranking.context import weighted_sums
+
+    events, users, ctx = chain
+    base = Histories.from_events(events, len(users))
+    # A user who came back to an item: its weights are summed first, as the sparse matrix sums them.
+    items = [base.items[base.indptr[u] : base.indptr[u + 1]] for u in range(base.n_users)]
+    items[0] = np.concatenate([items[0], items[0][:2]])
+    hist = Histories.from_lists(items, [np.arange(len(x), dtype=float) for x in items], base.ref_ts)
+    weights = np.power(0.5, hist.position_from_end() / 3.0)
+    product = np.asarray(hist.weight_matrix(N_ITEMS, weights) @ ctx.embeddings, dtype=np.float32)
+    assert np.array_equal(weighted_sums(ctx.embeddings, *hist.entries(weights), hist.n_users), product)
