@@ -27,10 +27,17 @@ from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import EncoderConfig, RankerConfig
 from llmrec_tasks.core.errors import ConfigError, DataContractError
 from llmrec_tasks.data.contract import Dataset, item_texts, normalize, read_raw
+from llmrec_tasks.ranking.baselines import VALID_KEY, KnownEvents, describe_params
 from llmrec_tasks.ranking.context import ContextParams, build_context
 from llmrec_tasks.ranking.evaluate import Targets
 from llmrec_tasks.ranking.events import Events, Histories, encode_events
-from llmrec_tasks.ranking.protocols import RANKER, evaluate_stages, json_default, production_stages
+from llmrec_tasks.ranking.protocols import (
+    RANKER,
+    evaluate_stages,
+    json_default,
+    production_known,
+    production_stages,
+)
 from llmrec_tasks.ranking.ranker import Stage, make_stage
 
 log = logging.getLogger(__name__)
@@ -144,6 +151,11 @@ def loo_stages(loo: LooData, embeddings: np.ndarray, rcfg: RankerConfig) -> tupl
     return train[::-1], valid, test
 
 
+def loo_known(loo: LooData) -> KnownEvents:
+    """The events the validation (position 1) and test (position 0) stages of :func:`loo_stages` know."""
+    return KnownEvents(loo.events, loo.n_users, valid=loo.pos > 1, test=loo.pos > 0)
+
+
 def run_benchmark(
     data_uri: str,
     protocol: str = "loo",
@@ -173,14 +185,16 @@ def run_benchmark(
         loo = loo_split(data, min_count)
         embeddings = cached_embeddings(loo.items, encoder_cfg)
         train, valid, test = loo_stages(loo, embeddings, rcfg)
+        known = loo_known(loo)
         dataset = {"users": loo.n_users, "items": loo.n_items, "interactions": len(loo.events)}
     else:
         items = data.items.reset_index(drop=True)
         embeddings = cached_embeddings(items, encoder_cfg)
         events, user_index = encode_events(data.interactions, pd.Index(items[C.ITEM_ID]))
-        train, valid, test, _ = production_stages(events, len(user_index), embeddings, items, rcfg)
+        train, valid, test, windows = production_stages(events, len(user_index), embeddings, items, rcfg)
+        known = production_known(events, len(user_index), windows)
         dataset = {"users": len(user_index), "items": len(items), "interactions": len(events)}
-    results, _, _ = evaluate_stages(train, valid, test, rcfg, seeds=seeds, n_boot=n_boot)
+    results, _, _ = evaluate_stages(train, valid, test, rcfg, known=known, seeds=seeds, n_boot=n_boot)
     result = {
         "protocol": protocol,
         "data": str(data_uri),
@@ -234,6 +248,11 @@ def format_table(result: dict[str, Any]) -> str:
     recall = result.get("candidate_recall", {}).get("test", {})
     if recall:
         lines.append("candidate recall (test): " + ", ".join(f"{k} {v:.3f}" for k, v in recall.items()))
+    for name, tuned in result.get("baselines_tuned", {}).items():
+        lines.append(
+            f"{name} tuned on validation: {describe_params(tuned['params'])} "
+            f"({VALID_KEY} {tuned[VALID_KEY]:.4f}, {len(tuned['grid'])} grid points, {tuned['seconds']:.1f}s)"
+        )
     runs = models.get(RANKER, {}).get("runs", 1)
     lines.append(
         f"ranker: mean over {runs} seed(s); ±seeds = std of NDCG@10 over seeds; CI = bootstrap over users"

@@ -227,7 +227,8 @@ def quality_gate(
     ``new_metrics`` is the ``metrics`` dict of a run (``{"ranker": {...}, "popularity": {...}}``)
     on the production protocol. ``current_metrics`` holds the currently published ranker's metrics
     *on the same evaluation data* (``{"ranker": {...}}`` or the flat ``{"ndcg@10": ...}``), or None
-    when nothing is published yet. The new ranker must beat popularity on NDCG@10 and must not be
+    when nothing is published yet. The new ranker must beat popularity (tuned on validation like every
+    baseline, :mod:`llmrec_tasks.ranking.baselines`) on NDCG@10 and must not be
     worse than the current ranker by more than ``tolerance`` relative to it: it passes while
     ``new >= current * (1 - tolerance)`` (0.02 = at most 2% below the published NDCG@10).
     """

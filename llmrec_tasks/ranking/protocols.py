@@ -29,7 +29,7 @@ import pandas as pd
 
 from llmrec_tasks.core.config import RankerConfig
 from llmrec_tasks.core.errors import ConfigError, DataContractError
-from llmrec_tasks.ranking.baselines import baseline_rankings
+from llmrec_tasks.ranking.baselines import KnownEvents, tune_baselines
 from llmrec_tasks.ranking.context import ContextParams, build_context
 from llmrec_tasks.ranking.evaluate import (
     COLD_ITEMS,
@@ -66,14 +66,18 @@ def evaluate_stages(
     test: Stage,
     rcfg: RankerConfig,
     *,
+    known: KnownEvents,
     seeds: int = 1,
     n_boot: int = 1000,
     params: RankerParams | None = None,
 ) -> tuple[dict[str, Any], lgb.Booster, dict[str, Any]]:
-    """Fit the ranker and its no-LLM ablation per seed, score baselines, compare on the test users.
+    """Fit the ranker and its no-LLM ablation per seed, tune the baselines on ``valid`` (their
+    statistics from ``known``), compare on the test users.
 
     Returns (results, the first seed's ranker, its fit info). ``results["models"]`` maps each
-    model to its metrics (mean over seeds, spread, bootstrap CI, cold-start slice).
+    model to its metrics (mean over seeds, spread, bootstrap CI, cold-start slice);
+    ``results["baselines_tuned"]`` what each baseline's tuning chose
+    (:class:`llmrec_tasks.ranking.baselines.TunedBaselines`).
     """
     params = params or RankerParams.from_config(rcfg)
     if seeds < 1:
@@ -100,7 +104,16 @@ def evaluate_stages(
             per_user_metrics(runs[RANKER][-1], test.targets)[PRIMARY].mean(),
             per_user_metrics(runs[ABLATION][-1], test.targets)[PRIMARY].mean(),
         )
-    for name, ranked in baseline_rankings(test.ctx, test.hist, depth=params.list_depth).items():
+    tuned = tune_baselines(
+        known,
+        test.ctx.embeddings,
+        valid.hist,
+        valid.targets,
+        test.hist,
+        depth=params.list_depth,
+        ctx_params=ContextParams.from_config(rcfg),
+    )
+    for name, ranked in tuned.rankings.items():
         runs[name] = [ranked]
     cold = restrict(test.targets, test.ctx.item_pop[test.targets.items] < params.cold_max_interactions)
     slices = {COLD_ITEMS: cold, **history_segments(test.hist.lengths, test.targets)}
@@ -124,6 +137,7 @@ def evaluate_stages(
     results = {
         "models": models,
         "comparisons": comparisons,
+        "baselines_tuned": tuned.summary,
         "candidate_recall": {"test": test.cands.source_recall, "valid": valid.cands.source_recall},
         "feature_importance": {
             FEATURE_NAMES[j]: float(importance[j] / seeds)
@@ -234,6 +248,13 @@ def production_stages(
             stage.ctx = None  # each window's relations would otherwise stay in memory to the end
         stages.append(stage)
     return stages[:-2], stages[-2], stages[-1], dict(zip(names, windows, strict=True))
+
+
+def production_known(events: Events, n_users: int, windows: dict[str, tuple[float, float]]) -> KnownEvents:
+    """The events each evaluation stage of the production protocol knows: those before its window."""
+    return KnownEvents(
+        events, n_users, valid=events.ts < windows["valid"][0], test=events.ts < windows["test"][0]
+    )
 
 
 def json_default(value: Any) -> Any:

@@ -87,9 +87,12 @@ def user_item_matrix(events: Events, n_users: int, n_items: int) -> sp.csr_matri
     return matrix
 
 
-def cooc_cosine(x: sp.csr_matrix, k: int, block_items: int = 4096) -> sp.csr_matrix:
+def cooc_cosine(x: sp.csr_matrix, k: int, block_items: int = 4096, shrink: float = 0.0) -> sp.csr_matrix:
     """Item-kNN: cosine of item columns of ``x``, top ``k`` per item. Sparse products in blocks of
-    items: work and memory follow the co-occurrences, not the square of the catalog."""
+    items: work and memory follow the co-occurrences, not the square of the catalog.
+
+    ``shrink`` > 0 gives the shrunk cosine ``c_ij / (sqrt(n_i n_j) + shrink)``: pairs seen together
+    by few users count less (0: the plain cosine)."""
     n_items = x.shape[1]
     xt = sp.csr_matrix(x.T, dtype=np.float32)
     inv_norm = 1.0 / np.sqrt(np.maximum(np.asarray(x.sum(axis=0)).ravel(), 1.0)).astype(np.float32)
@@ -99,24 +102,38 @@ def cooc_cosine(x: sp.csr_matrix, k: int, block_items: int = 4096) -> sp.csr_mat
         block = (xt[start:stop] @ x).tocoo()
         off_diagonal = block.row + start != block.col
         row, col = block.row[off_diagonal], block.col[off_diagonal]
-        val = block.data[off_diagonal] * (inv_norm[start + row] * inv_norm[col])
+        inv = inv_norm[start + row] * inv_norm[col]
+        val = block.data[off_diagonal] * inv / (1.0 + np.float32(shrink) * inv)
         parts.append(topk_rows(sp.csr_matrix((val, (row, col)), shape=(stop - start, n_items)), k))
     return sp.csr_matrix(sp.vstack(parts)) if parts else sp.csr_matrix((0, n_items), dtype=np.float32)
+
+
+def ease_gram(x: sp.csr_matrix, pop: np.ndarray, max_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """The items EASE runs on (the ``max_items`` most popular, sorted) and their Gram matrix
+    (float64): computed once, shared by every ``lambda`` (:func:`ease_dense`)."""
+    keep = np.flatnonzero(pop > 0)
+    if keep.size > max_items:
+        keep = np.sort(keep[np.argsort(-pop[keep], kind="stable")[:max_items]])
+    sub = x[:, keep]
+    return keep, (sub.T @ sub).toarray().astype(np.float64)
+
+
+def ease_dense(gram: np.ndarray, lam: float) -> np.ndarray:
+    """Dense EASE weights (Steck 2019) from a Gram matrix: ``B = -P / diag(P)`` with
+    ``P = (G + lam I)^-1``, zero diagonal."""
+    reg = gram.copy()
+    reg[np.diag_indices_from(reg)] += lam
+    inv = np.linalg.inv(reg)
+    weights = -inv / np.diag(inv)
+    weights[np.diag_indices_from(weights)] = 0.0
+    return weights
 
 
 def ease_weights(x: sp.csr_matrix, pop: np.ndarray, lam: float, max_items: int, k: int) -> sp.csr_matrix:
     """EASE (Steck 2019) on the most popular items; top-k weights per item, zero elsewhere."""
     n_items = x.shape[1]
-    keep = np.flatnonzero(pop > 0)
-    if keep.size > max_items:
-        keep = np.sort(keep[np.argsort(-pop[keep], kind="stable")[:max_items]])
+    keep, gram = ease_gram(x, pop, max_items)
     if keep.size < 2:
         return sp.csr_matrix((n_items, n_items), dtype=np.float32)
-    sub = x[:, keep]
-    gram = (sub.T @ sub).toarray().astype(np.float64)
-    gram[np.diag_indices_from(gram)] += lam
-    inv = np.linalg.inv(gram)
-    weights = -inv / np.diag(inv)
-    weights[np.diag_indices_from(weights)] = 0.0
-    top = topk_rows(weights.astype(np.float32), k).tocoo()
+    top = topk_rows(ease_dense(gram, lam).astype(np.float32), k).tocoo()
     return sp.csr_matrix((top.data, (keep[top.row], keep[top.col])), shape=(n_items, n_items))

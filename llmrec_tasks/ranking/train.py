@@ -34,6 +34,7 @@ from llmrec_tasks.ranking.protocols import (
     RANKER,
     evaluate_stages,
     json_default,
+    production_known,
     production_stages,
     small_metrics,
 )
@@ -69,7 +70,8 @@ def run_train(cfg: RunConfig, validated: Validated, embedded: Embedded) -> Train
     items = align_items(data.items, item_ids)
     events, user_index = encode_events(data.interactions, pd.Index(item_ids))
     train, valid, test, windows = production_stages(events, len(user_index), embeddings, items, rcfg)
-    results, booster, fit_info = evaluate_stages(train, valid, test, rcfg, seeds=1)
+    known = production_known(events, len(user_index), windows)
+    results, booster, fit_info = evaluate_stages(train, valid, test, rcfg, known=known, seeds=1)
     summary = small_metrics(results)
     passed, reason = quality_gate(summary, None, cfg.gate_tolerance)
     results.update(

@@ -105,8 +105,20 @@ def test_format_table_lists_models_best_first():
             "protocol": "loo",
             "models": {"popularity": model(0.02), "ranker": model(0.1)},
             "candidate_recall": {"test": {"next": 0.3, "all": 0.5}},
+            "baselines_tuned": {
+                "popularity": {
+                    "params": {"window_days": 30},
+                    "valid_ndcg@10": 0.03,
+                    "grid": [{}] * 4,
+                    "seconds": 0.5,
+                }
+            },
         }
     )
     lines = table.splitlines()
     assert lines[2].startswith("ranker") and lines[3].startswith("popularity")
     assert "mean over 5 seed(s)" in table and "all 0.500" in table
+    assert (
+        "popularity tuned on validation: popularity last 30 days (valid_ndcg@10 0.0300, 4 grid points"
+        in table
+    )

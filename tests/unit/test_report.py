@@ -10,7 +10,8 @@ import pytest
 
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import RankerConfig
-from llmrec_tasks.ranking.benchmark import loo_stages
+from llmrec_tasks.ranking.baselines import BASELINES, describe_params
+from llmrec_tasks.ranking.benchmark import loo_known, loo_stages
 from llmrec_tasks.ranking.protocols import evaluate_stages, json_default
 from llmrec_tasks.ranking.report import (
     Example,
@@ -90,7 +91,9 @@ def pipeline_results(chain_loo) -> dict:
     rcfg = RankerConfig(num_candidates=12, per_source=5, train_windows=2, min_data_in_leaf=5, n_estimators=20)
     vectors = embeddings()[chain_loo.items[C.ITEM_ID].astype(int).to_numpy()]
     train, valid, test = loo_stages(chain_loo, vectors, rcfg)
-    evaluated, _, _ = evaluate_stages(train, valid, test, rcfg, seeds=2, n_boot=50)
+    evaluated, _, _ = evaluate_stages(
+        train, valid, test, rcfg, known=loo_known(chain_loo), seeds=2, n_boot=50
+    )
     full = {
         "protocol": "time",
         "windows": {"train_0": ["2026-01-01", "2026-01-05"], "test": ["2026-01-09", "2026-01-10"]},
@@ -207,6 +210,20 @@ def test_segment_table_has_a_row_per_segment_with_users_and_intervals():
     ]  # 0 users: left out
     assert rows[1][1] == "40" and rows[1][2] == "0.0250 (0.0200 to 0.0333)"
     assert rows[0][header.index("popularity NDCG@10")] == "0.0100"
+
+
+def test_report_shows_the_values_each_baseline_was_tuned_to(pipeline_results):
+    tuned = pipeline_results["baselines_tuned"]
+    assert set(tuned) == set(BASELINES)
+    page = build_report(pipeline_results, "run")
+    section = page[page.index("Baselines, tuned on validation") :]
+    summary = text_cells(section)[0]
+    assert summary[0][:2] == ["baseline", "chosen values"]
+    chosen = {row[0]: row[1] for row in summary[1:]}
+    assert chosen == {name: describe_params(t["params"]) for name, t in tuned.items()}
+    # One folded table per baseline with a row per grid point.
+    grids = text_cells(section)[1 : 1 + len(BASELINES)]
+    assert [len(table) - 1 for table in grids] == [len(t["grid"]) for t in tuned.values()]
 
 
 def test_segments_from_the_pipeline_cover_every_test_user(pipeline_results):

@@ -90,7 +90,13 @@ def test_artifacts_are_written_and_consistent(trained):
     assert full["protocol"] == "time" and set(full["models"]) == MODELS
     assert "cold_items" in full["models"]["ranker"]["slices"]
     assert set(full["windows"]) >= {"valid", "test"}
-    assert b"data:image/png;base64," in work.get_bytes(C.REPORT_HTML)
+    # The baselines the ranker is compared with (and gated against: popularity) are tuned on validation.
+    assert set(full["baselines_tuned"]) == MODELS - {"ranker", "ranker_no_llm"}
+    for name, tuned in full["baselines_tuned"].items():
+        assert tuned["params"] in [point["params"] for point in tuned["grid"]], name
+        assert tuned["valid_ndcg@10"] == max(point["valid_ndcg@10"] for point in tuned["grid"]), name
+    report = work.get_bytes(C.REPORT_HTML).decode()
+    assert "data:image/png;base64," in report and "Baselines, tuned on validation" in report
     assert all(not key.endswith((".pkl", ".pickle")) for key in work.list(""))
 
 
