@@ -27,7 +27,8 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,7 +92,11 @@ def recommend_many(recommender: Recommender, user_ids: Sequence[str], k: int, no
     k = max(1, min(int(k), len(bundle.item_ids)))
     rows = np.array([bundle.user_row.get(u, -1) for u in user_ids], dtype=np.int64)
     warm = np.flatnonzero(rows >= 0)
-    hist = _histories(recommender, rows[warm], now)
+    # Users of similar history length together: each candidate batch's searches go as deep as its
+    # longest history (the history is filtered out of them), so mixing lengths costs time.
+    lengths = bundle.hist_indptr[rows[warm] + 1] - bundle.hist_indptr[rows[warm]]
+    by_length = np.argsort(lengths, kind="stable")
+    hist = _histories(recommender, rows[warm][by_length], now)
     cands = sources.generate_candidates(scorer.context, hist, scorer.params)
     matrix = features.build_features(scorer.context, hist, cands)
     if matrix.shape != (len(cands.items), len(bundle.feature_names)):
@@ -110,8 +115,8 @@ def recommend_many(recommender: Recommender, user_ids: Sequence[str], k: int, no
 
     popular = bundle.popular_order[:k]
     segments: list[tuple[np.ndarray, np.ndarray]] = []
-    warm_of = np.full(len(rows), -1, dtype=np.int64)
-    warm_of[warm] = np.arange(len(warm))
+    warm_of = np.full(len(rows), -1, dtype=np.int64)  # each user's position in `hist`, -1 if cold
+    warm_of[warm[by_length]] = np.arange(len(warm))
     for w in warm_of.tolist():
         if w < 0:  # cold start: the k most popular items
             segments.append((popular, bundle.popularity[popular]))
@@ -454,9 +459,26 @@ def score_table(recommender: Recommender, scored: BatchScores) -> pa.Table:
     )
 
 
+@contextmanager
+def single_threaded_native_code() -> Iterator[None]:
+    """The native thread pools (OpenBLAS, FAISS's OpenMP) at one thread while scoring: the shards
+    are the parallelism, and the many small products of the features ran 5-8x slower with
+    spinning BLAS teams on a busy 2-core host (MovieLens bundle)."""
+    import faiss  # noqa: F401  (loads FAISS's own OpenMP runtime, so that the limit reaches it)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        yield
+
+
 def score_shard(shard: ScoreShard, recommender: Recommender | None = None) -> ShardScores:
     """Score one shard's users with the pinned version; write its part (an atomic replace: a
     rerun overwrites the same part), then its record."""
+    with single_threaded_native_code():
+        return _score_shard(shard, recommender)
+
+
+def _score_shard(shard: ScoreShard, recommender: Recommender | None) -> ShardScores:
     started = time.monotonic()
     if recommender is None:
         recommender = Recommender(load_bundle(shard.store_uri, shard.namespace, shard.version))
