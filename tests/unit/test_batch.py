@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import types
 from pathlib import Path
@@ -26,9 +27,17 @@ NS = C.DEFAULT_NAMESPACE
 NOW = 1_706_745_600.0  # 2024-02-01, the toy bundle's cutoff
 
 
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Published]:
+    """One published bundle with the ranking stage's features, copied into each test's store."""
+    folder = tmp_path_factory.mktemp("template") / "store"
+    return folder, publish.run_publish(*make_run(folder.as_uri(), real_features=True))
+
+
 @pytest.fixture
-def published(store_uri: str) -> Published:
-    return publish.run_publish(*make_run(store_uri, real_features=True))
+def published(template: tuple[Path, Published], store_uri: str) -> Published:
+    shutil.copytree(template[0], Path(store_uri.removeprefix("file://")), dirs_exist_ok=True)
+    return template[1]
 
 
 @pytest.fixture
