@@ -9,6 +9,8 @@ scoring, side by side with the ratio, on a published bundle.
 - ``score-batch``: the whole command as a team runs it: plan, load, score, Parquet parts,
   manifest (``--users-per-shard`` users per part, shards one after the other in one process).
 
+``--batch-users N`` scores only the first N users (sorted ids) in both batch rows.
+
 Everything runs with the native thread pools at one thread (one core), as a shard task does: two
 shards in parallel use both cores of a 2-core host. Besides users per wall-clock second, users per
 CPU second of the process are printed (what one idle core does; the ratio column compares these),
@@ -47,16 +49,21 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--loop-users", type=int, default=200)
     parser.add_argument("--users-per-shard", type=int, default=50_000)
+    parser.add_argument(
+        "--batch-users", type=int, default=0, help="batch-score only this many users (0: all)"
+    )
     args = parser.parse_args()
 
     bundle = serving.load_bundle(args.store, args.namespace)
     recommender = serving.Recommender(bundle)
-    users = sorted(bundle.user_row)
+    users = every = sorted(bundle.user_row)
+    if args.batch_users:
+        users = users[: args.batch_users]
     loop_users = users[:: max(1, len(users) // args.loop_users)][: args.loop_users]
     lengths = np.diff(bundle.hist_indptr)
     print(
-        f"bundle {args.namespace}/{bundle.version}: {len(bundle.item_ids)} items, {len(users)} users "
-        f"(history median {np.median(lengths):.0f}, max {lengths.max()}), k={args.k}"
+        f"bundle {args.namespace}/{bundle.version}: {len(bundle.item_ids)} items, {len(every)} users "
+        f"(history median {np.median(lengths):.0f}, max {lengths.max()}), k={args.k}, {len(users)} batch-scored"
     )
     now = time.time()
     with batch.single_threaded_native_code():
@@ -77,9 +84,16 @@ def main() -> None:
                     same += [bundle.item_ids[r] for r in top] == [item.item_id for item in answer.items]
         many = rates(len(users), started, cpu)
     with tempfile.TemporaryDirectory() as out:
+        listed = Path(out) / "users.txt"
+        listed.write_text("\n".join(users))
         started, cpu = time.perf_counter(), time.process_time()
         summary = batch.score_batch(
-            args.store, args.namespace, k=args.k, users_per_shard=args.users_per_shard, out=Path(out).as_uri()
+            args.store,
+            args.namespace,
+            users_uri=str(listed) if args.batch_users else None,
+            k=args.k,
+            users_per_shard=args.users_per_shard,
+            out=(Path(out) / "scores").as_uri(),
         )
         cli = rates(summary["users"], started, cpu)
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} (2 cores)")
