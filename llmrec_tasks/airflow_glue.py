@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 DAG_ID = "llmrec_daily"
 SERVING_DAG_ID = "llmrec_serving_refresh"
+BATCH_DAG_ID = "llmrec_batch_score"
 AWS_CONN_ID = "aws_default"
 STORE_VARIABLE = "llmrec_store_uri"
 STORE_ENV = "LLMREC_STORE_URI"
@@ -460,6 +461,11 @@ def after_publish(
     return emit_bundle_event(outlet_events, cfg, published)
 
 
+def bundle_events(triggering_asset_events: Any) -> list[Any]:
+    """The bundle events (through the alias) that triggered this run; empty for a manual run."""
+    return list(triggering_asset_events.get(bundle_alias(), ())) if triggering_asset_events else []
+
+
 def serving_bundle_event(
     triggering_asset_events: Any, store_uri: str, namespace: str = DEFAULT_NAMESPACE
 ) -> dict[str, Any] | None:
@@ -473,7 +479,7 @@ def serving_bundle_event(
     manual trigger).
     """
     wanted = bundle_asset_uri(store_uri, namespace)
-    events = list(triggering_asset_events.get(bundle_alias(), ())) if triggering_asset_events else []
+    events = bundle_events(triggering_asset_events)
     if not events:
         raise ConfigError(
             f"this run was not triggered by a bundle event: {SERVING_DAG_ID} runs when {DAG_ID} "
@@ -583,3 +589,59 @@ def wait_for_serving(base_url: str, version: str, *, wait_s: float, poll_s: floa
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{url} did not serve {version} within {wait_s:.0f}s; last answer: {last}")
         time.sleep(poll_s)
+
+
+# --- batch scoring -------------------------------------------------------------------------------
+
+
+def batch_plan_task(params: Mapping[str, Any], triggering_asset_events: Any) -> list[dict[str, Any]]:
+    """Body of the batch scoring DAG's plan: the store (param, else the deployment default) and
+    the version to score, pinned now: a triggering bundle event's version (the one of this
+    store's ``namespace``, chosen like the serving refresh chooses; a run that only other stores or
+    namespaces triggered is skipped), else the ``version`` param, else current. The shards as JSON."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from llmrec_tasks.serving import batch
+
+    store_uri = resolve_store_uri(params.get("store_uri"), variable_get=airflow_variable)
+    namespace = str(params.get("namespace") or DEFAULT_NAMESPACE)
+    version = params.get("version") or None
+    if bundle_events(triggering_asset_events):
+        event = serving_bundle_event(triggering_asset_events, store_uri, namespace)
+        if event is None:
+            raise AirflowSkipException(
+                f"no {bundle_asset_uri(store_uri, namespace)} event among the triggering bundle events "
+                f"(only other stores or namespaces, see above): this run scores {namespace} of {store_uri}"
+            )
+        version = str(event["version"])
+    plan = batch.plan_scoring(
+        store_uri,
+        namespace,
+        version=version,
+        users_uri=params.get("users_uri") or None,
+        k=int(params.get("k") or 100),
+        users_per_shard=int(params.get("batch_users_per_shard") or 50_000),
+    )
+    return [shard.to_json() for shard in plan.shards]
+
+
+def batch_shard_task(shard: Mapping[str, Any]) -> dict[str, Any]:
+    """Body of one mapped scoring task: score the shard, its part's record as JSON."""
+    from llmrec_tasks.serving import batch
+
+    return batch.score_shard(batch.ScoreShard.from_json(shard)).to_json()
+
+
+def batch_finalize_task(results: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Body of the finalize task: the manifest of the output every shard wrote to (its summary)."""
+    from llmrec_tasks.serving import batch
+
+    outputs = {str(r["out_uri"]) for r in results}
+    if len(outputs) != 1:
+        raise ConfigError(
+            f"the shards of one run wrote to {len(outputs)} outputs {sorted(outputs)}: plan again"
+        )
+    manifest = batch.finalize(outputs.pop())
+    return {key: value for key, value in manifest.items() if key != "parts"} | {
+        "parts": len(manifest["parts"])
+    }

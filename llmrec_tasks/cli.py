@@ -76,6 +76,32 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """``i/n``: this machine scores shard i of every n (0 <= i < n)."""
+    index, sep, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i, n = -1, 0
+    if not sep or n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"expected i/n with 0 <= i < n (e.g. 0/4), got {text!r}")
+    return i, n
+
+
+def _setting_arg(key: str) -> Callable[[str], Any]:
+    """An argparse type that checks a value like the batch DAG's param ``key``."""
+    from llmrec_tasks.core.errors import ConfigError
+    from llmrec_tasks.core.settings import BATCH_SETTINGS
+
+    def parse(text: str) -> Any:
+        try:
+            return BATCH_SETTINGS[key].parse_text(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    return parse
+
+
 def _store_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=DEFAULT_STORE, help="file:///path or s3://bucket/prefix")
     parser.add_argument("--namespace", default=DEFAULT_NAMESPACE)
@@ -122,6 +148,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--poll-seconds", type=float, default=5.0, help="how often each worker reads current.json"
+    )
+    score = sub.add_parser(
+        "score-batch", help="score all (or listed) users with a bundle into Parquet parts in the store"
+    )
+    _store_args(score)
+    score.add_argument("--version", default=None, help="bundle version (default: current, read once)")
+    score.add_argument(
+        "--users",
+        default="all",
+        help="'all' (every user with a published history) or a file/URI: one user id per line, or "
+        "Parquet with a user_id column",
+    )
+    score.add_argument("--k", type=_setting_arg("k"), default=100, help="items per user")
+    score.add_argument(
+        "--out",
+        default=None,
+        help="output folder: a key prefix in --store or a URI (default <namespace>/scores/<version>)",
+    )
+    score.add_argument(
+        "--users-per-shard", type=_setting_arg("batch_users_per_shard"), default=50_000, help="users per part"
+    )
+    score.add_argument(
+        "--shard",
+        type=_shard,
+        default=None,
+        metavar="I/N",
+        help="score only shards i, i+n, ... (one of n machines); the last machine to finish finalizes",
     )
     sample = sub.add_parser("sample", help="write the generated demo dataset as contract CSVs")
     sample.add_argument("folder", type=Path)
@@ -284,6 +337,32 @@ def demo_progress(
     return False
 
 
+def score_batch_text(args: argparse.Namespace) -> str:
+    """Run ``score-batch``; its one-line summary."""
+    from llmrec_tasks.serving.batch import score_batch
+
+    summary = score_batch(
+        args.store,
+        args.namespace,
+        version=args.version,
+        users_uri=None if args.users == "all" else args.users,
+        k=args.k,
+        users_per_shard=args.users_per_shard,
+        out=args.out,
+        shard_filter=args.shard,
+    )
+    done = (
+        "done"
+        if summary["finalized"]
+        else f"waiting for shard(s) {', '.join(map(str, summary['waiting_for_shards']))} before the manifest"
+    )
+    unknown = f", {summary['unknown_users']} unknown (cold)" if summary["unknown_users"] else ""
+    return (
+        f"scored {summary['users']} users{unknown} of {args.namespace}/{summary['version']} into "
+        f"{summary['parts']} part(s) at {summary['users_per_second']:.0f} users/s -> {summary['out_uri']} ({done})"
+    )
+
+
 def _task_name(match: re.Match[str]) -> str:
     """``task`` or ``task[i]`` for a mapped task instance."""
     return match["task"] if match["index"] == "-1" else f"{match['task']}[{match['index']}]"
@@ -330,6 +409,9 @@ def dispatch(args: argparse.Namespace) -> Any:
         return None
     if args.command == "next-steps":
         print(next_steps_text(args.store, args.namespace))
+        return None
+    if args.command == "score-batch":
+        print(score_batch_text(args))
         return None
     if args.command == "sample":
         from llmrec_tasks.data.sample import write_sample

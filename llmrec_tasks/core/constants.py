@@ -60,6 +60,25 @@ USER_HISTORIES = "histories.parquet"
 POPULARITY = "popularity"
 CURRENT_POINTER = "current.json"
 
+# Batch scoring output (`llmrec score-batch`, DAG llmrec_batch_score), under
+# `<namespace>/scores/<version>/` unless another output is named: one Parquet part per shard, the
+# plan (pinned version, reference time, shards) and its user list, then the manifest written after
+# every part (the done marker).
+SCORES_DIR = "scores"
+SCORE_PART = "part-{shard:05d}.parquet"
+SCORE_PART_PREFIX = "part-"
+SCORES_PLAN = "_plan.json"
+SCORES_USERS = "_users.parquet"
+SCORES_MANIFEST = "_manifest.json"
+SCORE_RECORDS_DIR = "_parts"  # one small JSON per written part: what finalize reads
+# Columns of a score part (USER_ID and ITEM_ID too); `cold`: the user has no published history
+# and got the most popular items, as `recommend` answers them.
+RANK = "rank"
+SCORE = "score"
+VERSION = "version"
+COLD = "cold"
+SCORE_COLUMNS = (USER_ID, RANK, ITEM_ID, SCORE, VERSION, COLD)
+
 DEFAULT_NAMESPACE = "production"
 
 # The metric the gate and every comparison rank by, and the metric columns people read first.

@@ -819,3 +819,91 @@ def form_params() -> dict[str, dict[str, Any]]:
             "section": s.form_section or FORM_SECTIONS[s.section],
         }
     return out
+
+
+# --- batch scoring (`llmrec score-batch`, DAG llmrec_batch_score) -------------------------------
+
+BATCH = "Batch scoring"
+BATCH_TABLE: tuple[Setting, ...] = (
+    Setting(
+        "namespace",
+        str,
+        DEFAULT_NAMESPACE,
+        "Namespace",
+        "The namespace whose bundle scores the users. A run triggered by a promoted bundle scores "
+        "that bundle when it is this namespace's of the default store.",
+        pattern=NAME_PATTERN,
+        pattern_help=NAME_HELP,
+        form_section=BATCH,
+    ),
+    Setting(
+        "version",
+        str,
+        None,
+        "Bundle version",
+        "Empty: the namespace's current bundle, read once when the run is planned (every shard "
+        "scores that version, even if current moves during the run).",
+        pattern=r"^$|" + NAME_PATTERN,
+        pattern_help=NAME_HELP,
+        nullable=True,
+        form_section=BATCH,
+    ),
+    Setting(
+        "users_uri",
+        str,
+        None,
+        "Users",
+        "File or URI of the users to score: one user id per line, or Parquet with a user_id "
+        "column. Empty: every user with a published history in the bundle.",
+        nullable=True,
+        form_section=BATCH,
+    ),
+    Setting(
+        "k",
+        int,
+        100,
+        "Items per user",
+        "Top items written per user.",
+        minimum=1,
+        maximum=10_000,
+        form_section=BATCH,
+    ),
+    Setting(
+        "batch_users_per_shard",
+        int,
+        50_000,
+        "Users per shard",
+        "Users scored by one (mapped) task and written to one Parquet part.",
+        minimum=1,
+        maximum=10_000_000,
+        form_section=BATCH,
+    ),
+    Setting(
+        "store_uri",
+        str,
+        None,
+        "Object store",
+        "Where the bundle is read and the scores are written (file:///path or s3://bucket/prefix). "
+        "Empty: the deployment default (Variable llmrec_store_uri, env LLMREC_STORE_URI, else "
+        "$AIRFLOW_HOME/llmrec-store).",
+        pattern=r"^$|^(file://|s3://|/).+",
+        pattern_help="give file:///path, s3://bucket/prefix or an absolute path",
+        nullable=True,
+        form_section=BATCH,
+    ),
+)
+BATCH_SETTINGS: dict[str, Setting] = {s.key: s for s in BATCH_TABLE}
+
+
+def batch_form_params() -> dict[str, dict[str, Any]]:
+    """Keyword arguments of ``airflow.sdk.Param`` per param of the batch scoring DAG, in form order."""
+    return {
+        s.key: {
+            "default": s.default,
+            **s.schema(),
+            "title": s.title,
+            "description": s.help,
+            "section": BATCH,
+        }
+        for s in BATCH_TABLE
+    }

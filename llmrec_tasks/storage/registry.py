@@ -114,6 +114,11 @@ def manifest_key(namespace: str, version: str) -> str:
     return f"{bundle_prefix(namespace, version)}/{C.MANIFEST}"
 
 
+def scores_prefix(namespace: str, version: str) -> str:
+    """Default output of batch scoring with one bundle version (Parquet parts + manifest)."""
+    return f"{validate_name('namespace', namespace)}/{C.SCORES_DIR}/{validate_name('version', version)}"
+
+
 def current_key(namespace: str) -> str:
     return f"{validate_name('namespace', namespace)}/{C.CURRENT_POINTER}"
 

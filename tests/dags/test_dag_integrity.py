@@ -104,7 +104,7 @@ def probe(tmp_path_factory) -> tuple[dict, str]:
 
 def test_no_import_errors(bag):
     assert bag.import_errors == {}
-    assert {"llmrec_daily", "llmrec_serving_refresh"} <= set(bag.dag_ids)
+    assert {"llmrec_daily", "llmrec_serving_refresh", "llmrec_batch_score"} <= set(bag.dag_ids)
 
 
 def test_each_dag_file_parses_fast_and_without_side_effects(probe):
@@ -253,7 +253,7 @@ def test_daily_dag_serializes(bag):
     """What the dag-processor stores (retry policy, params schema, mapped task) round-trips."""
     from airflow.serialization.serialized_objects import DagSerialization
 
-    for dag_id in ("llmrec_daily", "llmrec_serving_refresh"):
+    for dag_id in ("llmrec_daily", "llmrec_serving_refresh", "llmrec_batch_score"):
         data = DagSerialization.serialize_dag(bag.dags[dag_id])
         restored = DagSerialization.deserialize_dag(data)
         assert set(restored.task_ids) == set(bag.dags[dag_id].task_ids)
@@ -362,3 +362,66 @@ def test_the_form_takes_one_user_per_window_like_the_config(scheduler_daily):
     """The form's minimum was 100 while the config allowed 1."""
     values = scheduler_daily.params.deep_merge({"ranker_max_users_per_window": 1}).validate()
     assert values["ranker_max_users_per_window"] == 1
+
+
+# --- batch scoring -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def batch_dag(bag):
+    return bag.dags["llmrec_batch_score"]
+
+
+def test_batch_dag_is_plan_mapped_shards_finalize(batch_dag):
+    assert batch_dag.task_dict["plan"].downstream_task_ids == {"score_shard"}
+    assert batch_dag.task_dict["score_shard"].downstream_task_ids == {"finalize"}
+    assert type(batch_dag.task_dict["score_shard"]).__name__.endswith("MappedOperator")
+    assert batch_dag.doc_md and batch_dag.doc_md.lstrip().startswith("###")
+    assert batch_dag.is_paused_upon_creation is True and batch_dag.catchup is False
+    for t in batch_dag.tasks:
+        assert t.retries >= 1 and t.retry_policy is not None and t.execution_timeout is not None, t.task_id
+
+
+def test_batch_dag_runs_on_promoted_bundles(batch_dag):
+    from llmrec_tasks.airflow_glue import BUNDLE_ALIAS
+
+    (condition,) = batch_dag.timetable.asset_condition.objects
+    assert type(condition).__name__ == "AssetAlias" and condition.name == BUNDLE_ALIAS
+
+
+@pytest.fixture(scope="module")
+def scheduler_batch(batch_dag):
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    return DagSerialization.deserialize_dag(DagSerialization.serialize_dag(batch_dag))
+
+
+def test_batch_params_are_the_batch_settings(scheduler_batch):
+    from llmrec_tasks.core.settings import BATCH_TABLE
+
+    assert list(scheduler_batch.params) == [s.key for s in BATCH_TABLE]
+    values = scheduler_batch.params.deep_merge({}).validate()
+    assert values["k"] == 100 and values["version"] is None and values["namespace"] == "production"
+    chosen = scheduler_batch.params.deep_merge(
+        {"version": "20261101T000000Z-abc", "users_uri": "s3://b/u.txt"}
+    )
+    assert chosen.validate()["users_uri"] == "s3://b/u.txt"
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [
+        {"k": 0},
+        {"namespace": "../x"},
+        {"batch_users_per_shard": 0},
+        {"version": "a/b"},
+        {"store_uri": "ftp://x"},
+    ],
+    ids=lambda c: json.dumps(c),
+)
+def test_invalid_batch_params_are_refused(scheduler_batch, conf):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    key = next(iter(conf))
+    with pytest.raises(ParamValidationError, match=f"Invalid input for param {key}"):
+        scheduler_batch.params.deep_merge(conf).validate()

@@ -614,3 +614,32 @@ def test_a_publish_record_written_before_the_gate_field_still_loads(tmp_path):
     record = published(promoted=False).to_json()
     del record["gate"]
     assert Published.from_json(record).gate is None
+
+
+def test_batch_plan_scores_the_triggering_bundle_of_its_store_and_namespace(monkeypatch):
+    """An event-triggered run pins the event's version (chosen like the serving refresh); a manual
+    run the version param (None: current); a run only other stores triggered is skipped."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from llmrec_tasks.serving import batch
+
+    planned = []
+
+    def plan_scoring(store_uri, namespace, **kwargs):
+        planned.append((store_uri, namespace, kwargs["version"], kwargs["k"], kwargs["users_per_shard"]))
+        return SimpleNamespace(shards=[])
+
+    monkeypatch.setattr(batch, "plan_scoring", plan_scoring)
+    monkeypatch.setattr(glue, "airflow_variable", lambda key: STORE_A if key == glue.STORE_VARIABLE else None)
+    params = {"namespace": "production", "version": None, "k": 7, "batch_users_per_shard": 9}
+    events = triggering_events((STORE_A, "production", "a1", 1), (STORE_B, "production", "b2", 2))
+    assert glue.batch_plan_task(params, events) == []
+    assert glue.batch_plan_task({**params, "version": "pinned-v"}, triggering_events()) == []
+    assert glue.batch_plan_task(params, None) == []
+    assert planned == [
+        (STORE_A, "production", "a1", 7, 9),
+        (STORE_A, "production", "pinned-v", 7, 9),
+        (STORE_A, "production", None, 7, 9),
+    ]
+    with pytest.raises(AirflowSkipException, match="this run scores production of " + STORE_A):
+        glue.batch_plan_task(params, triggering_events((STORE_B, "production", "b3", 3)))

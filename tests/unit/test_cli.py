@@ -39,6 +39,7 @@ def test_every_stage_and_operation_has_a_command():
         "gc",
         "serve",
         "sample",
+        "score-batch",
     ):
         assert name in commands
 
@@ -184,3 +185,48 @@ def test_serve_command_passes_workers_and_polling(monkeypatch):
         == 0
     )
     assert calls == [(("file:///s", "exp", "127.0.0.1", 8000), {"workers": 2, "poll_seconds": 1.0})]
+
+
+def test_score_batch_command_scores_a_user_list_and_prints_one_summary_line(store_uri, tmp_path, capsys):
+    published = publish.run_publish(*make_run(store_uri, real_features=True))
+    users = tmp_path / "users.txt"
+    users.write_text("u1\nu2\nghost\n")
+    argv = ["score-batch", "--store", store_uri, "--namespace", "production", "--users", str(users)]
+    assert main([*argv, "--k", "4", "--out", "exports/today", "--users-per-shard", "2"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    out_uri = f"{store_uri.rstrip('/')}/exports/today"
+    assert line.startswith(
+        f"scored 3 users, 1 unknown (cold) of production/{published.version} into 2 part(s) at "
+    )
+    assert line.endswith(f"users/s -> {out_uri} (done)")
+    manifest = json.loads(Path(out_uri.removeprefix("file://"), "_manifest.json").read_text())
+    assert (manifest["users"], manifest["rows"], manifest["k"]) == (3, 12, 4)
+
+
+def test_score_batch_with_a_shard_waits_for_the_other_machines(store_uri, capsys):
+    publish.run_publish(*make_run(store_uri, real_features=True))
+    argv = ["score-batch", "--store", store_uri, "--users-per-shard", "5", "--k", "2"]
+    assert main([*argv, "--shard", "1/2"]) == 0
+    assert capsys.readouterr().out.strip().endswith("(waiting for shard(s) 0, 2 before the manifest)")
+    assert main([*argv, "--shard", "0/2"]) == 0
+    assert capsys.readouterr().out.strip().endswith("(done)")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--shard", "2/2"], "expected i/n with 0 <= i < n"),
+        (["--shard", "x"], "expected i/n with 0 <= i < n"),
+        (["--k", "0"], "k must be in [1, 10000]"),
+        (["--users-per-shard", "-1"], "batch_users_per_shard must be"),
+    ],
+)
+def test_score_batch_refuses_bad_flags(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["score-batch", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_score_batch_without_a_bundle_exits_2_saying_what_to_do(store_uri, capsys):
+    assert main(["score-batch", "--store", store_uri, "--namespace", "exp-none"]) == 2
+    assert "has no current bundle: publish and promote one first" in capsys.readouterr().err
