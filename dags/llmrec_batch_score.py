@@ -33,9 +33,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag, task
+from airflow.sdk import Param, dag, task
 
-from llmrec_tasks.airflow_glue import BATCH_DAG_ID, NON_RETRYABLE_ERRORS, bundle_alias
+from llmrec_tasks.airflow_glue import BATCH_DAG_ID, bundle_alias, domain_error_retry_policy
 from llmrec_tasks.alerts import on_failure_callback
 from llmrec_tasks.core.settings import batch_form_params
 
@@ -49,15 +49,7 @@ DEFAULT_ARGS = {
     "max_retry_delay": timedelta(minutes=10),
     "execution_timeout": timedelta(hours=2),
     "on_failure_callback": on_failure_callback,  # one LLMREC_ALERT line (+ webhook) per failed task
-    "retry_policy": ExceptionRetryPolicy(
-        rules=[
-            RetryRule(
-                exception=list(NON_RETRYABLE_ERRORS),
-                action=RetryAction.FAIL,
-                reason="llmrec domain error: fix the input or the params, then rerun",
-            )
-        ]
-    ),
+    "retry_policy": domain_error_retry_policy(),
 }
 
 

@@ -69,9 +69,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from airflow.sdk import AssetAlias, ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag, task
+from airflow.sdk import AssetAlias, Param, dag, task
 
-from llmrec_tasks.airflow_glue import BUNDLE_ALIAS, DAG_ID, NON_RETRYABLE_ERRORS
+from llmrec_tasks.airflow_glue import BUNDLE_ALIAS, DAG_ID, domain_error_retry_policy
 from llmrec_tasks.alerts import deadline_alert, on_failure_callback
 from llmrec_tasks.core.settings import form_params
 
@@ -88,16 +88,7 @@ DEFAULT_ARGS = {
     "max_retry_delay": timedelta(minutes=20),
     "execution_timeout": timedelta(hours=3),
     "on_failure_callback": on_failure_callback,  # one LLMREC_ALERT line (+ webhook) per failed task
-    # Bad params, bad data, a failed gate: retrying cannot help, fail at once with the message.
-    "retry_policy": ExceptionRetryPolicy(
-        rules=[
-            RetryRule(
-                exception=list(NON_RETRYABLE_ERRORS),
-                action=RetryAction.FAIL,
-                reason="llmrec domain error: fix the input or the params, then rerun",
-            )
-        ]
-    ),
+    "retry_policy": domain_error_retry_policy(),
 }
 
 

@@ -85,6 +85,22 @@ TASK_INPUTS: dict[str, type[StageResult]] = {
 LIST_INPUTS = frozenset({"shard_results"})  # the mapped embed_shard tasks' results
 
 
+def domain_error_retry_policy() -> Any:
+    """The DAGs' retry policy: llmrec domain errors (bad params, bad data, a failed gate) fail at
+    once with their message; anything else is retried per the task's ``retries``."""
+    from airflow.sdk import ExceptionRetryPolicy, RetryAction, RetryRule
+
+    return ExceptionRetryPolicy(
+        rules=[
+            RetryRule(
+                exception=list(NON_RETRYABLE_ERRORS),
+                action=RetryAction.FAIL,
+                reason="llmrec domain error: fix the input or the params, then rerun",
+            )
+        ]
+    )
+
+
 # --- store ---------------------------------------------------------------------------------------
 
 
