@@ -5,8 +5,8 @@ softmax cross-entropy over the catalog at every position (as in later re-evaluat
 which make it much stronger than the paper's sampled binary loss):
 
 - data (:func:`training_windows`): each user's items known before the validation targets, oldest
-  first, cut from the end into windows of ``max_len + 1`` (consecutive windows share one item, so
-  every item after a user's first is a target exactly once) and left-padded; index 0 is padding;
+  first; the last ``max_len + 1`` of them, left-padded (index 0 is padding), input ``w[:-1]``
+  predicting ``w[1:]`` wherever the input is an item (the paper's setup);
 - model (:class:`SasrecModel`): item embedding + learned positional embedding, ``layers``
   pre-LayerNorm blocks of causal self-attention and a position-wise feed-forward layer, dropout,
   a final LayerNorm; the logits are the hidden state times the item embeddings (weights tied);
@@ -14,7 +14,7 @@ which make it much stronger than the paper's sampled binary loss):
   validation NDCG@10 after every epoch, the best epoch's weights kept, stopped after ``patience``
   epochs without a better one;
 - tuning (:func:`tune_sasrec`): a small grid (:data:`GRID`) chosen on validation NDCG@10;
-- scoring (:func:`sasrec_rankings`): the last ``max_len`` items of each history, every item
+- scoring (:func:`score_users`, for a run :func:`sasrec_runs`): the last ``max_len`` items of each history, every item
   ranked except the history (as the baselines do). Test histories include the validation
   targets, as in the paper; the model never trains on them.
 """
