@@ -14,9 +14,9 @@ which make it much stronger than the paper's sampled binary loss):
   validation NDCG@10 after every epoch, the best epoch's weights kept, stopped after ``patience``
   epochs without a better one;
 - tuning (:func:`tune_sasrec`): a small grid (:data:`GRID`) chosen on validation NDCG@10;
-- scoring (:func:`score_users`, for a run :func:`sasrec_runs`): the last ``max_len`` items of each history, every item
-  ranked except the history (as the baselines do). Test histories include the validation
-  targets, as in the paper; the model never trains on them.
+- scoring (:func:`score_users`; a run's baseline: :func:`sasrec_runs`): the last ``max_len``
+  items of each history, every item ranked except the history (as the baselines do). Test
+  histories include the validation targets, as in the paper; the model never trains on them.
 """
 
 from __future__ import annotations
