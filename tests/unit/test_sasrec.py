@@ -158,3 +158,26 @@ def test_cuda_without_cuda_is_refused(monkeypatch):
 
 def test_disabled_sasrec_does_nothing():
     assert sasrec_runs(SasrecConfig(), 0, chains()[0], N_ITEMS, None, None, 10) == ({}, {})
+
+
+def test_sasrec_is_scored_and_compared_like_a_baseline(chain_loo):
+    """On the chain data's leave-one-out split SASRec joins the run's models and comparisons."""
+    from llmrec_tasks.core import constants as C
+    from llmrec_tasks.core.config import RankerConfig
+    from llmrec_tasks.ranking.benchmark import loo_stages
+    from llmrec_tasks.ranking.protocols import evaluate_stages
+    from tests.unit.ranking_data import embeddings
+
+    rcfg = RankerConfig(
+        n_estimators=20, early_stopping_rounds=0, train_windows=2, num_candidates=20, per_source=10
+    )
+    vectors = embeddings()[chain_loo.items[C.ITEM_ID].astype(int).to_numpy()]
+    train, valid, test = loo_stages(chain_loo, vectors, rcfg)
+    sequences = Histories.from_events(chain_loo.events.take(chain_loo.pos > 1), chain_loo.n_users)
+    grid = ({"hidden": 32, "layers": 1, "max_len": 8, "dropout": 0.0},)
+    cfg = SasrecConfig(enabled=True, max_epochs=30, patience=30, batch_size=16, learning_rate=0.01, threads=1)
+    extra, info = sasrec_runs(cfg, 3, sequences, chain_loo.n_items, valid, test, 50, grid)
+    results, _, _ = evaluate_stages(train, valid, test, rcfg, extra_runs=extra)
+    assert results["models"]["sasrec"]["ndcg@10"] >= 0.9  # the chain is learnt
+    assert "ranker_vs_sasrec" in results["comparisons"]
+    assert info["sasrec"]["chosen"]["max_len"] == 8 and info["sasrec"]["seed"] == 3
