@@ -658,7 +658,7 @@ TABLE: tuple[Setting, ...] = (
     Setting(
         "sasrec_patience",
         int,
-        3,
+        5,
         "Early stopping patience",
         "Stop after this many epochs without a better validation NDCG@10 (the best epoch is kept).",
         minimum=1,

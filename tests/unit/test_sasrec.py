@@ -181,3 +181,13 @@ def test_sasrec_is_scored_and_compared_like_a_baseline(chain_loo):
     assert results["models"]["sasrec"]["ndcg@10"] >= 0.9  # the chain is learnt
     assert "ranker_vs_sasrec" in results["comparisons"]
     assert info["sasrec"]["chosen"]["max_len"] == 8 and info["sasrec"]["seed"] == 3
+
+
+def test_early_stopping_waits_for_the_first_epochs(monkeypatch):
+    """A validation plateau in the first epochs (popularity is learnt first) does not stop training."""
+    train, _ = chains(seed=7)
+    hist, targets = chains(seed=8)
+    monkeypatch.setattr(sasrec, "validation_ndcg", lambda *args: 0.5)  # flat from the first epoch
+    params = SasrecParams(hidden=8, layers=1, max_len=4, max_epochs=50, patience=2)
+    _, info = fit_sasrec(train, N_ITEMS, hist, targets, params)
+    assert info["epochs"] == sasrec.MIN_EPOCHS and info["best_epoch"] == 1
