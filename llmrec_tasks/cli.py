@@ -66,6 +66,36 @@ def _config(args: argparse.Namespace) -> Any:
     return RunConfig.from_dict(values)
 
 
+BENCHMARK_SECTIONS = ("encoder", "ranker", "sasrec")
+
+
+def _benchmark_configs(sets: list[str]) -> dict[str, Any]:
+    """``run_benchmark``'s ``encoder_cfg``, ``ranker_cfg`` and ``sasrec_cfg`` from ``--set`` items;
+    SASRec enabled unless set otherwise."""
+    from llmrec_tasks.core.config import EncoderConfig, RankerConfig, SasrecConfig
+    from llmrec_tasks.core.errors import ConfigError
+    from llmrec_tasks.core.settings import parse_text, setting
+
+    values: dict[str, dict[str, Any]] = {name: {} for name in BENCHMARK_SECTIONS}
+    values["sasrec"]["enabled"] = True
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        key = key.strip().replace("-", "_")
+        s = setting(key)
+        if s.section not in values:
+            raise ConfigError(
+                f"--set {key}: the benchmark takes {', '.join(BENCHMARK_SECTIONS)} settings only"
+            )
+        values[s.section][s.name] = parse_text(key, value)
+    return {
+        "encoder_cfg": EncoderConfig(**values["encoder"]),
+        "ranker_cfg": RankerConfig(**values["ranker"]),
+        "sasrec_cfg": SasrecConfig(**values["sasrec"]),
+    }
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -123,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--protocol", choices=["loo", "time"], default="loo")
     bench.add_argument("--seeds", type=int, default=5)
     bench.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    bench.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an encoder_*, ranker_* or sasrec_* setting, e.g. sasrec_device=cuda or sasrec_enabled=false "
+        "(SASRec is on by default here)",
+    )
 
     _store_args(sub.add_parser("versions", help="list published versions (current marked)"))
     show = sub.add_parser("show", help="print a version's manifest")
@@ -382,7 +420,8 @@ def dispatch(args: argparse.Namespace) -> Any:
     if args.command == "benchmark":
         from llmrec_tasks.ranking.benchmark import print_table, run_benchmark
 
-        result = run_benchmark(args.data, protocol=args.protocol, seeds=args.seeds, out=args.out)
+        configs = _benchmark_configs(args.set)
+        result = run_benchmark(args.data, protocol=args.protocol, seeds=args.seeds, out=args.out, **configs)
         print_table(result)
         return None
     if args.command in ("versions", "show", "promote", "rollback", "gc"):

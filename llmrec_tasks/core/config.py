@@ -95,6 +95,9 @@ RankerConfig = _section_dataclass(
     "Candidate generation and LightGBM LambdaRank settings (stage `train`).",
     _check_ranker,
 )
+SasrecConfig = _section_dataclass(
+    "sasrec", "SasrecConfig", "SASRec sequential baseline settings (benchmark; stage `train` when enabled)."
+)
 ValidationConfig = _section_dataclass(
     "validation",
     "ValidationConfig",
@@ -119,6 +122,7 @@ class RunConfig(_RunSettings):
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
+    sasrec: SasrecConfig = field(default_factory=SasrecConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     # Lineage only: never changes results.
     dag_id: str | None = None
@@ -146,6 +150,7 @@ class RunConfig(_RunSettings):
             ("encoder", EncoderConfig),
             ("index", IndexConfig),
             ("ranker", RankerConfig),
+            ("sasrec", SasrecConfig),
             ("validation", ValidationConfig),
         ):
             section_values = dict(values.pop(section, {}) or {})
@@ -180,6 +185,9 @@ class RunConfig(_RunSettings):
         data["encoder"].pop("shards")
         # Thresholds decide pass/fail, never what a passing run produces.
         data.pop("validation")
+        # SASRec is a comparison in the report: its settings count only when it runs.
+        if not self.sasrec.enabled:
+            data.pop("sasrec")
         data["cutoff"] = self.cutoff.isoformat() if self.cutoff else None
         return data
 

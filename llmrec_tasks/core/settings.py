@@ -23,17 +23,24 @@ from llmrec_tasks.core.errors import ConfigError
 
 RUN = "run"
 # Config sections (RunConfig attributes); a flat key starting with "<section>_" belongs to it.
-SECTIONS = ("encoder", "index", "ranker", "validation")
+SECTIONS = ("encoder", "index", "ranker", "sasrec", "validation")
 
 # Trigger-form sections.
 DATA = "Data source"
 ENCODER = "Encoder model"
 INDEX = "Index"
 RANKER = "Ranker hyper-parameters"
+SASREC = "Sequential baseline (SASRec)"
 NAMESPACE = "Namespace"
 GATE = "Quality gate"
 ADVANCED = "Advanced: data validation thresholds"
-FORM_SECTIONS = {"encoder": ENCODER, "index": INDEX, "ranker": RANKER, "validation": ADVANCED}
+FORM_SECTIONS = {
+    "encoder": ENCODER,
+    "index": INDEX,
+    "ranker": RANKER,
+    "sasrec": SASREC,
+    "validation": ADVANCED,
+}
 
 # The deployment's data source when a run's `data_uri` is empty (resolved at run time, like the
 # store): Airflow Variable, else environment variable. There is no default: demo data is opt-in.
@@ -619,6 +626,70 @@ TABLE: tuple[Setting, ...] = (
         "With eval_days 0, the evaluation window is this share of the time span.",
         exclusive_minimum=0,
         maximum=0.5,
+    ),
+    # Sequential baseline (SASRec): a comparison only, it never changes the published ranker.
+    Setting(
+        "sasrec_enabled",
+        bool,
+        False,
+        "Score SASRec in the train stage",
+        "Also train the SASRec sequential baseline (full softmax over the catalog, a small grid "
+        "tuned on the validation window) and report it beside the ranker. Off by default in the "
+        "daily run: it adds minutes on a 10k-item catalog and grows with catalog x users. "
+        "`llmrec benchmark` scores it unless given --set sasrec_enabled=false.",
+    ),
+    Setting(
+        "sasrec_device",
+        str,
+        "cpu",
+        "Device",
+        "`cpu`, or `cuda` on a GPU worker (refused when torch sees no CUDA device).",
+        enum=("cpu", "cuda"),
+    ),
+    Setting(
+        "sasrec_max_epochs",
+        int,
+        20,
+        "Max epochs",
+        "Upper bound per grid point; early stopping on validation NDCG@10 usually ends sooner.",
+        minimum=1,
+        maximum=1000,
+    ),
+    Setting(
+        "sasrec_patience",
+        int,
+        5,
+        "Early stopping patience",
+        "Stop after this many epochs without a better validation NDCG@10 (the best epoch is kept).",
+        minimum=1,
+        maximum=1000,
+    ),
+    Setting(
+        "sasrec_batch_size",
+        int,
+        32,
+        "Batch size",
+        "User sequences per Adam step.",
+        minimum=1,
+        maximum=4096,
+    ),
+    Setting(
+        "sasrec_learning_rate",
+        float,
+        0.005,
+        "Learning rate",
+        "Adam learning rate.",
+        exclusive_minimum=0,
+        maximum=1,
+    ),
+    Setting(
+        "sasrec_threads",
+        int,
+        2,
+        "Threads",
+        "torch intra-op threads while SASRec trains (the process's setting is restored after).",
+        minimum=1,
+        maximum=256,
     ),
     # Namespace
     Setting(

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from llmrec_tasks.core import constants as C
-from llmrec_tasks.core.config import EncoderConfig, RankerConfig
+from llmrec_tasks.core.config import EncoderConfig, RankerConfig, SasrecConfig
 from llmrec_tasks.core.errors import ConfigError, DataContractError
 from llmrec_tasks.data.contract import Dataset, item_texts, normalize, read_raw
 from llmrec_tasks.ranking.baselines import VALID_KEY, KnownEvents, describe_params
@@ -33,12 +33,14 @@ from llmrec_tasks.ranking.evaluate import Targets
 from llmrec_tasks.ranking.events import Events, Histories, encode_events
 from llmrec_tasks.ranking.protocols import (
     RANKER,
+    SASREC,
     evaluate_stages,
     json_default,
     production_known,
     production_stages,
 )
-from llmrec_tasks.ranking.ranker import Stage, make_stage
+from llmrec_tasks.ranking.ranker import RankerParams, Stage, make_stage
+from llmrec_tasks.ranking.sasrec import sasrec_runs
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +165,7 @@ def run_benchmark(
     out: str | Path | None = None,
     encoder_cfg: EncoderConfig | None = None,
     ranker_cfg: RankerConfig | None = None,
+    sasrec_cfg: SasrecConfig | None = None,
     *,
     min_count: int = 5,
     n_boot: int = 1000,
@@ -171,7 +174,8 @@ def run_benchmark(
 
     ``protocol``: ``loo`` (the published leave-one-out setup) or ``time`` (the production
     protocol of the daily DAG on the same data). ``out`` also gets an HTML report next to it
-    (same name, ``.html``). Returns ``{"protocol", "models": {name: metrics}, ...}``.
+    (same name, ``.html``). ``sasrec_cfg`` defaults to SASRec enabled (the benchmark's baseline
+    to beat). Returns ``{"protocol", "models": {name: metrics}, ...}``.
     """
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
@@ -180,6 +184,7 @@ def run_benchmark(
     started = time.monotonic()
     encoder_cfg = encoder_cfg or EncoderConfig()
     rcfg = ranker_cfg or RankerConfig()
+    scfg = sasrec_cfg or SasrecConfig(enabled=True)
     data = normalize(read_raw(str(data_uri)))
     if protocol == "loo":
         loo = loo_split(data, min_count)
@@ -187,6 +192,7 @@ def run_benchmark(
         train, valid, test = loo_stages(loo, embeddings, rcfg)
         known = loo_known(loo)
         dataset = {"users": loo.n_users, "items": loo.n_items, "interactions": len(loo.events)}
+        sequences = Histories.from_events(loo.events.take(loo.pos > 1), loo.n_users)
     else:
         items = data.items.reset_index(drop=True)
         embeddings = cached_embeddings(items, encoder_cfg)
@@ -194,12 +200,18 @@ def run_benchmark(
         train, valid, test, windows = production_stages(events, len(user_index), embeddings, items, rcfg)
         known = production_known(events, len(user_index), windows)
         dataset = {"users": len(user_index), "items": len(items), "interactions": len(events)}
-    results, _, _ = evaluate_stages(train, valid, test, rcfg, known=known, seeds=seeds, n_boot=n_boot)
+        sequences = Histories.from_events(events.take(events.ts < windows["valid"][0]), len(user_index))
+    depth = RankerParams.from_config(rcfg).list_depth
+    extra, sasrec_info = sasrec_runs(scfg, rcfg.seed, sequences, dataset["items"], valid, test, depth)
+    results, _, _ = evaluate_stages(
+        train, valid, test, rcfg, known=known, seeds=seeds, n_boot=n_boot, extra_runs=extra
+    )
     result = {
         "protocol": protocol,
         "data": str(data_uri),
         "dataset": dataset,
         **results,
+        **sasrec_info,
         "seconds": round(time.monotonic() - started, 1),
     }
     if out is not None:
@@ -257,4 +269,17 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(
         f"ranker: mean over {runs} seed(s); ±seeds = std of NDCG@10 over seeds; CI = bootstrap over users"
     )
+    if SASREC in result:
+        lines.append(sasrec_line(result[SASREC]))
     return "\n".join(lines)
+
+
+def sasrec_line(info: dict[str, Any]) -> str:
+    """SASRec's chosen grid point, its early-stopped epoch and the tuning time, in one line."""
+    chosen = info["chosen"]
+    point = ", ".join(f"{k} {chosen[k]:g}" for k in ("hidden", "layers", "max_len", "dropout"))
+    return (
+        f"sasrec: {point}; best epoch {chosen['best_epoch']} of {chosen['epochs']}, valid NDCG@10 "
+        f"{chosen['valid_ndcg@10']:.4f}; grid of {len(info['grid'])} tuned in {info['seconds']:.0f}s "
+        f"({info['threads']} thread(s), {info['device']}, seed {info['seed']})"
+    )

@@ -21,6 +21,7 @@ the same evaluation data (:func:`llmrec_tasks.ranking.ranker.evaluate_published_
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import lightgbm as lgb
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 RANKER = "ranker"
 ABLATION = "ranker_no_llm"
+SASREC = "sasrec"  # the sequential baseline (llmrec_tasks.ranking.sasrec), when it runs
 
 
 def evaluate_stages(
@@ -70,13 +72,15 @@ def evaluate_stages(
     seeds: int = 1,
     n_boot: int = 1000,
     params: RankerParams | None = None,
+    extra_runs: Mapping[str, list[np.ndarray]] | None = None,
 ) -> tuple[dict[str, Any], lgb.Booster, dict[str, Any]]:
     """Fit the ranker and its no-LLM ablation per seed, tune the baselines on ``valid`` (their
     statistics from ``known``), compare on the test users.
 
-    Returns (results, the first seed's ranker, its fit info). ``results["models"]`` maps each
-    model to its metrics (mean over seeds, spread, bootstrap CI, cold-start slice);
-    ``results["baselines_tuned"]`` what each baseline's tuning chose
+    ``extra_runs``: ranked lists of the test users from models trained elsewhere (SASRec), scored
+    and compared like the baselines. Returns (results, the first seed's ranker, its fit info).
+    ``results["models"]`` maps each model to its metrics (mean over seeds, spread, bootstrap CI,
+    cold-start slice); ``results["baselines_tuned"]`` what each baseline's tuning chose
     (:class:`llmrec_tasks.ranking.baselines.TunedBaselines`).
     """
     params = params or RankerParams.from_config(rcfg)
@@ -115,6 +119,7 @@ def evaluate_stages(
     )
     for name, ranked in tuned.rankings.items():
         runs[name] = [ranked]
+    runs.update(extra_runs or {})
     cold = restrict(test.targets, test.ctx.item_pop[test.targets.items] < params.cold_max_interactions)
     slices = {COLD_ITEMS: cold, **history_segments(test.hist.lengths, test.targets)}
     models = {

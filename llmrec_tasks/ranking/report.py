@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 
 from llmrec_tasks.ranking.baselines import PARAM_LABELS, VALID_KEY, describe_params, describe_value
 from llmrec_tasks.ranking.evaluate import COLD_ITEMS, PRIMARY
-from llmrec_tasks.ranking.protocols import ABLATION, RANKER
+from llmrec_tasks.ranking.protocols import ABLATION, RANKER, SASREC
 
 METRIC_KEYS = ("ndcg@10", "recall@10", "recall@50", "mrr", "coverage@10")
 PRIMARY_KEYS = ("ndcg@10", "recall@10")
@@ -324,6 +324,34 @@ def _run_summary(results: Mapping[str, Any]) -> str:
     return f"<p>{'; '.join(parts)}.</p>" if parts else ""
 
 
+def sasrec_section(info: Mapping[str, Any]) -> list[str]:
+    """SASRec's grid (one row per configuration, early-stopped on validation NDCG@10) and the choice."""
+    chosen = info["chosen"]
+    point = ", ".join(f"{k} {chosen[k]:g}" for k in ("hidden", "layers", "max_len", "dropout"))
+    header = ["max length", "dropout", "hidden", "layers", "best epoch", "epochs run", "valid NDCG@10"]
+    header.append("seconds")
+    rows = [
+        [
+            str(t["max_len"]),
+            f"{t['dropout']:g}",
+            str(t["hidden"]),
+            str(t["layers"]),
+            str(t["best_epoch"]),
+            str(t["epochs"]),
+            _num(t["valid_ndcg@10"]),
+            f"{t['seconds']:.0f}",
+        ]
+        for t in info["grid"]
+    ]
+    return [
+        "<h2>SASRec (sequential baseline)</h2>",
+        f"<p>Chosen on validation NDCG@10: {html.escape(point)} (best epoch {chosen['best_epoch']}, "
+        f"valid NDCG@10 {_num(chosen['valid_ndcg@10'])}). The grid took {info['seconds']:.0f} s on "
+        f"{html.escape(str(info['device']))} with {info['threads']} thread(s), seed {info['seed']}.</p>",
+        _table(rows, header),
+    ]
+
+
 # --- publish sections ----------------------------------------------------------------------------
 
 
@@ -403,6 +431,8 @@ def build_report(
     sections += ["<h2>Models</h2>", _models_table(models), f'<img alt="metrics" src="{metric_bars(models)}">']
     if results.get("baselines_tuned"):
         sections += tuned_section(results["baselines_tuned"], models)
+    if results.get(SASREC):
+        sections += sasrec_section(results[SASREC])
     segments = segments_table(models)
     if segments:
         sections += ["<h2>By segment</h2>", segments]

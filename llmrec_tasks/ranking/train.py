@@ -3,9 +3,10 @@
 :func:`run_train` builds the production protocol's stages
 (:func:`llmrec_tasks.ranking.protocols.production_stages`), fits and evaluates the ranker
 (:func:`llmrec_tasks.ranking.protocols.evaluate_stages`), checks it against popularity
-(:func:`llmrec_tasks.ranking.evaluate.quality_gate`) and writes the ranker, its feature spec, the
-metrics and report, the serving statistics and neighbours, and the test stage's evaluation data
-(for :func:`llmrec_tasks.ranking.ranker.evaluate_published_ranker`).
+(:func:`llmrec_tasks.ranking.evaluate.quality_gate`), scores SASRec beside it when
+``sasrec_enabled`` (:func:`sasrec_baseline`) and writes the ranker, its feature spec, the metrics
+and report, the serving statistics and neighbours, and the test stage's evaluation data (for
+:func:`llmrec_tasks.ranking.ranker.evaluate_published_ranker`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from llmrec_tasks.core.results import Embedded, Trained, Validated
 from llmrec_tasks.data.contract import read_snapshot
 from llmrec_tasks.ranking.context import ContextParams, RankContext, build_context, serving_frames
 from llmrec_tasks.ranking.evaluate import quality_gate
-from llmrec_tasks.ranking.events import encode_events
+from llmrec_tasks.ranking.events import Events, Histories, encode_events
 from llmrec_tasks.ranking.features import FEATURE_NAMES, LLM_FEATURES
 from llmrec_tasks.ranking.protocols import (
     RANKER,
@@ -38,7 +39,7 @@ from llmrec_tasks.ranking.protocols import (
     production_stages,
     small_metrics,
 )
-from llmrec_tasks.ranking.ranker import Stage, candidate_params, lgb_params
+from llmrec_tasks.ranking.ranker import RankerParams, Stage, candidate_params, lgb_params
 from llmrec_tasks.ranking.sources import SOURCES
 from llmrec_tasks.storage.store import open_store
 from llmrec_tasks.text.embed import read_embeddings
@@ -71,7 +72,11 @@ def run_train(cfg: RunConfig, validated: Validated, embedded: Embedded) -> Train
     events, user_index = encode_events(data.interactions, pd.Index(item_ids))
     train, valid, test, windows = production_stages(events, len(user_index), embeddings, items, rcfg)
     known = production_known(events, len(user_index), windows)
-    results, booster, fit_info = evaluate_stages(train, valid, test, rcfg, known=known, seeds=1)
+    extra, sasrec_info = sasrec_baseline(cfg, events, len(user_index), len(item_ids), valid, test, windows)
+    results, booster, fit_info = evaluate_stages(
+        train, valid, test, rcfg, known=known, seeds=1, extra_runs=extra
+    )
+    results.update(sasrec_info)
     summary = small_metrics(results)
     passed, reason = quality_gate(summary, None, cfg.gate_tolerance)
     results.update(
@@ -111,6 +116,26 @@ def run_train(cfg: RunConfig, validated: Validated, embedded: Embedded) -> Train
         gate_vs_popularity={"passed": passed, "reason": reason},
         best_iteration=fit_info["best_iteration"],
     )
+
+
+def sasrec_baseline(
+    cfg: RunConfig,
+    events: Events,
+    n_users: int,
+    n_items: int,
+    valid: Stage,
+    test: Stage,
+    windows: dict[str, tuple[float, float]],
+) -> tuple[dict[str, list[np.ndarray]], dict[str, Any]]:
+    """SASRec's test rankings and tuning info when ``sasrec_enabled`` (else nothing, and no torch
+    import): trained on every user's interactions before the validation window."""
+    if not cfg.sasrec.enabled:
+        return {}, {}
+    from llmrec_tasks.ranking.sasrec import sasrec_runs
+
+    sequences = Histories.from_events(events.take(events.ts < windows["valid"][0]), n_users)
+    depth = RankerParams.from_config(cfg.ranker).list_depth
+    return sasrec_runs(cfg.sasrec, cfg.ranker.seed, sequences, n_items, valid, test, depth)
 
 
 def feature_spec(

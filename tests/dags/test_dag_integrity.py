@@ -27,6 +27,7 @@ SECTIONS = {
     "Encoder model",
     "Index",
     "Ranker hyper-parameters",
+    "Sequential baseline (SASRec)",
     "Namespace",
     "Quality gate",
     "Advanced: data validation thresholds",
@@ -275,10 +276,11 @@ def test_params_are_typed_titled_documented_and_grouped(daily):
 
 def test_params_cover_the_run_config(daily):
     """Every setting of RunConfig is a param (flat keys), and the defaults build a valid config."""
-    from llmrec_tasks.core.config import EncoderConfig, IndexConfig, RankerConfig, RunConfig
+    from llmrec_tasks.core.config import EncoderConfig, IndexConfig, RankerConfig, RunConfig, SasrecConfig
 
     expected = {"data_uri", "store_uri", "namespace", "gate_tolerance", "promote", "validation"}
-    for prefix, section in (("encoder", EncoderConfig), ("index", IndexConfig), ("ranker", RankerConfig)):
+    sections = (("encoder", EncoderConfig), ("index", IndexConfig), ("ranker", RankerConfig))
+    for prefix, section in (*sections, ("sasrec", SasrecConfig)):
         expected |= {f"{prefix}_{f.name}" for f in fields(section)}
     assert set(daily.params) == expected
 

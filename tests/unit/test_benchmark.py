@@ -122,3 +122,32 @@ def test_format_table_lists_models_best_first():
         "popularity tuned on validation: popularity last 30 days (valid_ndcg@10 0.0300, 4 grid points"
         in table
     )
+
+
+def test_format_table_names_sasrecs_chosen_params_and_time():
+    from tests.unit.test_report import SASREC_INFO, _model
+
+    result = {
+        "protocol": "loo",
+        "models": {"sasrec": _model(0.08), "ranker": _model(0.1)},
+        "sasrec": SASREC_INFO,
+    }
+    line = format_table(result).splitlines()[-1]
+    assert line == (
+        "sasrec: hidden 64, layers 2, max_len 200, dropout 0.2; best epoch 12 of 16, valid NDCG@10 0.0810; "
+        "grid of 4 tuned in 140s (2 thread(s), cpu, seed 42)"
+    )
+
+
+def test_benchmark_settings_from_the_command_line():
+    from llmrec_tasks.cli import _benchmark_configs
+
+    default = _benchmark_configs([])
+    assert default["sasrec_cfg"].enabled and default["ranker_cfg"] == benchmark.RankerConfig()
+    configs = _benchmark_configs(["sasrec_enabled=false", "sasrec-device=cuda", "ranker_num_leaves=7"])
+    assert not configs["sasrec_cfg"].enabled and configs["sasrec_cfg"].device == "cuda"
+    assert configs["ranker_cfg"].num_leaves == 7
+    with pytest.raises(ConfigError, match="the benchmark takes encoder, ranker, sasrec settings only"):
+        _benchmark_configs(["promote=false"])
+    with pytest.raises(ConfigError, match="sasrec_device must be one of cpu, cuda"):
+        _benchmark_configs(["sasrec_device=tpu"])

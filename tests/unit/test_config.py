@@ -120,6 +120,19 @@ def test_params_hash_ignores_lineage_and_shards_but_not_results():
     assert base.params_hash() != other.params_hash()
 
 
+def test_sasrec_settings_count_in_the_params_hash_only_when_it_runs():
+    """SASRec is a comparison in the report: off, its settings change nothing a run produces."""
+    base = RunConfig.from_dict({"data_uri": DATA, "store_uri": "file:///a"})
+    off = RunConfig.from_dict({"data_uri": DATA, "store_uri": "file:///a", "sasrec_max_epochs": 3})
+    on = RunConfig.from_dict({"data_uri": DATA, "store_uri": "file:///a", "sasrec_enabled": True})
+    on_other = RunConfig.from_dict(
+        {"data_uri": DATA, "store_uri": "file:///a", "sasrec_enabled": True, "sasrec_max_epochs": 3}
+    )
+    assert base.params_hash() == off.params_hash()
+    assert len({base.params_hash(), on.params_hash(), on_other.params_hash()}) == 3
+    assert on.sasrec.enabled and on.sasrec.device == "cpu"
+
+
 def test_round_trip_through_dict():
     cfg = RunConfig.from_dict(
         {"data_uri": DATA, "store_uri": "file:///a", "cutoff": "2026-03-01T00:00:00+00:00"}

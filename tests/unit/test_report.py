@@ -259,3 +259,28 @@ def test_examples_show_history_and_reasons_escaped():
     assert "User u7 (12 interactions: history 5-19; personalized)" in page
     assert "“Heat (1995)”, “Alien &lt;1979&gt;”" in page
     assert "<li>Aliens (1986) <span class='reason'>(often chosen together with “Alien”)</span></li>" in page
+
+
+SASREC_INFO = {
+    "chosen": {"hidden": 64, "layers": 2, "max_len": 200, "dropout": 0.2, "best_epoch": 12, "epochs": 16}
+    | {"valid_ndcg@10": 0.081, "seconds": 40.0},
+    "grid": [
+        {"hidden": 64, "layers": 2, "max_len": m, "dropout": d, "best_epoch": 9 + i, "epochs": 13 + i}
+        | {"valid_ndcg@10": 0.07 + i / 100, "seconds": 30.0 + i}
+        for i, (m, d) in enumerate([(50, 0.2), (50, 0.5), (200, 0.5), (200, 0.2)])
+    ],
+    "seconds": 140.0,
+    "threads": 2,
+    "device": "cpu",
+    "seed": 42,
+}
+
+
+def test_sasrec_section_shows_the_chosen_point_and_the_grid():
+    page = build_report({**results(), "sasrec": SASREC_INFO}, title="t")
+    assert "<h2>SASRec (sequential baseline)</h2>" in page
+    assert "hidden 64, layers 2, max_len 200, dropout 0.2 (best epoch 12" in page
+    assert "took 140 s on cpu with 2 thread(s), seed 42" in page
+    assert "In every row: hidden 64; layers 2." in page  # constant columns stated once
+    assert page.count("<td>0.0") >= 4  # one row per grid point
+    assert "SASRec" not in build_report(results(), title="t")

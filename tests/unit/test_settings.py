@@ -18,6 +18,7 @@ from llmrec_tasks.core.config import (
     IndexConfig,
     RankerConfig,
     RunConfig,
+    SasrecConfig,
     ValidationConfig,
 )
 from llmrec_tasks.core.errors import ConfigError
@@ -28,6 +29,7 @@ SECTION_CLASSES = {
     "encoder": EncoderConfig,
     "index": IndexConfig,
     "ranker": RankerConfig,
+    "sasrec": SasrecConfig,
     "validation": ValidationConfig,
 }
 # Cross-field checks (RunConfig's own, not the form's): partners set so they never trigger.
