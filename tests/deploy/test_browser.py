@@ -22,6 +22,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -222,7 +223,8 @@ def test_plugin_page_shows_versions_metrics_gate_and_report(
 
     # The report link points at the report, which the plugin serves.
     href = row.get_by_test_id("report-link").get_attribute("href")
-    assert href and href.rstrip("/").endswith(f"/report/production/{current}"), href
+    assert href and urlsplit(href).path.rstrip("/").endswith(f"/report/production/{current}"), href
+    assert parse_qs(urlsplit(href).query).get("store") == [store_key(dep.store_uri)], href
     report = page.context.new_page()
     report.goto(href if "://" in href else f"{dep.base_url}{href}")
     body = report.content()
