@@ -66,7 +66,7 @@ def main() -> None:
         f"(history median {np.median(lengths):.0f}, max {lengths.max()}), k={args.k}, {len(users)} batch-scored"
     )
     now = time.time()
-    with batch.single_threaded_native_code():
+    with serving.single_threaded_native_code():
         recommender.recommend(user_id=loop_users[0], k=args.k)  # warm the context's caches
         started, cpu = time.perf_counter(), time.process_time()
         answers = [recommender.recommend(user_id=u, k=args.k) for u in loop_users]

@@ -17,7 +17,7 @@ when the namespace has no current bundle):
   LightGBM scoring of that user's precomputed candidate features: the time no serving code adds.
 
 The in-process figures run with the native thread pools at one thread, as the service's compute
-thread does (``api.single_threaded_native_code``). The ratios are p50(end to end) / p50(floor) and
+thread does (``recommender.single_threaded_native_code``). The ratios are p50(end to end) / p50(floor) and
 p99(HTTP) / p99(in process). Users are drawn (with replacement, fixed seed) from the bundle's users
 with a history. The service's access log goes to /dev/null. The results also hold each stage's p50
 (``recommend(..., timings=)``) and the top ``k`` of the first ``--answers`` users.
@@ -54,7 +54,6 @@ sys.path.insert(0, str(ROOT))
 from llmrec_tasks import publish  # noqa: E402
 from llmrec_tasks.core import constants as C  # noqa: E402
 from llmrec_tasks.serving import recommender as serving  # noqa: E402
-from llmrec_tasks.serving.api import single_threaded_native_code  # noqa: E402
 from llmrec_tasks.storage import registry  # noqa: E402
 from llmrec_tasks.storage.store import open_store  # noqa: E402
 
@@ -446,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
 
     ensure_bundle(args.store, args.namespace, args.build)
-    single_threaded_native_code()  # as the service's compute thread runs: figures side by side
+    serving.single_threaded_native_code()  # as the service's compute thread runs: figures side by side
     started = time.perf_counter()
     bundle = serving.load_bundle(args.store, args.namespace)
     load_s = time.perf_counter() - started

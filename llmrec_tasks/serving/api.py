@@ -50,7 +50,7 @@ from llmrec_tasks.core.constants import DEFAULT_NAMESPACE
 from llmrec_tasks.core.errors import ConfigError
 from llmrec_tasks.serving import metrics as service_metrics
 from llmrec_tasks.serving.metrics import ServiceMetrics
-from llmrec_tasks.serving.recommender import BundleHolder, Event, Recommender
+from llmrec_tasks.serving.recommender import BundleHolder, Event, Recommender, single_threaded_native_code
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("llmrec.access")
@@ -204,16 +204,6 @@ class BodyLimit:
         await _send_json(
             send, 413, json.dumps({"error": f"request body exceeds {self.limit} bytes"}).encode()
         )
-
-
-def single_threaded_native_code() -> None:
-    """Run the native thread pools (OpenBLAS, OpenMP of FAISS and LightGBM) on the calling thread
-    alone: the worker processes are the parallelism. On a busy 2-core host their spinning teams
-    made ``recommend`` 2-4x slower (p50 30-70 ms against 13-17 ms, MovieLens bundle)."""
-    import faiss  # noqa: F401  (loads FAISS's own OpenMP runtime, so that the limit reaches it)
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=1)
 
 
 def request_id(header: bytes | None) -> str:

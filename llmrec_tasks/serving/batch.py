@@ -27,8 +27,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,7 +44,12 @@ from llmrec_tasks.core.errors import BundleError, ConfigError, DataContractError
 from llmrec_tasks.core.results import StageResult
 from llmrec_tasks.core.settings import BATCH_SETTINGS
 from llmrec_tasks.ranking import events, features, sources
-from llmrec_tasks.serving.recommender import RankerScorer, Recommender, load_bundle
+from llmrec_tasks.serving.recommender import (
+    RankerScorer,
+    Recommender,
+    load_bundle,
+    single_threaded_native_code,
+)
 from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.store import ObjectNotFound, ObjectStore, check_key, open_store, split_uri
 
@@ -457,18 +461,6 @@ def score_table(recommender: Recommender, scored: BatchScores) -> pa.Table:
         },
         schema=SCORE_SCHEMA,
     )
-
-
-@contextmanager
-def single_threaded_native_code() -> Iterator[None]:
-    """The native thread pools (OpenBLAS, FAISS's OpenMP) at one thread while scoring: the shards
-    are the parallelism, and the many small products of the features ran 5-8x slower with
-    spinning BLAS teams on a busy 2-core host (MovieLens bundle)."""
-    import faiss  # noqa: F401  (loads FAISS's own OpenMP runtime, so that the limit reaches it)
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1):
-        yield
 
 
 def score_shard(shard: ScoreShard, recommender: Recommender | None = None) -> ShardScores:
