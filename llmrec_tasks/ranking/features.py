@@ -72,6 +72,8 @@ OTHER_FEATURES = [
     "pop_vs_user",
 ]
 FEATURE_NAMES = list(dict.fromkeys(SOURCE_FEATURES + LLM_FEATURES + OTHER_FEATURES))
+# The ranker's ablations: each is refit without these columns and compared with the full ranker.
+ABLATIONS: dict[str, list[str]] = {"ranker_no_llm": LLM_FEATURES}
 
 
 def build_features(

@@ -44,7 +44,7 @@ from llmrec_tasks.ranking.evaluate import (
     summarize_runs,
 )
 from llmrec_tasks.ranking.events import DAY, Events, Histories
-from llmrec_tasks.ranking.features import FEATURE_NAMES
+from llmrec_tasks.ranking.features import ABLATIONS, FEATURE_NAMES
 from llmrec_tasks.ranking.ranker import (
     RankerParams,
     Stage,
@@ -58,7 +58,7 @@ from llmrec_tasks.retrieval.index import retrieval_index, user_profile_queries
 log = logging.getLogger(__name__)
 
 RANKER = "ranker"
-ABLATION = "ranker_no_llm"
+ABLATION = "ranker_no_llm"  # the headline ablation (one of features.ABLATIONS)
 SASREC = "sasrec"  # the sequential baseline (llmrec_tasks.ranking.sasrec), when it runs
 
 
@@ -74,7 +74,7 @@ def evaluate_stages(
     params: RankerParams | None = None,
     extra_runs: Mapping[str, list[np.ndarray]] | None = None,
 ) -> tuple[dict[str, Any], lgb.Booster, dict[str, Any]]:
-    """Fit the ranker and its no-LLM ablation per seed, tune the baselines on ``valid`` (their
+    """Fit the ranker and its ablations (:data:`features.ABLATIONS`) per seed, tune the baselines on ``valid`` (their
     statistics from ``known``), compare on the test users.
 
     ``extra_runs``: ranked lists of the test users from models trained elsewhere (SASRec), scored
@@ -86,14 +86,15 @@ def evaluate_stages(
     params = params or RankerParams.from_config(rcfg)
     if seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {seeds}")
-    runs: dict[str, list[np.ndarray]] = {RANKER: [], ABLATION: []}
+    variants: dict[str, list[str]] = {RANKER: [], **ABLATIONS}
+    runs: dict[str, list[np.ndarray]] = {name: [] for name in variants}
     importance = np.zeros(len(FEATURE_NAMES))
-    infos: dict[str, list[dict[str, Any]]] = {RANKER: [], ABLATION: []}
+    infos: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     boosters: list[lgb.Booster] = []
     for i in range(seeds):
         seed = rcfg.seed + i
-        for model, include_llm in ((RANKER, True), (ABLATION, False)):
-            columns = feature_columns(include_llm)
+        for model, dropped in variants.items():
+            columns = feature_columns(dropped)
             booster, info = fit_ranker(train, valid, rcfg, seed, columns, params)
             scores = booster.predict(test.X[:, columns], num_threads=rcfg.num_threads)
             runs[model].append(ranked_lists(test.cands, scores, params.list_depth))

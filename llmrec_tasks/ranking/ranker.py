@@ -14,6 +14,7 @@ import dataclasses
 import io
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from llmrec_tasks.core.errors import DataContractError
 from llmrec_tasks.ranking.context import RankContext
 from llmrec_tasks.ranking.evaluate import Targets, per_user_metrics
 from llmrec_tasks.ranking.events import Histories
-from llmrec_tasks.ranking.features import FEATURE_NAMES, LLM_FEATURES, build_features
+from llmrec_tasks.ranking.features import FEATURE_NAMES, build_features
 from llmrec_tasks.ranking.sources import CandidateParams, CandidateSet, candidate_hits, generate_candidates
 from llmrec_tasks.storage.store import open_store
 
@@ -252,8 +253,10 @@ def ranked_lists(cands: CandidateSet, scores: np.ndarray, depth: int) -> np.ndar
     return out
 
 
-def feature_columns(include_llm: bool) -> list[int]:
-    return [i for i, name in enumerate(FEATURE_NAMES) if include_llm or name not in LLM_FEATURES]
+def feature_columns(drop: Collection[str] = ()) -> list[int]:
+    """Indices of :data:`FEATURE_NAMES` without the names in ``drop`` (an ablation's columns)."""
+    dropped = set(drop)
+    return [i for i, name in enumerate(FEATURE_NAMES) if name not in dropped]
 
 
 def evaluate_published_ranker(work_uri: str, model_text: str, feature_names: list[str]) -> dict[str, float]:

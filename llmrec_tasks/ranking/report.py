@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt
 
 from llmrec_tasks.ranking.baselines import PARAM_LABELS, VALID_KEY, describe_params, describe_value
 from llmrec_tasks.ranking.evaluate import COLD_ITEMS, PRIMARY
+from llmrec_tasks.ranking.features import ABLATIONS
 from llmrec_tasks.ranking.protocols import ABLATION, RANKER, SASREC
 
 METRIC_KEYS = ("ndcg@10", "recall@10", "recall@50", "mrr", "coverage@10")
@@ -181,7 +182,9 @@ def gain_bars(comparisons: dict[str, dict[str, Any]]) -> str:
         lo = [d - comparisons[n][key]["ci95"][0] for d, n in zip(diffs, names, strict=True)]
         hi = [comparisons[n][key]["ci95"][1] - d for d, n in zip(diffs, names, strict=True)]
         labels = [n.replace(f"{RANKER}_vs_", "vs ") for n in names]
-        colors = [RANKER_COLOR if n.endswith(ABLATION) else OTHER_COLOR for n in names]
+        colors = [
+            RANKER_COLOR if n.removeprefix(f"{RANKER}_vs_") in ABLATIONS else OTHER_COLOR for n in names
+        ]
         ax.barh(labels, diffs, xerr=[lo, hi], color=colors, capsize=3)
         ax.axvline(0, color="black", lw=0.8)
         ax.set_title(f"ranker gain in {LABELS[key]} (paired, 95% CI)")

@@ -21,7 +21,7 @@ from llmrec_tasks.ranking.benchmark import loo_stages
 from llmrec_tasks.ranking.context import context_from_artifacts
 from llmrec_tasks.ranking.evaluate import quality_gate
 from llmrec_tasks.ranking.events import Histories
-from llmrec_tasks.ranking.features import build_features
+from llmrec_tasks.ranking.features import ABLATIONS, build_features
 from llmrec_tasks.ranking.protocols import time_windows
 from llmrec_tasks.ranking.ranker import (
     candidate_params,
@@ -35,7 +35,7 @@ from llmrec_tasks.storage.store import open_store
 from tests.stage_results import DATA_URI, embedded_for, validated_for
 from tests.unit.ranking_data import embeddings, items_frame
 
-MODELS = {"ranker", "ranker_no_llm", "popularity", "itemknn", "ease", "semantic", "covis"}
+MODELS = {"ranker", *ABLATIONS, "popularity", "itemknn", "ease", "semantic", "covis"}
 
 
 def topic_embeddings(items: pd.DataFrame, seed: int = 0) -> np.ndarray:
@@ -91,7 +91,7 @@ def test_artifacts_are_written_and_consistent(trained):
     assert "cold_items" in full["models"]["ranker"]["slices"]
     assert set(full["windows"]) >= {"valid", "test"}
     # The baselines the ranker is compared with (and gated against: popularity) are tuned on validation.
-    assert set(full["baselines_tuned"]) == MODELS - {"ranker", "ranker_no_llm"}
+    assert set(full["baselines_tuned"]) == MODELS - {"ranker", *ABLATIONS}
     for name, tuned in full["baselines_tuned"].items():
         assert tuned["params"] in [point["params"] for point in tuned["grid"]], name
         assert tuned["valid_ndcg@10"] == max(point["valid_ndcg@10"] for point in tuned["grid"]), name
@@ -146,7 +146,7 @@ def chain_loo_stages(chain_loo):
 
 def test_fit_is_reproducible(chain_loo_stages):
     train, valid = chain_loo_stages
-    columns = feature_columns(include_llm=True)
+    columns = feature_columns()
     a, _ = fit_ranker(train, valid, SMALL_FIT, 7, columns)
     b, _ = fit_ranker(train, valid, SMALL_FIT, 7, columns)
     assert a.model_to_string() == b.model_to_string()
@@ -156,7 +156,7 @@ def test_zero_early_stopping_rounds_trains_every_round(chain_loo_stages):
     """0 disables early stopping (as documented): all n_estimators rounds, in the fit and the refit."""
     train, valid = chain_loo_stages
     rcfg = dataclasses.replace(SMALL_FIT, early_stopping_rounds=0)
-    booster, info = fit_ranker(train, valid, rcfg, 7, feature_columns(include_llm=True))
+    booster, info = fit_ranker(train, valid, rcfg, 7, feature_columns())
     assert info["best_iteration"] == rcfg.n_estimators
     assert booster.current_iteration() == rcfg.n_estimators
 
@@ -189,7 +189,7 @@ def test_stage_with_a_user_without_candidates(chain):
     stage = make_stage("edge", ctx, hist, Targets.single(np.array([2, 0])), rcfg)
     assert np.diff(stage.cands.indptr).tolist()[1] == 0
     assert stage.positives().tolist() == [1, 0]
-    assert _dataset([stage], feature_columns(True)).construct().num_data() == stage.cands.indptr[1]
+    assert _dataset([stage], feature_columns()).construct().num_data() == stage.cands.indptr[1]
 
 
 def test_smoothed_early_stopping_ignores_an_early_spike():
