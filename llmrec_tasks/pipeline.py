@@ -14,7 +14,7 @@ from typing import TypeVar, cast
 
 from llmrec_tasks.core.config import RunConfig
 from llmrec_tasks.core.errors import ConfigError
-from llmrec_tasks.core.results import Embedded, Indexed, StageResult, Trained, Validated
+from llmrec_tasks.core.results import Embedded, Indexed, Published, StageResult, Trained, Validated
 from llmrec_tasks.storage.store import open_store
 
 log = logging.getLogger(__name__)
@@ -93,9 +93,14 @@ def run_stage(stage: str, cfg: RunConfig, work_uri: str | None = None) -> StageR
 
 
 def run_pipeline(cfg: RunConfig) -> dict[str, StageResult]:
-    """validate -> embed -> index -> train -> publish; returns every stage's result by stage name."""
+    """validate -> embed -> index -> train -> publish -> gate; returns every stage's result by
+    stage name. A bundle that failed the quality gate raises :class:`QualityGateError` (after it
+    was published, not promoted), as the DAG's ``gate`` task does: the run is not a success."""
     validated = cast(Validated, run_stage("validate", cfg))
     results: dict[str, StageResult] = {"validate": validated}
     for stage in STAGES[1:]:
         results[stage] = run_stage(stage, cfg, validated.work_uri)
+    from llmrec_tasks import publish
+
+    publish.enforce_gate(cfg, cast(Published, results["publish"]))
     return results

@@ -66,6 +66,47 @@ def test_stage_without_validated_run_says_what_to_do(tmp_path, capsys):
     assert "is it a run's work folder" in capsys.readouterr().err
 
 
+def test_run_exits_non_zero_when_the_bundle_failed_the_quality_gate(tmp_path, capsys, monkeypatch):
+    """`llmrec run` is red like the DAG's gate task: published, not promoted, exit 2 with the way out."""
+    from llmrec_tasks import pipeline
+    from llmrec_tasks.core.results import Published
+    from tests.stage_results import validated_for
+
+    gate = {
+        "passed": False,
+        "reason": "ranker ndcg@10 0.1000 does not beat popularity 0.2000",
+        "tolerance": 0.02,
+        "ranker": {"ndcg@10": 0.1, "recall@10": 0.2},
+        "popularity": {"ndcg@10": 0.2},
+        "current_version": None,
+        "current": {},
+    }
+    failed = Published(
+        version="20261002T000000Z-abcdef12-123456",
+        namespace="demo",
+        bundle_uri="file:///s/demo/bundles/v",
+        manifest_uri="file:///s/demo/bundles/v/manifest.json",
+        status="published",
+        check={"queries": 3},
+        promoted=False,
+        reason=f"quality gate: {gate['reason']}",
+        metrics={"ranker": {"ndcg@10": 0.1}, "popularity": {"ndcg@10": 0.2}},
+        gate=gate,
+    )
+    stages = []
+
+    def run_stage(stage, cfg, work_uri=None):
+        stages.append(stage)
+        return failed if stage == "publish" else validated_for((tmp_path / "work").as_uri())
+
+    monkeypatch.setattr(pipeline, "run_stage", run_stage)
+    assert main(["run", "--data", "sample", "--namespace", "demo", "--store", tmp_path.as_uri()]) == 2
+    assert stages == list(pipeline.STAGES)
+    err = capsys.readouterr().err
+    assert "QualityGateError" in err and "NOT promoted" in err and gate["reason"] in err
+    assert f"llmrec promote --store {tmp_path.as_uri()}" in err
+
+
 def test_unknown_command_is_a_usage_error():
     with pytest.raises(SystemExit):
         main(["frobnicate"])
