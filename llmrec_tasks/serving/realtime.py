@@ -129,7 +129,13 @@ class RedisState:
             retry_on_error=[ConnectionError, TimeoutError],
             socket_timeout=REDIS_TIMEOUT_SECONDS,
             socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+            client_name=self.client_name(prefix),
         )
+
+    @staticmethod
+    def client_name(prefix: str) -> str:
+        """The connections' CLIENT SETNAME: operators (and tests) find the service's in CLIENT LIST."""
+        return f"{prefix}-serving"
 
     def event_key(self, event_id: str) -> str:
         return f"{self.prefix}:eid:{event_id}"
