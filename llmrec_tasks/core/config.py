@@ -182,6 +182,8 @@ class RunConfig(_RunSettings):
         data = dataclasses.asdict(self)
         for key in ("dag_id", "run_id", "promote", "store_uri"):
             data.pop(key)
+        # The data it adds is in the dataset fingerprint already.
+        data.pop("feedback_ingest")
         # Shard count must not change the bundle: merges are ordered.
         data["encoder"].pop("shards")
         # Thresholds decide pass/fail, never what a passing run produces.

@@ -237,6 +237,16 @@ TABLE: tuple[Setting, ...] = (
         nullable=True,
         form_section=DATA,
     ),
+    Setting(
+        "feedback_ingest",
+        bool,
+        True,
+        "Ingest served feedback",
+        "Add the events the service recorded (POST /events, moved to <namespace>/feedback/events/ by "
+        "`llmrec flush-events`) to the interactions before validation, each event id once; events "
+        "on items the catalog lacks are dropped and counted.",
+        form_section=DATA,
+    ),
     # Encoder model
     Setting(
         "encoder_model",

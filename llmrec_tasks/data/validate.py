@@ -50,6 +50,12 @@ def run_validate(cfg: RunConfig) -> Validated:
     started = time.monotonic()
     now = datetime.now(UTC)
     raw = read_raw(cfg.data_uri)
+    store = open_store(cfg.store_uri)
+    feedback_counts = None
+    if cfg.feedback_ingest:
+        from llmrec_tasks.feedback import with_feedback
+
+        raw, feedback_counts = with_feedback(raw, store, cfg.namespace)
     frames = expectations.prepare_frames(raw, cfg.validation, now)
     bad_items, bad_interactions = expectations.bad_rows(frames, cfg.validation, now)
     kept = Dataset(raw.items[~bad_items], raw.interactions[~bad_interactions], raw.users)
@@ -58,7 +64,6 @@ def run_validate(cfg: RunConfig) -> Validated:
     fingerprint = typed.fingerprint()
     version = make_version(cutoff, fingerprint, cfg.params_hash())
 
-    store = open_store(cfg.store_uri)
     work = run_prefix(cfg.namespace, version)
     previous, notes = _previous_stats(store, cfg.namespace)
     suites = expectations.build_suites(cfg.validation, frames, previous["stats"] if previous else None, now)
@@ -78,6 +83,7 @@ def run_validate(cfg: RunConfig) -> Validated:
         "data_docs_uri": docs_uri,
         "previous": {"version": previous["version"], "stats_uri": previous["uri"]} if previous else None,
         "notes": notes,
+        "feedback": feedback_counts,  # served events added to the interactions (None: not ingested)
         "suites": {
             r.suite_name: {
                 "success": r.success,
