@@ -29,6 +29,7 @@ from llmrec_tasks.data.contract import (
     read_raw,
     write_snapshot,
 )
+from llmrec_tasks.data.feedback import with_feedback
 from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.registry import make_version, run_prefix
 from llmrec_tasks.storage.store import ObjectStore, open_store
@@ -53,8 +54,6 @@ def run_validate(cfg: RunConfig) -> Validated:
     store = open_store(cfg.store_uri)
     feedback_counts = None
     if cfg.feedback_ingest:
-        from llmrec_tasks.feedback import with_feedback
-
         raw, feedback_counts = with_feedback(raw, store, cfg.namespace)
     frames = expectations.prepare_frames(raw, cfg.validation, now)
     bad_items, bad_interactions = expectations.bad_rows(frames, cfg.validation, now)

@@ -14,7 +14,8 @@ import pytest
 
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.errors import StoreError
-from llmrec_tasks.feedback import feedback_key, flush_events
+from llmrec_tasks.data.feedback import feedback_key
+from llmrec_tasks.feedback import flush_events
 from llmrec_tasks.serving.feedback_log import (
     CLOSED_SUFFIX,
     EVENTS_KIND,
