@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llmrec_tasks.core.settings import feedback_env  # noqa: E402
-from llmrec_tasks.serving.feedback_log import read_segment, seal_segments  # noqa: E402
+from llmrec_tasks.serving.feedback_log import EVENTS_KIND, read_segment, seal_segments  # noqa: E402
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:
@@ -165,7 +165,7 @@ def bench_state(args: argparse.Namespace, state: str) -> list[dict[str, Any]]:
     out = []
     try:
         with service(args.workers, redis_url, prefix, log_dir) as (base, process):
-            run_load(base, 10, args.clients, 1.0, "warmup")
+            warmup = run_load(base, 10, args.clients, 1.0, "warmup")
             for size in args.batches:
                 cpu_before = cpu_seconds(process)
                 client_before = resource.getrusage(resource.RUSAGE_SELF)
@@ -180,9 +180,11 @@ def bench_state(args: argparse.Namespace, state: str) -> list[dict[str, Any]]:
                 result["state"] = state
                 out.append(result)
                 print(json.dumps(result), flush=True)
-        # after the service stopped: every acked batch is in the log, once per request
-        lines = sum(len(read_segment(s).rows["e"]) for s in seal_segments(log_dir))
-        out.append({"state": state, "events_in_log": lines})
+        # after the service stopped: every acknowledged event is in the log (plus the warm-up's)
+        logged = sum(len(read_segment(s).rows[EVENTS_KIND]) for s in seal_segments(log_dir))
+        acked = sum(r["requests"] * r["batch"] for r in [warmup, *out])
+        out.append({"state": state, "events_in_log": logged, "events_acked": acked})
+        print(json.dumps(out[-1]), flush=True)
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)
         if redis_url:
