@@ -148,6 +148,17 @@ class FeedbackLog:
             ):
                 self._roll()
         self._roll()
+        self._refuse_late_appends()
+
+    def _refuse_late_appends(self) -> None:
+        """Fail what an append racing close() queued after the stop mark: never left waiting."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item.done is not None:
+                item.done.set_exception(FeedbackError("the feedback log is closed (the service is stopping)"))
 
     def _seconds_to_roll(self) -> float | None:
         if self._fd is None:

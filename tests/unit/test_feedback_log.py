@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from llmrec_tasks.core import constants as C
-from llmrec_tasks.core.errors import StoreError
+from llmrec_tasks.core.errors import FeedbackError, StoreError
 from llmrec_tasks.data.feedback import feedback_key
 from llmrec_tasks.feedback import flush_events
 from llmrec_tasks.serving.feedback_log import (
@@ -190,3 +190,10 @@ def test_a_segment_whose_upload_reads_back_wrong_is_kept(
     with pytest.raises(StoreError, match="reads back different bytes"):
         flush_events(store_uri, NS, log_dir)
     assert len(seal_segments(log_dir)) == 1
+
+
+def test_an_append_after_close_fails_instead_of_waiting(tmp_path: Path) -> None:
+    log = FeedbackLog(tmp_path, segment_bytes=1 << 20, segment_seconds=3600)
+    log.close()
+    with pytest.raises(FeedbackError, match="closed"):
+        log.append(encode_record(EVENTS_KIND, [event_row("late")])).result(timeout=5)
