@@ -18,9 +18,10 @@ from typing import Any, TextIO
 from llmrec_tasks.airflow_glue import STORE_ENV
 from llmrec_tasks.core.constants import DEFAULT_NAMESPACE, REPORT_HTML
 from llmrec_tasks.core.errors import LlmrecError
-from llmrec_tasks.core.settings import DATA_ENV, SAMPLE_DATA
+from llmrec_tasks.core.settings import DATA_ENV, REDIS_URL_ENV, SAMPLE_DATA, feedback_env
 
 WORKERS_ENV = "LLMREC_SERVING_WORKERS"  # `llmrec serve --workers` default
+_FEEDBACK_DIR_HELP = f"default ${feedback_env('feedback_log_dir')} or ./llmrec-feedback"
 DEFAULT_STORE = os.environ.get(STORE_ENV, Path("llmrec-store").resolve().as_uri())
 
 
@@ -186,6 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--poll-seconds", type=float, default=5.0, help="how often each worker reads current.json"
+    )
+    serve.add_argument(
+        "--redis-url",
+        default=None,
+        help=f"real-time feedback state (default ${REDIS_URL_ENV}; none: embedded, per worker)",
+    )
+    serve.add_argument(
+        "--feedback-dir", default=None, help=f"feedback write-ahead log folder ({_FEEDBACK_DIR_HELP})"
+    )
+    flush = sub.add_parser(
+        "flush-events", help="move the service's closed feedback log segments into the store as Parquet"
+    )
+    _store_args(flush)
+    flush.add_argument(
+        "--feedback-dir", default=None, help=f"the service's feedback log folder ({_FEEDBACK_DIR_HELP})"
     )
     score = sub.add_parser(
         "score-batch", help="score all (or listed) users with a bundle into Parquet parts in the store"
@@ -439,8 +455,16 @@ def dispatch(args: argparse.Namespace) -> Any:
             args.port,
             workers=args.workers,
             poll_seconds=args.poll_seconds,
+            redis_url=args.redis_url,
+            feedback_dir=args.feedback_dir,
         )
         return None
+    if args.command == "flush-events":
+        from llmrec_tasks.core.config import FeedbackConfig
+        from llmrec_tasks.feedback import flush_events
+
+        log_dir = FeedbackConfig.from_env(log_dir=args.feedback_dir).log_dir
+        return flush_events(args.store, args.namespace, log_dir).to_json()
     if args.command == "demo-progress":
         with args.log.open("w") as log:
             if not demo_progress(sys.stdin, log, sys.stdout):

@@ -107,8 +107,13 @@ def real_context(items: pd.DataFrame, inter: pd.DataFrame, vectors: np.ndarray) 
     return context.build_context(encoded, len(users), vectors, items, params), encoded, users
 
 
-def real_ranker(items: pd.DataFrame, inter: pd.DataFrame, vectors: np.ndarray, seed: int) -> dict[str, bytes]:
-    """Ranker, feature spec, serving stats and neighbours from the ranking stage's own code."""
+def real_ranker(
+    items: pd.DataFrame, inter: pd.DataFrame, vectors: np.ndarray, seed: int, label_feature: str | None = None
+) -> dict[str, bytes]:
+    """Ranker, feature spec, serving stats and neighbours from the ranking stage's own code.
+
+    The labels are random, or with ``label_feature`` its top fifth: a ranker that prefers high
+    values of that feature (e.g. ``sem_last_1``, the similarity to the user's last item)."""
 
     import lightgbm
 
@@ -122,6 +127,9 @@ def real_ranker(items: pd.DataFrame, inter: pd.DataFrame, vectors: np.ndarray, s
     cands = sources.generate_candidates(ctx, hist, cand_params)
     x = features.build_features(ctx, hist, cands)
     y = np.random.default_rng(seed).random(len(x)) < 0.2
+    if label_feature is not None:
+        column = x[:, features.FEATURE_NAMES.index(label_feature)]
+        y = column > np.nanquantile(column, 0.8)
     train_params = {"objective": "binary", "num_leaves": 7, "verbose": -1, "seed": seed, "num_threads": 1}
     dataset = lightgbm.Dataset(x, y.astype(int), feature_name=features.FEATURE_NAMES)
     booster = lightgbm.train(train_params, dataset, num_boost_round=10)
@@ -177,6 +185,7 @@ def make_run(
     seed: int = 0,
     ndcg: float = 0.30,
     real_features: bool = False,
+    label_feature: str | None = None,
     **cfg_values: Any,
 ) -> tuple[RunConfig, Validated, Embedded, Indexed, Trained]:
     """Write a run's artifacts; returns ``(cfg, validated, embedded, indexed, trained)``."""
@@ -231,7 +240,7 @@ def make_run(
     put(C.INDEX_INFO, json.dumps({"kind": "flat"}).encode())
     indexed = indexed_for(store.uri_for(work), N_ITEMS, DIM)
     if real_features:
-        ranker = real_ranker(items, inter, vectors, seed)
+        ranker = real_ranker(items, inter, vectors, seed, label_feature)
     else:
         ranker = {
             C.RANKER_MODEL: toy_ranker(seed).encode(),

@@ -59,6 +59,16 @@ def sample_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_sample(tmp_path_factory.mktemp("sample-folder") / "data")
 
 
+@pytest.fixture(autouse=True)
+def feedback_log_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The service's feedback log goes to the test's folder, never to the working directory."""
+    from llmrec_tasks.core.settings import feedback_env
+
+    folder = tmp_path / "feedback-log"
+    monkeypatch.setenv(feedback_env("feedback_log_dir"), str(folder))
+    return folder
+
+
 @pytest.fixture
 def store_uri(tmp_path: Path) -> str:
     return (tmp_path / "store").as_uri()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, make_dataclass
@@ -181,6 +182,8 @@ class RunConfig(_RunSettings):
         data = dataclasses.asdict(self)
         for key in ("dag_id", "run_id", "promote", "store_uri"):
             data.pop(key)
+        # The data it adds is in the dataset fingerprint already.
+        data.pop("feedback_ingest")
         # Shard count must not change the bundle: merges are ordered.
         data["encoder"].pop("shards")
         # Thresholds decide pass/fail, never what a passing run produces.
@@ -199,3 +202,36 @@ class RunConfig(_RunSettings):
         data = dataclasses.asdict(self)
         data["cutoff"] = self.cutoff.isoformat() if self.cutoff else None
         return data
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    """Where the service's feedback goes (settings ``feedback_*``): real-time state and the local log."""
+
+    redis_url: str | None = settings.FEEDBACK_SETTINGS["feedback_redis_url"].default
+    log_dir: str = settings.FEEDBACK_SETTINGS["feedback_log_dir"].default
+    key_prefix: str = settings.FEEDBACK_SETTINGS["feedback_key_prefix"].default
+    recent_events: int = settings.FEEDBACK_SETTINGS["feedback_recent_events"].default
+    dedup_hours: float = settings.FEEDBACK_SETTINGS["feedback_dedup_hours"].default
+    segment_bytes: int = settings.FEEDBACK_SETTINGS["feedback_segment_bytes"].default
+    segment_seconds: float = settings.FEEDBACK_SETTINGS["feedback_segment_seconds"].default
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            object.__setattr__(self, f.name, settings.FEEDBACK_SETTINGS[f"feedback_{f.name}"].check(value))
+        if self.redis_url == "":
+            object.__setattr__(self, "redis_url", None)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> FeedbackConfig:
+        """Settings from ``LLMREC_*`` environment variables, then ``overrides`` (flags; None = unset)."""
+        env = dict(os.environ) if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f"feedback_{f.name}"
+            text = env.get(settings.feedback_env(key))
+            if text is not None:
+                values[f.name] = settings.FEEDBACK_SETTINGS[key].parse_text(text)
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        return cls(**values)

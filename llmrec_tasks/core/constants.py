@@ -84,3 +84,21 @@ DEFAULT_NAMESPACE = "production"
 # The metric the gate and every comparison rank by, and the metric columns people read first.
 PRIMARY_METRIC = "ndcg@10"
 METRIC_COLUMNS = ("ndcg@10", "recall@10", "mrr", "ndcg@50", "recall@50", "coverage@10")
+
+# Feedback (POST /events, impressions; `llmrec flush-events`): columns beyond the interaction
+# contract's, the event types, and the object-store layout
+# `<namespace>/feedback/{events,impressions}/day=YYYY-MM-DD/<segment>.parquet`.
+EVENT_ID = "event_id"
+EVENT_TYPE = "event_type"
+REQUEST_ID = "request_id"
+RECEIVED_AT = "received_at"
+POSITION = "position"
+ARM = "arm"
+EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "rating")
+EVENT_COLUMNS = (EVENT_ID, USER_ID, ITEM_ID, TIMESTAMP, WEIGHT, EVENT_TYPE, REQUEST_ID, RECEIVED_AT)
+IMPRESSION_COLUMNS = (REQUEST_ID, USER_ID, TIMESTAMP, VERSION, ARM, POSITION, ITEM_ID)
+CURRENT_ARM = "current"  # the arm of every response until A/B serving names a challenger
+FEEDBACK_DIR = "feedback"
+FEEDBACK_EVENTS = "events"
+FEEDBACK_IMPRESSIONS = "impressions"
+DAY_PARTITION = "day={day}"

@@ -41,3 +41,7 @@ class QualityGateError(LlmrecError):
 
 class IndexRecallError(LlmrecError):
     """An approximate index missed the configured recall floor."""
+
+
+class FeedbackError(LlmrecError):
+    """Feedback could not be made durable (the write-ahead log) or reach the real-time state."""

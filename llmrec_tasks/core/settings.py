@@ -237,6 +237,16 @@ TABLE: tuple[Setting, ...] = (
         nullable=True,
         form_section=DATA,
     ),
+    Setting(
+        "feedback_ingest",
+        bool,
+        True,
+        "Ingest served feedback",
+        "Add the events the service recorded (POST /events, moved to <namespace>/feedback/events/ by "
+        "`llmrec flush-events`) to the interactions before validation, each event id once; events "
+        "on items the catalog lacks are dropped and counted.",
+        form_section=DATA,
+    ),
     # Encoder model
     Setting(
         "encoder_model",
@@ -978,3 +988,92 @@ def batch_form_params() -> dict[str, dict[str, Any]]:
         }
         for s in BATCH_TABLE
     }
+
+
+# --- feedback (POST /events, impressions, `llmrec flush-events`) ---------------------------------
+# Service settings, not run settings: read from the environment (`LLMREC_<KEY>`, except the Redis
+# URL's `LLMREC_REDIS_URL`) or the `serve` / `flush-events` flags.
+
+FEEDBACK = "Feedback"
+REDIS_URL_ENV = "LLMREC_REDIS_URL"
+FEEDBACK_TABLE: tuple[Setting, ...] = (
+    Setting(
+        "feedback_redis_url",
+        str,
+        None,
+        "Redis URL",
+        "Real-time state (each user's latest events, event-id dedup keys), e.g. redis://127.0.0.1:6379/0. "
+        "Empty: an embedded in-process state, one per worker process (use Redis with --workers > 1).",
+        pattern=r"^$|^(redis|rediss|unix)://.+",
+        pattern_help="give redis://host:port/db, rediss://... or unix:///path",
+        nullable=True,
+        form_section=FEEDBACK,
+    ),
+    Setting(
+        "feedback_log_dir",
+        str,
+        "llmrec-feedback",
+        "Feedback log folder",
+        "Local folder of the write-ahead log segments (one set per worker process); "
+        "`llmrec flush-events` reads it on the same host.",
+        min_length=1,
+        form_section=FEEDBACK,
+    ),
+    Setting(
+        "feedback_key_prefix",
+        str,
+        "llmrec",
+        "Redis key prefix",
+        "Prefix of every Redis key (several deployments or tests can share one Redis).",
+        pattern=NAME_PATTERN,
+        pattern_help=NAME_HELP,
+        form_section=FEEDBACK,
+    ),
+    Setting(
+        "feedback_recent_events",
+        int,
+        50,
+        "Recent events per user",
+        "Latest events kept per user in the real-time state and merged into their recommendations.",
+        minimum=1,
+        maximum=1000,
+        form_section=FEEDBACK,
+    ),
+    Setting(
+        "feedback_dedup_hours",
+        float,
+        72.0,
+        "Dedup window (hours)",
+        "How long an event id is remembered: a batch replayed within it is acknowledged, not stored "
+        "again (the daily ingestion drops any later duplicate by event id too).",
+        exclusive_minimum=0,
+        maximum=24 * 365,
+        form_section=FEEDBACK,
+    ),
+    Setting(
+        "feedback_segment_bytes",
+        int,
+        16 * 1024 * 1024,
+        "Segment size",
+        "A log segment is closed (and becomes flushable) once it holds this many bytes.",
+        minimum=1024,
+        maximum=1 << 34,
+        form_section=FEEDBACK,
+    ),
+    Setting(
+        "feedback_segment_seconds",
+        float,
+        60.0,
+        "Segment age",
+        "A log segment is closed (and becomes flushable) this long after it was opened.",
+        exclusive_minimum=0,
+        maximum=86_400,
+        form_section=FEEDBACK,
+    ),
+)
+FEEDBACK_SETTINGS: dict[str, Setting] = {s.key: s for s in FEEDBACK_TABLE}
+
+
+def feedback_env(key: str) -> str:
+    """The environment variable of a feedback setting."""
+    return REDIS_URL_ENV if key == "feedback_redis_url" else f"LLMREC_{key.upper()}"

@@ -29,6 +29,7 @@ from llmrec_tasks.data.contract import (
     read_raw,
     write_snapshot,
 )
+from llmrec_tasks.data.feedback import with_feedback
 from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.registry import make_version, run_prefix
 from llmrec_tasks.storage.store import ObjectStore, open_store
@@ -50,6 +51,10 @@ def run_validate(cfg: RunConfig) -> Validated:
     started = time.monotonic()
     now = datetime.now(UTC)
     raw = read_raw(cfg.data_uri)
+    store = open_store(cfg.store_uri)
+    feedback_counts = None
+    if cfg.feedback_ingest:
+        raw, feedback_counts = with_feedback(raw, store, cfg.namespace)
     frames = expectations.prepare_frames(raw, cfg.validation, now)
     bad_items, bad_interactions = expectations.bad_rows(frames, cfg.validation, now)
     kept = Dataset(raw.items[~bad_items], raw.interactions[~bad_interactions], raw.users)
@@ -58,7 +63,6 @@ def run_validate(cfg: RunConfig) -> Validated:
     fingerprint = typed.fingerprint()
     version = make_version(cutoff, fingerprint, cfg.params_hash())
 
-    store = open_store(cfg.store_uri)
     work = run_prefix(cfg.namespace, version)
     previous, notes = _previous_stats(store, cfg.namespace)
     suites = expectations.build_suites(cfg.validation, frames, previous["stats"] if previous else None, now)
@@ -78,6 +82,7 @@ def run_validate(cfg: RunConfig) -> Validated:
         "data_docs_uri": docs_uri,
         "previous": {"version": previous["version"], "stats_uri": previous["uri"]} if previous else None,
         "notes": notes,
+        "feedback": feedback_counts,  # served events added to the interactions (None: not ingested)
         "suites": {
             r.suite_name: {
                 "success": r.success,

@@ -1,8 +1,15 @@
 """HTTP recommendation service (FastAPI) over a namespace's ``current`` bundle.
 
-- ``GET /recommendations/{user_id}?k=10&exclude_seen=true``
+- ``GET /recommendations/{user_id}?k=10&exclude_seen=true``: the user's published history plus
+  their latest events from the real-time state (what ``POST /events`` recorded), so real-time
+  personalisation needs no client-side history
 - ``POST /recommendations`` ``{"user_id": ..., "events": [{"item_id": ..., "weight": 1, "timestamp": ...}],
-  "k": 10, "exclude_seen": true}``: recent events personalise this request
+  "k": 10, "exclude_seen": true}``: the request's events personalise it too
+- ``POST /events`` ``{"events": [{"event_id", "user_id", "item_id", "type", "timestamp", "weight"?,
+  "request_id"?}]}``: a batch of feedback, validated as a whole (one bad event: 422 naming it, and
+  nothing is written), acknowledged once durable (fsync'ed in the write-ahead log), idempotent by
+  event id (a replayed event is acknowledged as a duplicate and not stored again); 503 when the
+  log or the real-time state fails (nothing acknowledged: retry)
 - ``GET /healthz`` (503 until a bundle is loaded), ``GET /version`` (the version being served)
 - ``GET /metrics``: Prometheus text (:mod:`llmrec_tasks.serving.metrics`), summed over workers
 
@@ -17,6 +24,13 @@ recommendations also carry it in the body, and ``X-Bundle-Version``: the version
 the same as the body's ``version``. Each request is one JSON line on the ``llmrec.access`` logger.
 ``llmrec serve --workers N`` runs N uvicorn worker processes, each loading the bundle and
 following ``current`` by itself.
+
+Feedback (settings ``feedback_*``, :class:`~llmrec_tasks.core.config.FeedbackConfig`): accepted
+events go to this process's write-ahead log first (:mod:`llmrec_tasks.serving.feedback_log`, the
+durable copy), then to the real-time state (:mod:`llmrec_tasks.serving.realtime`: Redis, or the
+embedded per-process state). Every recommendation response is logged as an impression (request id,
+user, items in order, bundle version, arm) through the same log; ``llmrec flush-events`` moves
+closed segments into the object store as Parquet (:mod:`llmrec_tasks.feedback`).
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import asyncio
 import copy
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -35,6 +50,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mutabl
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from functools import partial
 from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal
@@ -44,12 +60,17 @@ from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import multiprocess
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core import settings
+from llmrec_tasks.core.config import FeedbackConfig
 from llmrec_tasks.core.constants import DEFAULT_NAMESPACE
-from llmrec_tasks.core.errors import ConfigError
+from llmrec_tasks.core.errors import ConfigError, FeedbackError
 from llmrec_tasks.serving import metrics as service_metrics
+from llmrec_tasks.serving.feedback_log import EVENTS_KIND, IMPRESSIONS_KIND, FeedbackLog, encode_record
 from llmrec_tasks.serving.metrics import ServiceMetrics
+from llmrec_tasks.serving.realtime import FeedbackEvent, RealtimeState, open_state
 from llmrec_tasks.serving.recommender import BundleHolder, Event, Recommender, single_threaded_native_code
 
 log = logging.getLogger(__name__)
@@ -58,6 +79,13 @@ access_log = logging.getLogger("llmrec.access")
 MAX_K = 100
 MAX_EVENTS = 200
 MAX_BODY_BYTES = 64 * 1024
+MAX_EVENT_BATCH = 1000  # events per POST /events
+EVENTS_MAX_BODY_BYTES = 1024 * 1024
+EVENTS_PATH = "/events"
+MAX_CLOCK_SKEW_SECONDS = 86_400  # an event timestamp further in the future is refused
+TIMESTAMP_RULE = (
+    "unix seconds or ISO 8601 with a time zone, from 1970 up to a day ahead of the server's clock"
+)
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
 ID_RULE = "1-128 characters: letters, digits, '.', '_', ':', '@', '-', starting with a letter or digit"
 
@@ -66,6 +94,7 @@ BUNDLE_VERSION_HEADER = "X-Bundle-Version"
 REQUEST_ID_RULE = "1-64 characters: letters, digits, '.', '_', ':', '-', starting with a letter or digit"
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 _REQUEST_ID_KEY = b"x-request-id"
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
 REQUEST_STATE = "llmrec.request"  # ASGI scope key of the RequestState
 
 # What `llmrec serve` hands its worker processes (uvicorn imports the app factory in each).
@@ -106,6 +135,57 @@ class RecommendRequest(BaseModel):
         return self
 
 
+class FeedbackEventIn(BaseModel):
+    """One feedback event: the interaction contract's columns plus its id, type and request id."""
+
+    model_config = ConfigDict(extra="forbid")
+    event_id: str = Field(pattern=ID_PATTERN, description="unique per event: a retried batch is stored once")
+    user_id: str = Field(pattern=ID_PATTERN)
+    item_id: str = Field(pattern=ID_PATTERN)
+    type: Literal[C.EVENT_TYPES] = Field(description="what happened")  # type: ignore[valid-type]
+    timestamp: float = Field(description=TIMESTAMP_RULE)
+    weight: float = Field(1.0, ge=0, le=1e6, allow_inf_nan=False)
+    request_id: str | None = Field(
+        None, pattern=REQUEST_ID_PATTERN, description="the recommendation response the event followed"
+    )
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _unix(cls, value: Any) -> float:
+        return unix_seconds(value)
+
+
+def unix_seconds(value: Any) -> float:
+    """An event timestamp as unix seconds: a number (or numeric text), or ISO 8601 text with a time
+    zone; from 1970 up to MAX_CLOCK_SKEW_SECONDS ahead of this server's clock."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"must be {TIMESTAMP_RULE}")
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"must be {TIMESTAMP_RULE}, got {str(value)[:40]!r}") from None
+        if parsed.tzinfo is None:
+            raise ValueError("an ISO 8601 timestamp needs a time zone (e.g. Z or +02:00)") from None
+        seconds = parsed.timestamp()
+    if not (math.isfinite(seconds) and 0 <= seconds <= time.time() + MAX_CLOCK_SKEW_SECONDS):
+        raise ValueError(f"must be {TIMESTAMP_RULE}, got {value!r}")
+    return seconds
+
+
+class EventsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    events: list[FeedbackEventIn] = Field(min_length=1, max_length=MAX_EVENT_BATCH)
+
+
+class EventsAck(BaseModel):
+    request_id: str
+    accepted: int = Field(description="events stored (durable) by this request")
+    duplicates: int = Field(description="events whose id was already stored (or repeated in the batch)")
+
+
 class SignalOut(BaseModel):
     feature: str = Field(description="ranker feature name")
     contribution: float = Field(description="its share of the item's score (Saabas attribution)")
@@ -126,7 +206,10 @@ class RecommendationsOut(BaseModel):
     request_id: str = Field(description=f"the request's {REQUEST_ID_HEADER} (the client's, or generated)")
     strategy: Literal["personalized", "popular"]
     version: str = Field(description="the bundle version that answered")
-    history_length: int = Field(description="interactions used: published history plus the request's events")
+    arm: str = Field(description=f"the experiment arm that answered ({C.CURRENT_ARM!r}: the current bundle)")
+    history_length: int = Field(
+        description="interactions used: published history, the user's real-time events and the request's"
+    )
     ignored_item_ids: list[str] = Field(description="event item ids the bundle does not know")
     items: list[ItemOut]
 
@@ -161,27 +244,36 @@ INVALID: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorOut, "description": "invalid parameters or body"}
 }
 TOO_LARGE: dict[int | str, dict[str, Any]] = {
-    413: {"model": ErrorOut, "description": "request body over 64 KiB"}
+    413: {"model": ErrorOut, "description": "request body over 64 KiB (1 MiB for /events)"}
+}
+NOT_DURABLE: dict[int | str, dict[str, Any]] = {
+    503: {
+        "model": ErrorOut,
+        "description": "the log or the real-time state failed: nothing acknowledged, retry",
+    }
 }
 
 
 class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413, declared (Content-Length) or streamed.
+    """Refuse request bodies over ``limit`` bytes (``paths`` name other limits) with 413, declared
+    (Content-Length) or streamed.
 
-    The body is read here first (at most ``limit`` bytes are buffered), then replayed to the app.
+    The body is read here first (at most the limit is buffered), then replayed to the app.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, paths: dict[str, int] | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.paths = paths or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.paths.get(scope["path"], self.limit)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await self._too_large(send)
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await self._too_large(send, limit)
             return
         messages: list[Message] = []
         size = 0
@@ -189,8 +281,8 @@ class BodyLimit:
             message = await receive()
             messages.append(message)
             size += len(message.get("body", b""))
-            if size > self.limit:
-                await self._too_large(send)
+            if size > limit:
+                await self._too_large(send, limit)
                 return
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break
@@ -200,10 +292,8 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send: Send) -> None:
-        await _send_json(
-            send, 413, json.dumps({"error": f"request body exceeds {self.limit} bytes"}).encode()
-        )
+    async def _too_large(self, send: Send, limit: int) -> None:
+        await _send_json(send, 413, json.dumps({"error": f"request body exceeds {limit} bytes"}).encode())
 
 
 def request_id(header: bytes | None) -> str:
@@ -295,6 +385,8 @@ def _describe(errors: list[Any]) -> str:
         msg = str(err.get("msg", "invalid"))
         if err.get("type") == "string_pattern_mismatch":
             msg = f"must be {ID_RULE}"
+        elif err.get("type") == "value_error":
+            msg = msg.removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 
@@ -304,9 +396,13 @@ def create_app(
     namespace: str = DEFAULT_NAMESPACE,
     *,
     poll_seconds: float = 5.0,
+    feedback: FeedbackConfig | None = None,
 ) -> FastAPI:
-    """The service for one store + namespace; loads ``current`` at startup and follows it."""
+    """The service for one store + namespace; loads ``current`` at startup and follows it.
+
+    ``feedback``: the log folder and real-time state (default: the ``LLMREC_*`` environment)."""
     metrics = ServiceMetrics()
+    feedback = feedback or FeedbackConfig.from_env()
     holder = BundleHolder(
         store_uri, namespace, poll_seconds=poll_seconds, on_swap=lambda r: metrics.serving(r.bundle.version)
     )
@@ -318,19 +414,28 @@ def create_app(
         app.state.compute = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="llmrec-recommend", initializer=single_threaded_native_code
         )
+        # Opened here, in the worker process: each process writes its own log segments.
+        app.state.feedback_log = FeedbackLog(
+            FilePath(feedback.log_dir),
+            segment_bytes=feedback.segment_bytes,
+            segment_seconds=feedback.segment_seconds,
+        )
+        app.state.realtime = open_state(feedback)
         holder.start()
         try:
             yield
         finally:
             holder.stop()
             app.state.compute.shutdown(wait=True)
+            app.state.feedback_log.close()
+            await app.state.realtime.close()
             if (folder := service_metrics.multiprocess_dir()) is not None:
                 multiprocess.mark_process_dead(os.getpid(), path=str(folder))
 
     app = FastAPI(title="llmrec", lifespan=lifespan)
     app.state.holder = holder
     app.state.metrics = metrics
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, paths={EVENTS_PATH: EVENTS_MAX_BODY_BYTES})
     app.add_middleware(RequestObserver, metrics=metrics)  # outermost: sees every response
 
     @app.exception_handler(RequestValidationError)
@@ -379,20 +484,43 @@ def create_app(
     def metrics_text() -> Response:
         return Response(metrics.render(), media_type=service_metrics.CONTENT_TYPE)
 
-    async def recommend(request: Request, user_id: str | None, **query: Any) -> Response:
-        """Recommend on the compute thread, then answer with msgspec-encoded JSON (the recommender's
-        dataclasses as they are: several times faster than validating through the pydantic model)."""
+    async def realtime_events(user_id: str | None, current: Recommender) -> list[Event]:
+        """The user's latest recorded events not yet in the bundle's published history. A state
+        failure degrades the answer to the published history (logged), it does not fail it."""
+        if user_id is None:
+            return []
+        realtime: RealtimeState = app.state.realtime
+        try:
+            latest = await realtime.recent(user_id)
+        except FeedbackError as exc:
+            log.warning("recommending for %s without real-time events: %s", user_id, exc)
+            return []
+        end = current.bundle.history_end
+        return [e for e in latest if e.timestamp is not None and e.timestamp > end]
+
+    async def recommend(
+        request: Request, user_id: str | None, recent: list[Event] | None = None, **query: Any
+    ) -> Response:
+        """Recommend on the compute thread, answer with msgspec-encoded JSON (the recommender's
+        dataclasses as they are: several times faster than validating through the pydantic model),
+        and log the impression."""
         current = recommender()
+        events = [*await realtime_events(user_id, current), *(recent or [])]
         timings: dict[str, float] = {}
         result = await asyncio.get_running_loop().run_in_executor(
-            request.app.state.compute, partial(current.recommend, user_id=user_id, timings=timings, **query)
+            request.app.state.compute,
+            partial(current.recommend, user_id=user_id, recent=events, timings=timings, **query),
         )
         state: RequestState = request.scope[REQUEST_STATE]
         state.user_id, state.bundle_version = user_id, result.version
         started = time.perf_counter()
-        body = _json.encode({"user_id": user_id, "request_id": state.request_id, **vars(result)})
+        arm = C.CURRENT_ARM
+        body = _json.encode({"user_id": user_id, "request_id": state.request_id, "arm": arm, **vars(result)})
         timings["encode"] = time.perf_counter() - started
         metrics.observe_stages(timings)
+        shown = [item.item_id for item in result.items]
+        impression = [state.request_id, user_id, time.time(), result.version, arm, shown]
+        app.state.feedback_log.append_nowait(encode_record(IMPRESSIONS_KIND, [impression]))
         return Response(body, media_type="application/json", headers={BUNDLE_VERSION_HEADER: result.version})
 
     @app.get(
@@ -414,6 +542,36 @@ def create_app(
     async def post_recommendations(request: Request, body: RecommendRequest) -> Response:
         events = [Event(e.item_id, e.weight, e.timestamp) for e in body.events]
         return await recommend(request, body.user_id, recent=events, k=body.k, exclude_seen=body.exclude_seen)
+
+    @app.post(EVENTS_PATH, responses={**INVALID, **TOO_LARGE, **NOT_DURABLE})
+    async def post_events(request: Request, body: EventsIn) -> EventsAck:
+        """Store a batch of feedback: deduplicated by event id, logged durably, then recorded in the
+        real-time state. A failure after the log write answers 503 too: the retry is then stored
+        again in the log, and the flush and the daily ingestion drop the repeat by event id."""
+        received = time.time()
+        batch: dict[str, FeedbackEvent] = {}
+        for e in body.events:  # a repeated id within the batch: the first one counts
+            batch.setdefault(
+                e.event_id,
+                FeedbackEvent(
+                    e.event_id, e.user_id, e.item_id, float(e.timestamp), e.weight, e.type, e.request_id
+                ),
+            )
+        candidates = list(batch.values())
+        realtime: RealtimeState = app.state.realtime
+        try:
+            known = await realtime.known(list(batch))
+            fresh = [e for e, seen in zip(candidates, known, strict=True) if not seen]
+            if fresh:
+                line = encode_record(EVENTS_KIND, [e.row(received) for e in fresh])
+                await asyncio.wrap_future(app.state.feedback_log.append(line))
+                await realtime.record(fresh)
+        except FeedbackError as exc:
+            raise HTTPException(503, str(exc)) from exc
+        state: RequestState = request.scope[REQUEST_STATE]
+        return EventsAck(
+            request_id=state.request_id, accepted=len(fresh), duplicates=len(body.events) - len(fresh)
+        )
 
     return app
 
@@ -472,13 +630,27 @@ def serve(
     *,
     workers: int = 1,
     poll_seconds: float = 5.0,
+    redis_url: str | None = None,
+    feedback_dir: str | None = None,
 ) -> None:
-    """Run the service with uvicorn (blocks) in ``workers`` processes; ``llmrec serve`` calls this."""
+    """Run the service with uvicorn (blocks) in ``workers`` processes; ``llmrec serve`` calls this.
+
+    ``redis_url`` / ``feedback_dir`` override ``$LLMREC_REDIS_URL`` / ``$LLMREC_FEEDBACK_LOG_DIR``."""
     import uvicorn
 
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
+    feedback = FeedbackConfig.from_env(redis_url=redis_url, log_dir=feedback_dir)  # checked before forking
+    if feedback.redis_url is None and workers > 1:
+        log.warning(
+            "no Redis URL: each of the %d workers keeps its own real-time state, so a user's events "
+            "reach only the worker that took them; set --redis-url or $%s",
+            workers, settings.REDIS_URL_ENV,
+        )  # fmt: skip
     os.environ.update({STORE_ENV: store_uri, NAMESPACE_ENV: namespace, POLL_ENV: str(poll_seconds)})
+    os.environ[settings.feedback_env("feedback_log_dir")] = str(FilePath(feedback.log_dir).resolve())
+    if feedback.redis_url is not None:
+        os.environ[settings.REDIS_URL_ENV] = feedback.redis_url
     log.info(
         "serving namespace %r of %s on http://%s:%d (%d worker%s)",
         namespace, store_uri, host, port, workers, "s" if workers > 1 else "",

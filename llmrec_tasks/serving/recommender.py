@@ -115,6 +115,12 @@ class Bundle:
     hist_timestamps: np.ndarray
     loaded_at: float = field(default_factory=time.time)
 
+    @property
+    def history_end(self) -> float:
+        """Unix seconds of the newest interaction the bundle was built from (-inf when unknown):
+        a real-time event after it is not in the published history yet."""
+        return float(self.feature_spec.get("stats_end", float("-inf")))
+
     def history(self, user_id: str) -> History:
         """The user's published history (empty for an unknown user)."""
         row = self.user_row.get(user_id)

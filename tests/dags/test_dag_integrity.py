@@ -278,7 +278,15 @@ def test_params_cover_the_run_config(daily):
     """Every setting of RunConfig is a param (flat keys), and the defaults build a valid config."""
     from llmrec_tasks.core.config import EncoderConfig, IndexConfig, RankerConfig, RunConfig, SasrecConfig
 
-    expected = {"data_uri", "store_uri", "namespace", "gate_tolerance", "promote", "validation"}
+    expected = {
+        "data_uri",
+        "store_uri",
+        "namespace",
+        "gate_tolerance",
+        "promote",
+        "feedback_ingest",
+        "validation",
+    }
     sections = (("encoder", EncoderConfig), ("index", IndexConfig), ("ranker", RankerConfig))
     for prefix, section in (*sections, ("sasrec", SasrecConfig)):
         expected |= {f"{prefix}_{f.name}" for f in fields(section)}

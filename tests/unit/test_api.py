@@ -196,6 +196,7 @@ ROUTES = {
     ("get", "/version"): ("VersionOut", {503: "ErrorOut"}),
     ("get", "/recommendations/{user_id}"): ("RecommendationsOut", {422: "ErrorOut", 503: "ErrorOut"}),
     ("post", "/recommendations"): ("RecommendationsOut", {413: "ErrorOut", 422: "ErrorOut", 503: "ErrorOut"}),
+    ("post", "/events"): ("EventsAck", {413: "ErrorOut", 422: "ErrorOut", 503: "ErrorOut"}),
 }
 
 

@@ -21,6 +21,7 @@ LAYERS = [
     "retrieval",
     "ranking",
     "serving",
+    "feedback",
     "publish",
     "pipeline",
     "alerts",

@@ -225,7 +225,26 @@ def test_serve_command_passes_workers_and_polling(monkeypatch):
         main(["serve", "--store", "file:///s", "--namespace", "exp", "--workers", "2", "--poll-seconds", "1"])
         == 0
     )
-    assert calls == [(("file:///s", "exp", "127.0.0.1", 8000), {"workers": 2, "poll_seconds": 1.0})]
+    defaults = {"redis_url": None, "feedback_dir": None}
+    assert calls == [
+        (("file:///s", "exp", "127.0.0.1", 8000), {"workers": 2, "poll_seconds": 1.0, **defaults})
+    ]
+    argv = [
+        "serve",
+        "--store",
+        "file:///s",
+        "--redis-url",
+        "redis://127.0.0.1:6379/2",
+        "--feedback-dir",
+        "/tmp/f",
+    ]
+    assert main(argv) == 0
+    assert calls[-1][1] == {
+        "workers": 1,
+        "poll_seconds": 5.0,
+        "redis_url": "redis://127.0.0.1:6379/2",
+        "feedback_dir": "/tmp/f",
+    }
 
 
 def test_score_batch_command_scores_a_user_list_and_prints_one_summary_line(store_uri, tmp_path, capsys):
@@ -271,3 +290,20 @@ def test_score_batch_refuses_bad_flags(flags, message, capsys):
 def test_score_batch_without_a_bundle_exits_2_saying_what_to_do(store_uri, capsys):
     assert main(["score-batch", "--store", store_uri, "--namespace", "exp-none"]) == 2
     assert "has no current bundle: publish and promote one first" in capsys.readouterr().err
+
+
+def test_flush_events_command_moves_the_log_into_the_store(store_uri, tmp_path, capsys):
+    from llmrec_tasks.serving.feedback_log import EVENTS_KIND, FeedbackLog, encode_record
+    from llmrec_tasks.serving.realtime import FeedbackEvent
+
+    log = FeedbackLog(tmp_path / "log", segment_bytes=1 << 20, segment_seconds=3600)
+    row = FeedbackEvent("e1", "u1", "i1", 1.7e9, 1.0, "click", None).row(1.7e9)
+    log.append(encode_record(EVENTS_KIND, [row])).result(timeout=10)
+    log.close()
+    assert main(["flush-events", "--store", store_uri, "--feedback-dir", str(tmp_path / "log")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["segments"] == 1 and printed["events"] == 1
+    assert (
+        printed["objects"][0].endswith(".parquet")
+        and "/feedback/events/day=2023-11-14/" in printed["objects"][0]
+    )

@@ -1,0 +1,243 @@
+"""Feedback ingestion benchmark: ``POST /events`` throughput and ack latency, embedded state vs Redis.
+
+For each state (``embedded``: no Redis URL; ``redis``: ``--redis-url``, a unique key prefix removed
+afterwards) a ``llmrec serve --workers N`` runs in its own processes (``--workers``, default 2) over
+an empty store (``/events`` needs no bundle), with its feedback log in a temporary folder. For each
+batch size (``--batches``, default 1, 100, 1000), ``--clients`` client threads (default 8), each on
+its own keep-alive connection, post batches of new event ids for ``--seconds`` (default 5). An ack
+is a 200 answer: the batch is fsync'ed in the log and recorded in the state. Reported per run:
+events/s acknowledged, ack latency p50/p99 (ms), fsyncs (group commits) per request, errors, and the
+CPU seconds of the service's processes and of the client process; then the Redis/embedded ratios.
+
+The clients share the host's cores with the service: on a 2-core machine the client threads take
+a good part of the CPU, so the figures are a lower bound of the service alone. Usage::
+
+    python benchmarks/bench_events.py --redis-url redis://127.0.0.1:6379/0 --out /tmp/bench_events.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llmrec_tasks.core.settings import feedback_env  # noqa: E402
+from llmrec_tasks.serving.feedback_log import EVENTS_KIND, read_segment, seal_segments  # noqa: E402
+
+
+def percentiles(ms: list[float]) -> dict[str, float]:
+    if not ms:
+        return {"p50": float("nan"), "p99": float("nan")}
+    return {"p50": round(float(np.percentile(ms, 50)), 2), "p99": round(float(np.percentile(ms, 99)), 2)}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def service(workers: int, redis_url: str | None, prefix: str, log_dir: Path) -> Iterator[tuple[str, Any]]:
+    """``llmrec serve`` until it answers; yields its base URL and its psutil process."""
+    import httpx
+    import psutil
+
+    store = Path(tempfile.mkdtemp(prefix="llmrec-bench-events-store-"))
+    port = free_port()
+    command = [
+        *(sys.executable, "-m", "llmrec_tasks.cli", "serve", "--store", store.as_uri()),
+        *("--port", str(port), "--workers", str(workers), "--feedback-dir", str(log_dir)),
+        *(("--redis-url", redis_url) if redis_url else ()),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), feedback_env("feedback_key_prefix"): prefix}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.pop("LLMREC_REDIS_URL", None)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/openapi.json", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the service did not start")
+            time.sleep(0.2)
+        yield base, psutil.Process(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def cpu_seconds(process: Any) -> float:
+    """User + system CPU of the service: the uvicorn parent and its worker processes."""
+    total = 0.0
+    for p in [process, *process.children(recursive=True)]:
+        times = p.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def body_template(size: int) -> tuple[bytes, bytes]:
+    """A batch body with ``@B@`` where the batch number goes (unique event ids per batch)."""
+    now = time.time()
+    events = [
+        f'{{"event_id":"@B@-{j}","user_id":"u{j % 97}","item_id":"i{j % 501}","type":"click","timestamp":{now}}}'
+        for j in range(size)
+    ]
+    return ('{"events":[' + ",".join(events) + "]}").encode(), b"@B@"
+
+
+def run_load(base: str, size: int, clients: int, seconds: float, run_id: str) -> dict[str, Any]:
+    import httpx
+
+    template, mark = body_template(size)
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    counter = iter(range(1 << 62))
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def loop(n: int) -> None:
+        headers = {"content-type": "application/json"}
+        with httpx.Client(base_url=base, timeout=30) as client:
+            while not stop.is_set():
+                with lock:
+                    batch = next(counter)
+                body = template.replace(mark, f"{run_id}-{batch}".encode())
+                started = time.perf_counter()
+                try:
+                    ok = client.post("/events", content=body, headers=headers).status_code == 200
+                except httpx.TransportError:
+                    ok = False
+                if ok:
+                    latencies[n].append((time.perf_counter() - started) * 1000)
+                else:
+                    errors[n] += 1
+
+    threads = [threading.Thread(target=loop, args=(n,), daemon=True) for n in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    acked = [ms for per_client in latencies for ms in per_client]
+    return {
+        "batch": size,
+        "requests": len(acked),
+        "events_per_s": round(len(acked) * size / wall),
+        "ack_ms": percentiles(acked),
+        "errors": sum(errors),
+        "wall_s": round(wall, 2),
+    }
+
+
+def bench_state(args: argparse.Namespace, state: str) -> list[dict[str, Any]]:
+    redis_url = args.redis_url if state == "redis" else None
+    prefix = f"llmrec-bench-{uuid.uuid4().hex[:10]}"
+    log_dir = Path(tempfile.mkdtemp(prefix="llmrec-bench-events-log-"))
+    out = []
+    try:
+        with service(args.workers, redis_url, prefix, log_dir) as (base, process):
+            warmup = run_load(base, 10, args.clients, 1.0, "warmup")
+            for size in args.batches:
+                cpu_before = cpu_seconds(process)
+                client_before = resource.getrusage(resource.RUSAGE_SELF)
+                result = run_load(base, size, args.clients, args.seconds, f"{state}-{size}")
+                client_after = resource.getrusage(resource.RUSAGE_SELF)
+                result["service_cpu_s"] = round(cpu_seconds(process) - cpu_before, 2)
+                result["client_cpu_s"] = round(
+                    (client_after.ru_utime - client_before.ru_utime)
+                    + (client_after.ru_stime - client_before.ru_stime),
+                    2,
+                )
+                result["state"] = state
+                out.append(result)
+                print(json.dumps(result), flush=True)
+        # after the service stopped: every acknowledged event is in the log (plus the warm-up's)
+        logged = sum(len(read_segment(s).rows[EVENTS_KIND]) for s in seal_segments(log_dir))
+        acked = sum(r["requests"] * r["batch"] for r in [warmup, *out])
+        out.append({"state": state, "events_in_log": logged, "events_acked": acked})
+        print(json.dumps(out[-1]), flush=True)
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
+        if redis_url:
+            import redis
+
+            client = redis.Redis.from_url(redis_url)
+            keys = list(client.scan_iter(f"{prefix}:*", count=10_000))
+            for start in range(0, len(keys), 10_000):
+                client.delete(*keys[start : start + 10_000])
+            client.close()
+    return out
+
+
+def print_table(results: dict[str, Any]) -> None:
+    runs = {(r["state"], r["batch"]): r for rs in results["runs"].values() for r in rs if "batch" in r}
+    print(
+        f"\nPOST /events, {results['workers']} workers, {results['clients']} clients, load {results['load_average']}"
+    )
+    header = f"{'batch':>6} | {'embedded ev/s':>13} {'p50':>7} {'p99':>7} | {'redis ev/s':>10} {'p50':>7} {'p99':>7} | "
+    print(header + f"{'ev/s ratio':>10} {'p99 ratio':>9}")
+    for size in results["batches"]:
+        e, r = runs.get(("embedded", size)), runs.get(("redis", size))
+        left = f"{e['events_per_s']:>13} {e['ack_ms']['p50']:>7} {e['ack_ms']['p99']:>7}" if e else " " * 29
+        right = f"{r['events_per_s']:>10} {r['ack_ms']['p50']:>7} {r['ack_ms']['p99']:>7}" if r else " " * 26
+        ratio = ""
+        if e and r:
+            ratio = f"{r['events_per_s'] / e['events_per_s']:>10.2f} {r['ack_ms']['p99'] / e['ack_ms']['p99']:>9.2f}"
+        print(f"{size:>6} | {left} | {right} | {ratio}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--redis-url", default=None, help="also measure with Redis (else embedded only)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 100, 1000])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    states = ["embedded", *(["redis"] if args.redis_url else [])]
+    results: dict[str, Any] = {
+        "workers": args.workers,
+        "clients": args.clients,
+        "batches": args.batches,
+        "cpus": os.cpu_count(),
+        "runs": {state: bench_state(args, state) for state in states},
+    }
+    results["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    print_table(results)
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

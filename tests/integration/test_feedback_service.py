@@ -1,0 +1,260 @@
+"""`llmrec serve --workers 2` as its own process with the real Redis at 127.0.0.1:6379 (a unique key
+prefix per test, removed afterwards; skipped when Redis is not reachable) and the flush to a moto S3
+store: events change the very next response, and neither a kill -9 of the service during ingestion
+nor Redis dropping the service's connections loses or doubles an acknowledged event."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+
+from llmrec_tasks import publish
+from llmrec_tasks.core import constants as C
+from llmrec_tasks.core.settings import feedback_env
+from llmrec_tasks.feedback import flush_events
+from llmrec_tasks.serving.realtime import RedisState
+from llmrec_tasks.storage.store import open_store
+from tests.bundle_factory import make_run
+from tests.s3server import free_port
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+NS = C.DEFAULT_NAMESPACE
+REDIS_URL = "redis://127.0.0.1:6379/0"
+BATCH = 20
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    redis = pytest.importorskip("redis")
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    prefix = f"llmrec-test-{uuid.uuid4().hex[:12]}"
+    try:
+        yield prefix
+    finally:
+        keys = list(client.scan_iter(f"{prefix}:*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+        client.close()
+
+
+@dataclass
+class Service:
+    store_uri: str
+    log_dir: Path
+    prefix: str
+    tmp: Path
+    proc: subprocess.Popen[bytes] | None = None
+    base: str = ""
+    starts: int = 0
+
+    def start(self) -> None:
+        port = free_port()
+        command = [
+            *(
+                sys.executable,
+                "-m",
+                "llmrec_tasks.cli",
+                "serve",
+                "--store",
+                self.store_uri,
+                "--namespace",
+                NS,
+            ),
+            *("--port", str(port), "--workers", "2", "--redis-url", REDIS_URL),
+            *("--feedback-dir", str(self.log_dir)),
+        ]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), feedback_env("feedback_key_prefix"): self.prefix}
+        self.starts += 1
+        err = (self.tmp / f"service-{self.starts}.err").open("w")
+        # its own process group: a kill -9 reaches the workers too
+        self.proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )
+        self.base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{self.base}/healthz", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert self.proc.poll() is None, (self.tmp / f"service-{self.starts}.err").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the service did not become healthy"
+            time.sleep(0.2)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, sig)
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def service(tmp_path: Path, redis_prefix: str) -> Iterator[Service]:
+    store_uri = (tmp_path / "store").as_uri()
+    publish.run_publish(*make_run(store_uri, real_features=True, label_feature="sem_last_1"))
+    svc = Service(store_uri, tmp_path / "feedback-log", redis_prefix, tmp_path)
+    svc.start()
+    try:
+        yield svc
+    finally:
+        if svc.proc is not None and svc.proc.poll() is None:
+            svc.kill(signal.SIGTERM)
+
+
+def events(batch: int, user: str = "u1", item: str = "i3") -> list[dict[str, object]]:
+    now = time.time()
+    return [
+        {"event_id": f"b{batch}-{j}", "user_id": user, "item_id": item, "type": "view", "timestamp": now}
+        for j in range(BATCH)
+    ]
+
+
+def flushed_events(svc: Service, s3_store_uri: str) -> pd.DataFrame:
+    result = flush_events(s3_store_uri, NS, svc.log_dir)
+    assert result.segments > 0
+    store = open_store(s3_store_uri)
+    keys = store.list(f"{NS}/{C.FEEDBACK_DIR}/{C.FEEDBACK_EVENTS}/")
+    return pd.concat([pd.read_parquet(io.BytesIO(store.get_bytes(k))) for k in keys])
+
+
+@dataclass
+class Sender:
+    """Client threads posting numbered batches; which were acknowledged, which not."""
+
+    base: str
+    acked: set[int] = field(default_factory=set)
+    failed: set[int] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    next_batch: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.base, timeout=10) as client:
+            while not self.stop.is_set():
+                with self.lock:
+                    batch, self.next_batch = self.next_batch, self.next_batch + 1
+                try:
+                    ok = client.post("/events", json={"events": events(batch)}).status_code == 200
+                except httpx.TransportError:
+                    ok = False
+                with self.lock:
+                    (self.acked if ok else self.failed).add(batch)
+
+    def run_threads(
+        self, n: int, until: threading.Event | None = None, seconds: float = 30
+    ) -> list[threading.Thread]:
+        threads = [threading.Thread(target=self.run, daemon=True) for _ in range(n)]
+        for t in threads:
+            t.start()
+        return threads
+
+
+def retry_until_acked(base: str, batches: set[int]) -> None:
+    with httpx.Client(base_url=base, timeout=10) as client:
+        for batch in sorted(batches):
+            for _ in range(50):
+                response = client.post("/events", json={"events": events(batch)})
+                if response.status_code == 200:
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError(f"batch {batch} never acknowledged: {response.text}")
+
+
+def assert_exactly_once(rows: pd.DataFrame, batches: int) -> None:
+    expected = {f"b{b}-{j}" for b in range(batches) for j in range(BATCH)}
+    counts = rows[C.EVENT_ID].value_counts()
+    assert counts.max() == 1, counts[counts > 1].head()
+    assert set(counts.index) == expected, (
+        len(expected - set(counts.index)),
+        len(set(counts.index) - expected),
+    )
+
+
+def test_events_change_the_next_response_and_reach_the_store(service: Service, s3_store_uri: str) -> None:
+    with httpx.Client(base_url=service.base, timeout=10) as client:
+        before = client.get("/recommendations/u1", params={"k": 100}).json()
+        x = before["items"][-1]["item_id"]
+        click = {
+            "event_id": "click-1",
+            "user_id": "u1",
+            "item_id": x,
+            "type": "click",
+            "timestamp": time.time(),
+        }
+        assert client.post("/events", json={"events": [click]}).json()["accepted"] == 1
+        # every worker reads the shared state: several requests, all see the click at once
+        for _ in range(6):
+            after = client.get("/recommendations/u1", params={"k": 100}).json()
+            assert after["history_length"] == before["history_length"] + 1
+            assert x not in [i["item_id"] for i in after["items"]]
+        assert client.post("/events", json={"events": [click]}).json()["duplicates"] == 1
+    service.kill(signal.SIGTERM)  # a clean stop closes both workers' segments
+    rows = flushed_events(service, s3_store_uri)
+    assert rows[C.EVENT_ID].tolist() == ["click-1"] and rows[C.ITEM_ID].tolist() == [x]
+    store = open_store(s3_store_uri)
+    shown = store.list(f"{NS}/{C.FEEDBACK_DIR}/{C.FEEDBACK_IMPRESSIONS}/")
+    impressions = pd.concat([pd.read_parquet(io.BytesIO(store.get_bytes(k))) for k in shown])
+    assert impressions[C.REQUEST_ID].nunique() == 7 and (impressions[C.ARM] == C.CURRENT_ARM).all()
+
+
+def test_kill_9_during_ingestion_loses_and_doubles_nothing(service: Service, s3_store_uri: str) -> None:
+    sender = Sender(service.base)
+    threads = sender.run_threads(4)
+    deadline = time.monotonic() + 60
+    while len(sender.acked) < 100 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    service.kill(signal.SIGKILL)  # mid-ingestion: requests in flight, segments open
+    sender.stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    acked, failed = set(sender.acked), set(sender.failed)
+    assert len(acked) >= 100 and failed, (len(acked), len(failed))
+    service.start()  # the same log folder: the dead workers' segments are left open, unlocked
+    retry_until_acked(service.base, failed)  # the client retries what was never acknowledged
+    service.kill(signal.SIGTERM)
+    rows = flushed_events(service, s3_store_uri)
+    assert_exactly_once(rows, sender.next_batch)  # count in == count ingested, each once
+
+
+def test_redis_dropping_the_service_connections_loses_nothing(service: Service, s3_store_uri: str) -> None:
+    import redis
+
+    admin = redis.Redis.from_url(REDIS_URL)
+    name = RedisState.client_name(service.prefix)
+    sender = Sender(service.base)
+    threads = sender.run_threads(4)
+    killed = 0
+    deadline = time.monotonic() + 60
+    while (len(sender.acked) < 200 or killed < 5) and time.monotonic() < deadline:
+        for client in admin.client_list():
+            if client.get("name") == name:
+                killed += admin.client_kill_filter(_id=client["id"])
+        time.sleep(0.05)
+    sender.stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    admin.close()
+    assert killed >= 5 and len(sender.acked) >= 200, (killed, len(sender.acked))
+    retry_until_acked(service.base, set(sender.failed))
+    service.kill(signal.SIGTERM)
+    rows = flushed_events(service, s3_store_uri)
+    assert_exactly_once(rows, sender.next_batch)
