@@ -11,6 +11,7 @@ import torch
 from llmrec_tasks.core.config import SeqConfig
 from llmrec_tasks.core.errors import ConfigError, DataContractError
 from llmrec_tasks.ranking import sasrec
+from llmrec_tasks.ranking.events import Histories
 from llmrec_tasks.ranking.seqmodel import SeqParams, TextSeqModel, fit_seq_model, seq_runs, torch_user_states
 from llmrec_tasks.ranking.seqstate import (
     SeqScorer,
@@ -189,3 +190,57 @@ def test_seq_runs_disabled_and_settings():
     )
     assert weights is not None and weights.n_items == N_ITEMS
     assert info["seed"] == 3 and info["epochs"] == 1 and info["params"]["hidden"] == 16
+
+
+def test_loo_data_stops_before_the_first_ranker_training_target(chain_loo):
+    from llmrec_tasks.core.config import RankerConfig
+    from llmrec_tasks.ranking.benchmark import loo_seq_data
+
+    rcfg = RankerConfig(train_windows=2)
+    train, valid_hist, targets = loo_seq_data(chain_loo, rcfg)
+    first = rcfg.train_windows + 1  # the earliest ranker training target (stage train0)
+    known = chain_loo.events.take(chain_loo.pos > first)
+    assert train.lengths.sum() == len(known) and np.array_equal(train.items, known.item)
+    expected = chain_loo.events.take(chain_loo.pos == first)
+    assert np.array_equal(targets.items, expected.item[train.lengths[expected.user] > 0])
+    assert valid_hist.n_users == targets.n_users
+
+
+def test_production_data_stops_before_the_first_training_window():
+    from llmrec_tasks.core.config import RankerConfig
+    from llmrec_tasks.ranking.protocols import production_seq_data, time_windows
+    from tests.unit.ranking_data import chain_events
+
+    events, users = chain_events(n_users=40, steps=30)
+    rcfg = RankerConfig(train_windows=2)
+    start = time_windows(events.ts, rcfg)[0][0]
+    train, valid_hist, targets = production_seq_data(events, len(users), rcfg)
+    assert train.lengths.sum() == int((events.ts < start).sum()) and (train.ts < start).all()
+    assert valid_hist.n_users == targets.n_users > 0 and (valid_hist.ts < start).all()
+    # Each validation target is an item the user chose in the first training window, new to them.
+    for u in range(valid_hist.n_users):
+        history = set(valid_hist.items[valid_hist.indptr[u] : valid_hist.indptr[u + 1]].tolist())
+        assert not history & set(targets.items[targets.indptr[u] : targets.indptr[u + 1]].tolist())
+
+
+def test_seq_features_are_missing_without_a_model_and_log_probabilities_with_one(chain):
+    from llmrec_tasks.ranking.features import FEATURE_NAMES, SEQ_FEATURES, build_features
+    from llmrec_tasks.ranking.sources import CandidateParams, generate_candidates
+    from tests.unit.ranking_data import embeddings
+
+    events, users, ctx = chain
+    hist = Histories.from_events(events, len(users))
+    params = CandidateParams(num_candidates=60, per_source=5, rank_depth=20, seq_candidates=8)  # no cap
+    cols = [FEATURE_NAMES.index(name) for name in SEQ_FEATURES]
+    assert ctx.seq is None
+    x = build_features(ctx, hist, generate_candidates(ctx, hist, params))
+    assert np.isnan(x[:, cols[0]]).all() and np.isnan(x[:, cols[2]]).all()
+    text = embeddings(ctx.n_items)
+    model = TextSeqModel(text, np.ones(ctx.n_items, dtype=bool), SMALL).eval()
+    with_seq = dataclasses.replace(ctx, seq=SeqScorer.build(model.export(SMALL), text), cache={})
+    cands = generate_candidates(with_seq, hist, params)
+    x = build_features(with_seq, hist, cands)
+    assert not np.isnan(x[:, cols]).any() and (x[:, cols[2]] <= 0).all()
+    seq_rank = x[:, FEATURE_NAMES.index("seq_rank")]
+    per_user = np.bincount(cands.user_of[seq_rank <= 8], minlength=hist.n_users)
+    assert (per_user == 8).all()  # the seq source's top eight unseen items are all candidates
