@@ -124,8 +124,9 @@ def forward(scorer: SeqScorer, items: np.ndarray) -> np.ndarray:
         h = _layer_norm(x, a[p + "norm_attn.weight"], a[p + "norm_attn.bias"])
         qkv = h @ a[p + "qkv.weight"] + a[p + "qkv.bias"]  # (length, 3 * hidden): q | k | v, heads inside
         # The last block only feeds the state: its queries and feed-forward are the last position's.
-        rows = slice(length - 1, length) if layer == w.layers - 1 else slice(0, length)
-        mixed = np.empty((len(range(length)[rows]), w.hidden))
+        last = layer == w.layers - 1
+        rows = slice(length - 1, length) if last else slice(0, length)
+        mixed = np.empty((1 if last else length, w.hidden))
         for head in range(w.heads):
             q, k, v = (
                 np.ascontiguousarray(
