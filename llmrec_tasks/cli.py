@@ -67,13 +67,13 @@ def _config(args: argparse.Namespace) -> Any:
     return RunConfig.from_dict(values)
 
 
-BENCHMARK_SECTIONS = ("encoder", "ranker", "sasrec")
+BENCHMARK_SECTIONS = ("encoder", "ranker", "sasrec", "seq")
 
 
 def _benchmark_configs(sets: list[str]) -> dict[str, Any]:
-    """``run_benchmark``'s ``encoder_cfg``, ``ranker_cfg`` and ``sasrec_cfg`` from ``--set`` items;
+    """``run_benchmark``'s ``encoder_cfg``, ``ranker_cfg``, ``sasrec_cfg`` and ``seq_cfg`` from ``--set`` items;
     SASRec enabled unless set otherwise."""
-    from llmrec_tasks.core.config import EncoderConfig, RankerConfig, SasrecConfig
+    from llmrec_tasks.core.config import EncoderConfig, RankerConfig, SasrecConfig, SeqConfig
     from llmrec_tasks.core.errors import ConfigError
     from llmrec_tasks.core.settings import parse_text, setting
 
@@ -94,6 +94,7 @@ def _benchmark_configs(sets: list[str]) -> dict[str, Any]:
         "encoder_cfg": EncoderConfig(**values["encoder"]),
         "ranker_cfg": RankerConfig(**values["ranker"]),
         "sasrec_cfg": SasrecConfig(**values["sasrec"]),
+        "seq_cfg": SeqConfig(**values["seq"]),
     }
 
 
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="an encoder_*, ranker_* or sasrec_* setting, e.g. sasrec_device=cuda or sasrec_enabled=false "
+        help="an encoder_*, ranker_*, sasrec_* or seq_* setting, e.g. sasrec_device=cuda or sasrec_enabled=false "
         "(SASRec is on by default here)",
     )
 

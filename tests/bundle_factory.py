@@ -95,16 +95,35 @@ def toy_ranker(seed: int) -> str:
 
 
 REAL_CONTEXT = {"neighbors_k": 20, "ease_max_items": 100, "pop_windows": (10, 50)}
-REAL_CANDIDATES = {"num_candidates": 30, "per_source": 10, "rank_depth": 20}
+REAL_CANDIDATES = {"num_candidates": 30, "per_source": 10, "rank_depth": 20, "seq_candidates": 12}
+SEQ_MAX_LEN = 6  # shorter than the toy histories: the user state reads the latest events only
+
+
+def toy_seq_weights(vectors: np.ndarray, seed: int = 0) -> Any:
+    """An untrained (random, seeded) text-aware sequence model over ``vectors``, exported as trained ones are."""
+    import torch
+
+    from llmrec_tasks.ranking.seqmodel import SeqParams, TextSeqModel
+
+    params = SeqParams(hidden=16, layers=2, heads=2, max_len=SEQ_MAX_LEN, dropout=0.0, delta_bound=0.5)
+    torch.manual_seed(seed)
+    known = np.arange(len(vectors)) % 4 != 0  # every fourth item never seen in training: no delta
+    model = TextSeqModel(vectors, known, params)
+    with torch.no_grad():
+        model.delta_raw.normal_()
+    return model.export(params)
 
 
 def real_context(items: pd.DataFrame, inter: pd.DataFrame, vectors: np.ndarray) -> tuple[Any, Any, Any]:
     """The training side of :func:`real_ranker`: ``(context, encoded events, user index)``."""
     from llmrec_tasks.ranking import context, events
+    from llmrec_tasks.ranking.seqstate import SeqScorer
 
     encoded, users = events.encode_events(inter, pd.Index(items[C.ITEM_ID]))
     params = context.ContextParams(**REAL_CONTEXT)
-    return context.build_context(encoded, len(users), vectors, items, params), encoded, users
+    ctx = context.build_context(encoded, len(users), vectors, items, params)
+    ctx.seq = SeqScorer.build(toy_seq_weights(vectors), vectors)
+    return ctx, encoded, users
 
 
 def real_ranker(
@@ -118,6 +137,7 @@ def real_ranker(
     import lightgbm
 
     from llmrec_tasks.ranking import context, events, features, sources
+    from llmrec_tasks.ranking.seqstate import describe
 
     ctx, encoded, users = real_context(items, inter, vectors)
     params = ctx.params
@@ -138,8 +158,10 @@ def real_ranker(
         "context": params.to_dict(),
         "stats_end": ctx.stats_end,
         "candidates": dataclasses.asdict(cand_params),
+        "seq": describe(ctx.seq.weights),
     }
     return {
+        C.SEQ_MODEL: ctx.seq.weights.to_bytes(),
         C.RANKER_MODEL: booster.model_to_string().encode(),
         C.FEATURE_SPEC: json.dumps(spec).encode(),
         C.SERVING_STATS: parquet(stats),
@@ -260,6 +282,7 @@ def make_run(
         serving_stats_uri=put(C.SERVING_STATS, ranker[C.SERVING_STATS]),
         item_neighbors_uri=put(C.ITEM_NEIGHBORS, ranker[C.ITEM_NEIGHBORS]),
         ranker_eval_uri=put(C.RANKER_EVAL, no_eval.getvalue()),
+        seq_model_uri=put(C.SEQ_MODEL, ranker[C.SEQ_MODEL]) if C.SEQ_MODEL in ranker else None,
         metrics=metrics,
         candidate_recall=0.5,
         gate_vs_popularity={"passed": True, "reason": "toy ranker"},

@@ -99,6 +99,13 @@ RankerConfig = _section_dataclass(
 SasrecConfig = _section_dataclass(
     "sasrec", "SasrecConfig", "SASRec sequential baseline settings (benchmark; stage `train` when enabled)."
 )
+
+
+SeqConfig = _section_dataclass(
+    "seq",
+    "SeqConfig",
+    "Text-aware sequence model settings (stage `train` and the benchmark: a candidate source and features).",
+)
 ValidationConfig = _section_dataclass(
     "validation",
     "ValidationConfig",
@@ -124,6 +131,7 @@ class RunConfig(_RunSettings):
     index: IndexConfig = field(default_factory=IndexConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
     sasrec: SasrecConfig = field(default_factory=SasrecConfig)
+    seq: SeqConfig = field(default_factory=SeqConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     # Lineage only: never changes results.
     dag_id: str | None = None
@@ -152,6 +160,7 @@ class RunConfig(_RunSettings):
             ("index", IndexConfig),
             ("ranker", RankerConfig),
             ("sasrec", SasrecConfig),
+            ("seq", SeqConfig),
             ("validation", ValidationConfig),
         ):
             section_values = dict(values.pop(section, {}) or {})

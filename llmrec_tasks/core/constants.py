@@ -49,6 +49,7 @@ VALIDATION_STATS = "validation_stats.json"
 VALIDATION_DOCS_DIR = "validation"  # Great Expectations Data Docs (HTML), index.html inside
 SERVING_STATS = "serving_stats.parquet"
 ITEM_NEIGHBORS = "item_neighbors.parquet"  # candidates.serving_frames() relations, read by serving
+SEQ_MODEL = "seq_model.npz"  # the text-aware sequence model's NumPy weights (ranking.seqstate), when trained
 # Work folder only (not published): the train stage's test features, to score another ranker on them.
 RANKER_EVAL = "ranker_eval.npz"
 MANIFEST = "manifest.json"

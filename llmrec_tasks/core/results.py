@@ -179,6 +179,7 @@ class Trained(StageResult):
         "report_uri": C.REPORT_HTML,
         "serving_stats_uri": C.SERVING_STATS,
         "item_neighbors_uri": C.ITEM_NEIGHBORS,
+        "seq_model_uri": C.SEQ_MODEL,
     }
 
     model_uri: str
@@ -192,6 +193,7 @@ class Trained(StageResult):
     candidate_recall: float
     gate_vs_popularity: dict[str, Any]
     best_iteration: int
+    seq_model_uri: str | None = None  # None when seq_enabled is off (added later: older records have none)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from llmrec_tasks.core.errors import ConfigError
 
 RUN = "run"
 # Config sections (RunConfig attributes); a flat key starting with "<section>_" belongs to it.
-SECTIONS = ("encoder", "index", "ranker", "sasrec", "validation")
+SECTIONS = ("encoder", "index", "ranker", "sasrec", "seq", "validation")
 
 # Trigger-form sections.
 DATA = "Data source"
@@ -31,6 +31,7 @@ ENCODER = "Encoder model"
 INDEX = "Index"
 RANKER = "Ranker hyper-parameters"
 SASREC = "Sequential baseline (SASRec)"
+SEQ = "Text-aware sequence model"
 NAMESPACE = "Namespace"
 GATE = "Quality gate"
 ADVANCED = "Advanced: data validation thresholds"
@@ -39,6 +40,7 @@ FORM_SECTIONS = {
     "index": INDEX,
     "ranker": RANKER,
     "sasrec": SASREC,
+    "seq": SEQ,
     "validation": ADVANCED,
 }
 
@@ -603,6 +605,15 @@ TABLE: tuple[Setting, ...] = (
         maximum=100,
     ),
     Setting(
+        "ranker_seq_candidates",
+        int,
+        60,
+        "Sequence-model candidates",
+        "The seq source contributes the sequence model's top this many unseen items.",
+        minimum=1,
+        maximum=1000,
+    ),
+    Setting(
         "ranker_smoothing_window",
         int,
         10,
@@ -698,6 +709,109 @@ TABLE: tuple[Setting, ...] = (
         2,
         "Threads",
         "torch intra-op threads while SASRec trains (the process's setting is restored after).",
+        minimum=1,
+        maximum=256,
+    ),
+    # Text-aware sequence model: a candidate source and features of the ranker (trained in `train`).
+    Setting(
+        "seq_enabled",
+        bool,
+        True,
+        "Train the sequence model",
+        "Train the text-aware sequential user model (projected text vectors plus a bounded per-item "
+        "delta, next-item prediction) for the seq candidate source and the seq_* features. Off: "
+        "those features are missing (NaN) and the source is empty.",
+    ),
+    Setting(
+        "seq_hidden",
+        int,
+        64,
+        "Hidden size",
+        "Width of the item vectors and of the transformer.",
+        minimum=8,
+        maximum=1024,
+    ),
+    Setting("seq_layers", int, 2, "Layers", "Causal self-attention blocks.", minimum=1, maximum=8),
+    Setting(
+        "seq_max_len",
+        int,
+        200,
+        "Max history length",
+        "Latest events read per user, in training windows and for the user state at serving time.",
+        minimum=2,
+        maximum=2000,
+    ),
+    Setting(
+        "seq_dropout",
+        float,
+        0.2,
+        "Dropout",
+        "Dropout in training (none at inference).",
+        minimum=0,
+        maximum=0.9,
+    ),
+    Setting(
+        "seq_delta_bound",
+        float,
+        1.0,
+        "Per-item delta bound",
+        "Largest norm of an item's learned delta on top of its projected text vector (0: text only).",
+        minimum=0,
+        maximum=100,
+    ),
+    Setting(
+        "seq_max_epochs",
+        int,
+        30,
+        "Max epochs",
+        "Upper bound; early stopping on validation NDCG@10 or the time budget usually ends sooner.",
+        minimum=1,
+        maximum=1000,
+    ),
+    Setting(
+        "seq_patience",
+        int,
+        5,
+        "Early stopping patience",
+        "Stop after this many epochs without a better validation NDCG@10 (the best epoch is kept).",
+        minimum=1,
+        maximum=1000,
+    ),
+    Setting(
+        "seq_time_budget",
+        float,
+        300.0,
+        "Time budget (s)",
+        "Training stops after the first epoch that ends past this many seconds (best epoch kept).",
+        exclusive_minimum=0,
+        maximum=86400,
+    ),
+    Setting(
+        "seq_batch_size", int, 32, "Batch size", "User sequences per Adam step.", minimum=1, maximum=4096
+    ),
+    Setting(
+        "seq_learning_rate",
+        float,
+        0.005,
+        "Learning rate",
+        "Adam learning rate.",
+        exclusive_minimum=0,
+        maximum=1,
+    ),
+    Setting(
+        "seq_device",
+        str,
+        "cpu",
+        "Device",
+        "`cpu`, or `cuda` on a GPU worker (refused when torch sees no CUDA device).",
+        enum=("cpu", "cuda"),
+    ),
+    Setting(
+        "seq_threads",
+        int,
+        2,
+        "Threads",
+        "torch intra-op threads while the sequence model trains (the process's setting is restored after).",
         minimum=1,
         maximum=256,
     ),

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from llmrec_tasks.core import constants as C
-from llmrec_tasks.core.config import EncoderConfig, RankerConfig, SasrecConfig
+from llmrec_tasks.core.config import EncoderConfig, RankerConfig, SasrecConfig, SeqConfig
 from llmrec_tasks.core.errors import ConfigError, DataContractError
 from llmrec_tasks.data.contract import Dataset, item_texts, normalize, read_raw
 from llmrec_tasks.ranking.baselines import VALID_KEY, KnownEvents, describe_params
@@ -34,13 +34,18 @@ from llmrec_tasks.ranking.events import Events, Histories, encode_events
 from llmrec_tasks.ranking.protocols import (
     RANKER,
     SASREC,
+    SEQMODEL,
     evaluate_stages,
     json_default,
     production_known,
+    production_seq_data,
     production_stages,
+    seq_rankings,
 )
 from llmrec_tasks.ranking.ranker import RankerParams, Stage, make_stage
 from llmrec_tasks.ranking.sasrec import sasrec_runs
+from llmrec_tasks.ranking.seqmodel import train_seq
+from llmrec_tasks.ranking.seqstate import SeqScorer
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +138,20 @@ def cached_embeddings(items: pd.DataFrame, encoder: EncoderConfig, cache_dir: Pa
     return vectors
 
 
-def loo_stages(loo: LooData, embeddings: np.ndarray, rcfg: RankerConfig) -> tuple[list[Stage], Stage, Stage]:
+def loo_stages(
+    loo: LooData, embeddings: np.ndarray, rcfg: RankerConfig, seq: SeqScorer | None = None
+) -> tuple[list[Stage], Stage, Stage]:
     """Stages by position from each user's end: 0 = test, 1 = validation, 2.. = training groups.
 
     Stage ``s`` predicts the item at position ``s`` from the items before it; its statistics come
     from every user's items before position ``s`` (so no stage sees its own or later targets).
+    ``seq``: the sequence model every stage shares (trained on :func:`loo_seq_data`'s prefix).
     """
     stages = []
     for s in range(rcfg.train_windows + 2):
         known = loo.events.take(loo.pos > s)
         ctx = build_context(known, loo.n_users, embeddings, loo.items, ContextParams.from_config(rcfg))
+        ctx.seq = seq
         target = loo.events.take(loo.pos == s)  # one per user, in user order
         hist = Histories.from_events(known, loo.n_users)
         keep = hist.lengths[target.user] > 0
@@ -151,6 +160,17 @@ def loo_stages(loo: LooData, embeddings: np.ndarray, rcfg: RankerConfig) -> tupl
         stages.append(make_stage(name, ctx, hist.subset(users), Targets.single(target.item[keep]), rcfg))
     test, valid, *train = stages
     return train[::-1], valid, test
+
+
+def loo_seq_data(loo: LooData, rcfg: RankerConfig) -> tuple[Histories, Histories, Targets]:
+    """The sequence model's data: every user's items before the first (earliest) ranker training
+    target, position ``train_windows + 1``; validated on that position from the same prefix."""
+    first = rcfg.train_windows + 1
+    train = Histories.from_events(loo.events.take(loo.pos > first), loo.n_users)
+    target = loo.events.take(loo.pos == first)
+    users = target.user[train.lengths[target.user] > 0]
+    targets = Targets.single(target.item[train.lengths[target.user] > 0])
+    return train, train.subset(users), targets
 
 
 def loo_known(loo: LooData) -> KnownEvents:
@@ -166,6 +186,7 @@ def run_benchmark(
     encoder_cfg: EncoderConfig | None = None,
     ranker_cfg: RankerConfig | None = None,
     sasrec_cfg: SasrecConfig | None = None,
+    seq_cfg: SeqConfig | None = None,
     *,
     min_count: int = 5,
     n_boot: int = 1000,
@@ -185,11 +206,17 @@ def run_benchmark(
     encoder_cfg = encoder_cfg or EncoderConfig()
     rcfg = ranker_cfg or RankerConfig()
     scfg = sasrec_cfg or SasrecConfig(enabled=True)
+    qcfg = seq_cfg or SeqConfig()
     data = normalize(read_raw(str(data_uri)))
+    timings: dict[str, float] = {}
     if protocol == "loo":
         loo = loo_split(data, min_count)
         embeddings = cached_embeddings(loo.items, encoder_cfg)
-        train, valid, test = loo_stages(loo, embeddings, rcfg)
+        tick = time.monotonic()
+        seq, seq_info = train_seq(qcfg, rcfg.seed, embeddings, *loo_seq_data(loo, rcfg))
+        timings["seqmodel"] = time.monotonic() - tick
+        tick = time.monotonic()
+        train, valid, test = loo_stages(loo, embeddings, rcfg, seq)
         known = loo_known(loo)
         dataset = {"users": loo.n_users, "items": loo.n_items, "interactions": len(loo.events)}
         sequences = Histories.from_events(loo.events.take(loo.pos > 1), loo.n_users)
@@ -197,21 +224,37 @@ def run_benchmark(
         items = data.items.reset_index(drop=True)
         embeddings = cached_embeddings(items, encoder_cfg)
         events, user_index = encode_events(data.interactions, pd.Index(items[C.ITEM_ID]))
-        train, valid, test, windows = production_stages(events, len(user_index), embeddings, items, rcfg)
+        tick = time.monotonic()
+        seq, seq_info = train_seq(
+            qcfg, rcfg.seed, embeddings, *production_seq_data(events, len(user_index), rcfg)
+        )
+        timings["seqmodel"] = time.monotonic() - tick
+        tick = time.monotonic()
+        train, valid, test, windows = production_stages(
+            events, len(user_index), embeddings, items, rcfg, seq=seq
+        )
         known = production_known(events, len(user_index), windows)
         dataset = {"users": len(user_index), "items": len(items), "interactions": len(events)}
         sequences = Histories.from_events(events.take(events.ts < windows["valid"][0]), len(user_index))
+    timings["stages"] = time.monotonic() - tick
     depth = RankerParams.from_config(rcfg).list_depth
+    tick = time.monotonic()
     extra, sasrec_info = sasrec_runs(scfg, rcfg.seed, sequences, dataset["items"], valid, test, depth)
+    timings["sasrec"] = time.monotonic() - tick
+    extra.update(seq_rankings(seq, test.hist, depth))
+    tick = time.monotonic()
     results, _, _ = evaluate_stages(
         train, valid, test, rcfg, known=known, seeds=seeds, n_boot=n_boot, extra_runs=extra
     )
+    timings["ranker_and_baselines"] = time.monotonic() - tick
     result = {
         "protocol": protocol,
         "data": str(data_uri),
         "dataset": dataset,
         **results,
         **sasrec_info,
+        **({SEQMODEL: seq_info} if seq_info else {}),
+        "timings": {name: round(value, 1) for name, value in timings.items()},
         "seconds": round(time.monotonic() - started, 1),
     }
     if out is not None:

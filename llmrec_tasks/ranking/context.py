@@ -1,7 +1,8 @@
 """The statistics side of a split: everything candidates and features need, learned once.
 
 A :class:`RankContext` holds what one set of *known* interactions teaches: item embeddings and a
-retrieval index over them, per-item popularity over time (:class:`~llmrec_tasks.ranking.events.ItemTimes`)
+retrieval index over them, the text-aware sequence model (trained once per run on the events before
+the first training target, :mod:`llmrec_tasks.ranking.seqmodel`, and shared by every stage), per-item popularity over time (:class:`~llmrec_tasks.ranking.events.ItemTimes`)
 and the sparse item-to-item relations of :mod:`llmrec_tasks.ranking.relations` (top ``neighbors_k``
 per item). :func:`build_context` learns it from events (training, benchmark);
 :func:`context_from_artifacts` rebuilds it at serving time from the frames :func:`serving_frames`
@@ -36,6 +37,7 @@ from llmrec_tasks.ranking.relations import (
     topk_rows,
     user_item_matrix,
 )
+from llmrec_tasks.ranking.seqstate import SeqScorer
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,7 @@ class RankContext:
     item_text_len: np.ndarray  # words in title + text
     stats_end: float
     times: ItemTimes | None = None
+    seq: SeqScorer | None = None  # the text-aware sequence model (None: disabled, seq features NaN)
     frozen: dict[str, np.ndarray] = field(default_factory=dict)
     cache: dict[Any, Any] = field(default_factory=dict)  # per-context derived arrays
     _index: Any = None

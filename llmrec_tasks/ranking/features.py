@@ -16,7 +16,8 @@ NaN marks "not available" (LightGBM's missing value). It is pure and vectorised 
 Feature groups: candidate-source scores and ranks (FAISS semantic neighbours, co-visitation,
 item-kNN, EASE, popularity); LLM features (similarity of the item to the recency-weighted and
 long-term profile of the user's history, to each of the last k items, to the user's favourite
-categories, text-side item attributes); collaborative item features (popularity in recent windows,
+categories, text-side item attributes, the text-aware sequence model's score, rank and
+log-probability :data:`SEQ_FEATURES`); collaborative item features (popularity in recent windows,
 trend, age, mean weight) and user features (activity, recency). :data:`LLM_FEATURES` lists the
 columns the "no LLM features" ablation drops.
 """
@@ -34,6 +35,9 @@ from llmrec_tasks.ranking.sources import SOURCES, CandidateSet, rowwise_dot
 LAST_K = 5  # similarity to each of the last k items (one column each: part of the feature names)
 
 SOURCE_FEATURES = [f"{s}_score" for s in SOURCES] + [f"{s}_rank" for s in SOURCES]
+# The text-aware sequence model's score (logit) and rank of the candidate, and its log-probability
+# over the catalog (the score normalised per user).
+SEQ_FEATURES = ["seq_score", "seq_rank", "seq_logprob"]
 LLM_FEATURES = [
     "faiss_profile_score",
     "faiss_last_score",
@@ -46,6 +50,7 @@ LLM_FEATURES = [
     "sem_category",
     "item_centrality",
     "item_text_len",
+    *SEQ_FEATURES,  # item vectors are projected text vectors
 ]
 OTHER_FEATURES = [
     "next_last1",
@@ -73,7 +78,7 @@ OTHER_FEATURES = [
 ]
 FEATURE_NAMES = list(dict.fromkeys(SOURCE_FEATURES + LLM_FEATURES + OTHER_FEATURES))
 # The ranker's ablations: each is refit without these columns and compared with the full ranker.
-ABLATIONS: dict[str, list[str]] = {"ranker_no_llm": LLM_FEATURES}
+ABLATIONS: dict[str, list[str]] = {"ranker_no_llm": LLM_FEATURES, "ranker_no_seq": SEQ_FEATURES}
 
 
 def build_features(
@@ -96,6 +101,7 @@ def build_features(
     user_of = cands.user_of
     items = cands.items
     ref = hist.ref_ts[user_of]
+    cols["seq_logprob"] = cands.scores[:, SOURCES.index("seq")] - cands.seq_lse[user_of]
     cols.update(_semantic(ctx, hist, cands))
     cols.update(_categories(ctx, hist, cands))
 

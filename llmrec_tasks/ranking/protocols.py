@@ -53,6 +53,7 @@ from llmrec_tasks.ranking.ranker import (
     make_stage,
     ranked_lists,
 )
+from llmrec_tasks.ranking.seqstate import SeqScorer, seq_ranked_lists
 from llmrec_tasks.retrieval.index import retrieval_index, user_profile_queries
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 RANKER = "ranker"
 ABLATION = "ranker_no_llm"  # the headline ablation (one of features.ABLATIONS)
 SASREC = "sasrec"  # the sequential baseline (llmrec_tasks.ranking.sasrec), when it runs
+SEQMODEL = "seqmodel"  # the text-aware sequence model scored on its own (llmrec_tasks.ranking.seqmodel)
 
 
 def evaluate_stages(
@@ -200,6 +202,29 @@ def time_windows(
     return windows
 
 
+def window_targets(
+    events: Events, n_users: int, known: Events, window: tuple[float, float], rcfg: RankerConfig
+) -> tuple[np.ndarray, Targets]:
+    """Users active in ``window`` with a known history and the items new to them in it; at most
+    ``max_users_per_window`` users, sampled with the run's seed. Returns (sorted users, targets)."""
+    start, end = window
+    n_items = int(max(events.item.max(initial=-1), known.item.max(initial=-1))) + 1
+    inside = events.take((events.ts >= start) & (events.ts < end))
+    keys = np.unique(inside.user * n_items + inside.item)  # one target per (user, item)
+    keys = keys[~np.isin(keys, known.user * n_items + known.item)]  # only items new to the user
+    lengths = np.bincount(known.user, minlength=n_users)
+    t_user, t_item = keys // n_items, keys % n_items
+    users = np.unique(t_user)
+    users = users[lengths[users] > 0]
+    if len(users) > rcfg.max_users_per_window:
+        rng = np.random.default_rng([rcfg.seed, int(start)])
+        users = np.sort(rng.choice(users, size=rcfg.max_users_per_window, replace=False))
+    keep = np.isin(t_user, users)
+    t_user, t_item = t_user[keep], t_item[keep]
+    counts = np.bincount(np.searchsorted(users, t_user), minlength=len(users))
+    return users, Targets(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), t_item)
+
+
 def window_stage(
     name: str,
     events: Events,
@@ -209,28 +234,17 @@ def window_stage(
     window: tuple[float, float],
     rcfg: RankerConfig,
     index: Any = None,
+    seq: SeqScorer | None = None,
 ) -> Stage:
-    """Users active in ``window`` predicted from everything before its start; at most
-    ``max_users_per_window`` of them, sampled with the run's seed. ``index``: a shared retrieval
-    index over ``embeddings`` (built per context when omitted)."""
-    start, end = window
+    """Users active in ``window`` predicted from everything before its start (:func:`window_targets`).
+    ``index``: a shared retrieval index over ``embeddings`` (built per context when omitted);
+    ``seq``: the run's sequence model."""
+    start = window[0]
     known = events.take(events.ts < start)
     ctx = build_context(known, n_users, embeddings, items, ContextParams.from_config(rcfg), index=index)
-    n_items = embeddings.shape[0]
-    inside = events.take((events.ts >= start) & (events.ts < end))
-    keys = np.unique(inside.user * n_items + inside.item)  # one target per (user, item)
-    keys = keys[~np.isin(keys, known.user * n_items + known.item)]  # only items new to the user
+    ctx.seq = seq
+    users, targets = window_targets(events, n_users, known, window, rcfg)
     hist_all = Histories.from_events(known, n_users, ref_ts=np.full(n_users, start))
-    t_user, t_item = keys // n_items, keys % n_items
-    users = np.unique(t_user)
-    users = users[hist_all.lengths[users] > 0]
-    if len(users) > rcfg.max_users_per_window:
-        rng = np.random.default_rng([rcfg.seed, int(start)])
-        users = np.sort(rng.choice(users, size=rcfg.max_users_per_window, replace=False))
-    keep = np.isin(t_user, users)
-    t_user, t_item = t_user[keep], t_item[keep]
-    counts = np.bincount(np.searchsorted(users, t_user), minlength=len(users))
-    targets = Targets(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), t_item)
     return make_stage(name, ctx, hist_all.subset(users), targets, rcfg)
 
 
@@ -241,19 +255,40 @@ def production_stages(
     items: pd.DataFrame,
     rcfg: RankerConfig,
     params: RankerParams | None = None,
+    seq: SeqScorer | None = None,
 ) -> tuple[list[Stage], Stage, Stage, dict[str, tuple[float, float]]]:
     """The production protocol's groups: training windows, then validation, then the latest (test);
-    plus each group's time window."""
+    plus each group's time window. ``seq``: the sequence model every stage shares (trained on
+    :func:`production_seq_data`)."""
     windows = time_windows(events.ts, rcfg, params)
     names = [f"train{j}" for j in range(len(windows) - 2)] + ["valid", "test"]
     index = retrieval_index(embeddings, user_profile_queries(events.user, events.item, embeddings))
     stages = []
     for name, window in zip(names, windows, strict=True):
-        stage = window_stage(name, events, n_users, embeddings, items, window, rcfg, index)
+        stage = window_stage(name, events, n_users, embeddings, items, window, rcfg, index, seq)
         if name != "test":
             stage.ctx = None  # each window's relations would otherwise stay in memory to the end
         stages.append(stage)
     return stages[:-2], stages[-2], stages[-1], dict(zip(names, windows, strict=True))
+
+
+def production_seq_data(
+    events: Events, n_users: int, rcfg: RankerConfig, params: RankerParams | None = None
+) -> tuple[Histories, Histories, Targets]:
+    """The sequence model's data in the production protocol: every event before the first training
+    window; validated on the items new to each user in that window (at most
+    ``max_users_per_window`` users, as the stages sample them)."""
+    first = time_windows(events.ts, rcfg, params)[0]
+    known = events.take(events.ts < first[0])
+    train = Histories.from_events(known, n_users)
+    users, targets = window_targets(events, n_users, known, first, rcfg)
+    return train, train.subset(users), targets
+
+
+def seq_rankings(seq: SeqScorer | None, hist: Histories, depth: int) -> dict[str, list[np.ndarray]]:
+    """The sequence model's own ranked lists for ``hist``'s users (``extra_runs`` of
+    :func:`evaluate_stages`), or nothing without a model."""
+    return {} if seq is None else {SEQMODEL: [seq_ranked_lists(seq, hist, depth)]}
 
 
 def production_known(events: Events, n_users: int, windows: dict[str, tuple[float, float]]) -> KnownEvents:

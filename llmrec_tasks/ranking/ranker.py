@@ -71,12 +71,14 @@ class Stage:
 
 
 def candidate_params(rcfg: RankerConfig) -> CandidateParams:
-    """The run's candidate settings; ``rank_depth`` never below ``per_source`` (each list holds its share)."""
+    """The run's candidate settings; ``rank_depth`` never below ``per_source`` or ``seq_candidates``
+    (each list holds its share)."""
     return CandidateParams(
         num_candidates=rcfg.num_candidates,
         per_source=rcfg.per_source,
-        rank_depth=max(CandidateParams.rank_depth, rcfg.per_source),
+        rank_depth=max(CandidateParams.rank_depth, rcfg.per_source, rcfg.seq_candidates),
         faiss_last_items=rcfg.faiss_last_items,
+        seq_candidates=rcfg.seq_candidates,
     )
 
 

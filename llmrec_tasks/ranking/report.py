@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt
 from llmrec_tasks.ranking.baselines import PARAM_LABELS, VALID_KEY, describe_params, describe_value
 from llmrec_tasks.ranking.evaluate import COLD_ITEMS, PRIMARY
 from llmrec_tasks.ranking.features import ABLATIONS
-from llmrec_tasks.ranking.protocols import ABLATION, RANKER, SASREC
+from llmrec_tasks.ranking.protocols import ABLATION, RANKER, SASREC, SEQMODEL
 
 METRIC_KEYS = ("ndcg@10", "recall@10", "recall@50", "mrr", "coverage@10")
 PRIMARY_KEYS = ("ndcg@10", "recall@10")
@@ -98,9 +98,12 @@ def _interval(ci: Sequence[float], digits: int = 4) -> str:
     return f"{_num(ci[0], digits)} to {_num(ci[1], digits)}"
 
 
-def ablation_sentence(comparison: Mapping[str, Any], metric: str = "ndcg@10") -> str:
+def ablation_sentence(
+    comparison: Mapping[str, Any], metric: str = "ndcg@10", what: str = "the LLM features"
+) -> str:
     """The paired ranker-minus-ablation difference in words, e.g. "Without the LLM features NDCG@10
-    drops by 0.007 (95% CI −0.002 to 0.016): not significant at this sample size."."""
+    drops by 0.007 (95% CI −0.002 to 0.016): not significant at this sample size."; ``what`` names
+    the dropped features."""
     entry = comparison[metric]
     diff, (lo, hi) = float(entry["diff"]), (float(entry["ci95"][0]), float(entry["ci95"][1]))
     label = LABELS.get(metric, metric)
@@ -108,11 +111,11 @@ def ablation_sentence(comparison: Mapping[str, Any], metric: str = "ndcg@10") ->
         change, size, ci = "drops", diff, (lo, hi)
     else:  # the ablation is better: its change is the negated difference, interval flipped
         change, size, ci = "rises", -diff, (-hi, -lo)
-    sentence = f"Without the LLM features {label} {change} by {_num(size, 3)} (95% CI {_interval(ci, 3)})"
+    sentence = f"Without {what} {label} {change} by {_num(size, 3)} (95% CI {_interval(ci, 3)})"
     if lo > 0:
-        verdict = f"significant, the LLM features improve {label}."
+        verdict = f"significant, {what} improve {label}."
     elif hi < 0:
-        verdict = f"significant, the LLM features make {label} worse."
+        verdict = f"significant, {what} make {label} worse."
     else:
         verdict = "not significant at this sample size."
     return f"{sentence}: {verdict}"
@@ -355,6 +358,51 @@ def sasrec_section(info: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def seq_curve(curve: Sequence[float], best_epoch: int) -> str:
+    """The sequence model's validation NDCG@10 per epoch, the kept epoch marked."""
+    fig, ax = plt.subplots(figsize=(6, 2.8))
+    epochs = list(range(1, len(curve) + 1))
+    ax.plot(epochs, curve, marker="o", color=RANKER_COLOR)
+    ax.axvline(best_epoch, color="black", lw=0.8, ls="--")
+    ax.set_xlabel("epoch")
+    ax.set_title("sequence model: validation NDCG@10 per epoch (kept epoch dashed)")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def seq_section(
+    info: Mapping[str, Any], models: Mapping[str, Any], comparisons: Mapping[str, Any]
+) -> list[str]:
+    """The text-aware sequence model: its training, its validation curve, what it adds to the ranker."""
+    if "skipped" in info:
+        return ["<h2>Text-aware sequence model</h2>", f"<p>Not trained: {html.escape(info['skipped'])}.</p>"]
+    point = ", ".join(f"{k} {v:g}" for k, v in info["params"].items())
+    out = [
+        "<h2>Text-aware sequence model</h2>",
+        f"<p>{html.escape(point)}; trained on {info['train_events']} events of {info['train_users']} users "
+        f"known before the first training target, {info['items_with_delta']} items with a learned delta. "
+        f"Best epoch {info['best_epoch']} of {info['epochs']} (stopped by {html.escape(info['stopped'])}), "
+        f"valid NDCG@10 {_num(info['valid_ndcg@10'])}, {info['seconds']:.0f} s on "
+        f"{html.escape(str(info['device']))} with {info['threads']} thread(s), seed {info['seed']}.</p>",
+    ]
+    if SEQMODEL in models:
+        m = models[SEQMODEL]
+        out.append(
+            f"<p>On its own (test): NDCG@10 {_num(m['ndcg@10'])}, Recall@10 {_num(m['recall@10'])}.</p>"
+        )
+    ablation = comparisons.get(f"{RANKER}_vs_ranker_no_seq")
+    if ablation:
+        sentences = " ".join(
+            ablation_sentence(ablation, key, "the sequence-model features")
+            for key in PRIMARY_KEYS
+            if key in ablation
+        )
+        out.append(f"<p>{html.escape(sentences)}</p>")
+    if info.get("curve"):
+        out.append(f'<img alt="sequence model curve" src="{seq_curve(info["curve"], info["best_epoch"])}">')
+    return out
+
+
 # --- publish sections ----------------------------------------------------------------------------
 
 
@@ -436,6 +484,8 @@ def build_report(
         sections += tuned_section(results["baselines_tuned"], models)
     if results.get(SASREC):
         sections += sasrec_section(results[SASREC])
+    if results.get(SEQMODEL):
+        sections += seq_section(results[SEQMODEL], models, comparisons)
     segments = segments_table(models)
     if segments:
         sections += ["<h2>By segment</h2>", segments]

@@ -7,10 +7,10 @@ which make it much stronger than the paper's sampled binary loss):
 - data (:func:`training_windows`): each user's items known before the validation targets, oldest
   first; the last ``max_len + 1`` of them, left-padded (index 0 is padding), input ``w[:-1]``
   predicting ``w[1:]`` wherever the input is an item (the paper's setup);
-- model (:class:`SasrecModel`): item embedding + learned positional embedding, ``layers``
+- model (:class:`SasrecModel`, over the shared :class:`CausalEncoder`): item embedding + learned positional embedding, ``layers``
   pre-LayerNorm blocks of causal self-attention and a position-wise feed-forward layer, dropout,
   a final LayerNorm; the logits are the hidden state times the item embeddings (weights tied);
-- training (:func:`fit_sasrec`): Adam, shuffled batches, seeded (``torch.manual_seed``);
+- training (:func:`fit_sasrec`, the shared loop :func:`train_next_item`): Adam, shuffled batches, seeded (``torch.manual_seed``);
   validation NDCG@10 after every epoch, the best epoch's weights kept, stopped after ``patience``
   epochs without a better one (never within the first :data:`MIN_EPOCHS`);
 - tuning (:func:`tune_sasrec`): a small grid (:data:`GRID`) chosen on validation NDCG@10;
@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -177,32 +177,30 @@ class Block(nn.Module):
         return x + self.dropout(self.ffn(self.norm_ffn(x)))
 
 
-class SasrecModel(nn.Module):
-    """Token embeddings (0 = padding) + positions -> causal blocks -> hidden state per position."""
+class CausalEncoder(nn.Module):
+    """Positions + ``layers`` causal :class:`Block` s + a final LayerNorm over input item vectors.
 
-    def __init__(self, n_items: int, params: SasrecParams) -> None:
+    Shared by SASRec (learned item embeddings) and the text-aware sequence model
+    (:mod:`llmrec_tasks.ranking.seqmodel`, projected text vectors): both feed it a token table whose
+    row 0 is the padding token.
+    """
+
+    def __init__(self, hidden: int, layers: int, heads: int, max_len: int, dropout: float) -> None:
         super().__init__()
-        if params.hidden % params.heads:
-            raise ConfigError(f"SASRec hidden size {params.hidden} is not a multiple of {params.heads} heads")
-        self.items = nn.Embedding(n_items + 1, params.hidden, padding_idx=PAD)
-        self.positions = nn.Embedding(params.max_len, params.hidden)
-        self.dropout = nn.Dropout(params.dropout)
-        self.blocks = nn.ModuleList(
-            Block(params.hidden, params.heads, params.dropout) for _ in range(params.layers)
-        )
-        self.norm = nn.LayerNorm(params.hidden)
-        self.scale = math.sqrt(params.hidden)
-        nn.init.normal_(self.items.weight, std=0.02)
-        nn.init.normal_(self.positions.weight, std=0.02)
-        with torch.no_grad():
-            self.items.weight[PAD].zero_()
+        if hidden % heads:
+            raise ConfigError(f"hidden size {hidden} is not a multiple of {heads} heads")
+        self.positions = nn.Embedding(max_len, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(hidden, heads, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(hidden)
+        self.scale = math.sqrt(hidden)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """``(batch, length)`` tokens -> ``(batch, length, hidden)``; padded positions are zero."""
         length = tokens.shape[1]
         real = tokens != PAD
         pos = torch.arange(length, device=tokens.device)
-        x = self.dropout(self.items(tokens) * self.scale + self.positions(pos)) * real.unsqueeze(-1)
+        x = self.dropout(table[tokens] * self.scale + self.positions(pos)) * real.unsqueeze(-1)
         # Attend to real items up to here; a padded position attends to itself only (never to
         # nothing, which would give NaN) and is zeroed after every block.
         causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
@@ -212,35 +210,146 @@ class SasrecModel(nn.Module):
             x = block(x, mask) * real.unsqueeze(-1)
         return self.norm(x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+
+class NextItemModel(nn.Module):
+    """A causal next-item model: a token table (row 0 = padding) and a :class:`CausalEncoder`;
+    the logits are the hidden state times the item rows of the table (weights tied)."""
+
+    encoder: CausalEncoder
+
+    @property
+    def n_items(self) -> int:
+        raise NotImplementedError
+
+    def item_table(self) -> torch.Tensor:
+        """``(n_items + 1, hidden)``: the padding row (zeros), then one vector per item."""
+        raise NotImplementedError
+
+    def forward(self, tokens: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encoder(tokens, self.item_table() if table is None else table)
+
+    def logits(self, hidden: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of every item (not the padding token) for each hidden state."""
-        return hidden @ self.items.weight[1:].T
+        table = self.item_table() if table is None else table
+        return hidden @ table[1:].T
+
+
+class SasrecModel(NextItemModel):
+    """Learned item embeddings (0 = padding) + positions -> causal blocks -> hidden state per position."""
+
+    def __init__(self, n_items: int, params: SasrecParams) -> None:
+        super().__init__()
+        self.items = nn.Embedding(n_items + 1, params.hidden, padding_idx=PAD)
+        self.encoder = CausalEncoder(
+            params.hidden, params.layers, params.heads, params.max_len, params.dropout
+        )
+        nn.init.normal_(self.items.weight, std=0.02)
+        nn.init.normal_(self.encoder.positions.weight, std=0.02)
+        with torch.no_grad():
+            self.items.weight[PAD].zero_()
+
+    @property
+    def n_items(self) -> int:
+        return self.items.num_embeddings - 1
+
+    def item_table(self) -> torch.Tensor:
+        return self.items.weight
 
 
 # --- training ------------------------------------------------------------------------------------
 
 
-def score_users(model: SasrecModel, hist: Histories, params: SasrecParams, depth: int) -> np.ndarray:
-    """``(n_users, depth)`` items ranked by the model from each history's last items, history excluded."""
+def score_users(model: NextItemModel, hist: Histories, params: Any, depth: int) -> np.ndarray:
+    """``(n_users, depth)`` items ranked by the model from each history's last ``params.max_len``
+    items, history excluded."""
     device = next(model.parameters()).device
     tokens = last_items(hist, params.max_len)
-    n_items = model.items.num_embeddings - 1
-    out = np.full((hist.n_users, min(depth, n_items)), -1, dtype=np.int64)
+    out = np.full((hist.n_users, min(depth, model.n_items)), -1, dtype=np.int64)
     model.eval()
     with torch.no_grad():
+        table = model.item_table()
         for start in range(0, hist.n_users, SCORE_BATCH):
             rows = np.arange(start, min(start + SCORE_BATCH, hist.n_users))
             batch = torch.from_numpy(tokens[rows]).to(device)
-            scores = model.logits(model(batch)[:, -1]).double().cpu().numpy()
+            scores = model.logits(model(batch, table)[:, -1], table).double().cpu().numpy()
             sub = hist.subset(rows)
             scores[np.repeat(np.arange(len(rows)), sub.lengths), sub.items] = -np.inf
             out[rows] = top_items(scores, depth)
     return out
 
 
-def validation_ndcg(model: SasrecModel, hist: Histories, targets: Targets, params: SasrecParams) -> float:
+def validation_ndcg(model: NextItemModel, hist: Histories, targets: Targets, params: Any) -> float:
     ranked = score_users(model, hist, params, depth=10)
     return float(per_user_metrics(ranked, targets, ks=(10,))[PRIMARY].mean())
+
+
+def train_next_item(
+    model: NextItemModel,
+    windows: torch.Tensor,
+    params: Any,
+    evaluate: Callable[[NextItemModel], float],
+    label: str,
+    time_budget: float | None = None,
+) -> dict[str, Any]:
+    """Full-softmax next-item training of ``model`` on ``windows`` (:func:`training_windows`).
+
+    ``params`` has ``learning_rate``, ``batch_size``, ``max_epochs``, ``patience``, ``seed`` and
+    ``device``. Adam, shuffled batches (seeded); ``evaluate(model)`` (validation NDCG@10) after
+    every epoch, the best epoch's weights kept, stopped after ``patience`` epochs without a better
+    one (never within the first :data:`MIN_EPOCHS`) or once ``time_budget`` seconds have passed.
+    Logs one line per epoch. Returns ``{"epochs", "best_epoch", "valid_ndcg@10", "seconds", "curve"}``.
+    """
+    started = time.monotonic()
+    device = next(model.parameters()).device
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.learning_rate, betas=(0.9, 0.98))
+    order_rng = torch.Generator().manual_seed(params.seed)
+    best, best_epoch, best_state, curve = -1.0, 0, None, []
+    stopped = "max_epochs"
+    for epoch in range(1, params.max_epochs + 1):
+        model.train()
+        total, count = 0.0, 0
+        for idx in torch.randperm(len(windows), generator=order_rng).split(params.batch_size):
+            batch = windows[idx].to(device)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            real = inputs != PAD  # left padding: a real input is always followed by a real target
+            table = model.item_table()
+            hidden = model(inputs, table)[real]  # only the positions with a target: padding costs nothing
+            loss = F.cross_entropy(model.logits(hidden, table), targets[real] - 1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * int(real.sum())
+            count += int(real.sum())
+        ndcg = evaluate(model)
+        curve.append(round(ndcg, 5))
+        if ndcg > best:
+            best, best_epoch, best_state = ndcg, epoch, copy.deepcopy(model.state_dict())
+        elapsed = time.monotonic() - started
+        log.info(
+            "%s epoch %d: loss %.4f, valid NDCG@10 %.4f (best %.4f at %d), %.0fs",
+            label,
+            epoch,
+            total / max(count, 1),
+            ndcg,
+            best,
+            best_epoch,
+            elapsed,
+        )
+        if epoch >= MIN_EPOCHS and epoch - best_epoch >= params.patience:
+            stopped = "patience"
+            break
+        if time_budget is not None and elapsed >= time_budget:
+            stopped = "time_budget"
+            break
+    model.load_state_dict(best_state)
+    return {
+        "epochs": len(curve),
+        "best_epoch": best_epoch,
+        "valid_ndcg@10": best,
+        "seconds": round(time.monotonic() - started, 1),
+        "stopped": stopped,
+        "curve": curve,
+    }
 
 
 def fit_sasrec(
@@ -255,54 +364,19 @@ def fit_sasrec(
     Returns the model with that epoch's weights and ``{"epochs", "best_epoch", "valid_ndcg@10",
     "seconds", "curve"}``.
     """
-    started = time.monotonic()
     device = resolve_device(params.device)
     torch.manual_seed(params.seed)
     windows = torch.from_numpy(training_windows(train, params.max_len))
     if len(windows) == 0:
         raise ConfigError("no user has two known items: SASRec has nothing to learn from")
     model = SasrecModel(n_items, params).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=params.learning_rate, betas=(0.9, 0.98))
-    order_rng = torch.Generator().manual_seed(params.seed)
-    best, best_epoch, best_state, curve = -1.0, 0, None, []
-    for epoch in range(1, params.max_epochs + 1):
-        model.train()
-        total, count = 0.0, 0
-        for idx in torch.randperm(len(windows), generator=order_rng).split(params.batch_size):
-            batch = windows[idx].to(device)
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            real = inputs != PAD  # left padding: a real input is always followed by a real target
-            hidden = model(inputs)[real]  # only the positions with a target: padding costs nothing
-            loss = F.cross_entropy(model.logits(hidden), targets[real] - 1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * int(real.sum())
-            count += int(real.sum())
-        ndcg = validation_ndcg(model, valid_hist, valid_targets, params)
-        curve.append(round(ndcg, 5))
-        if ndcg > best:
-            best, best_epoch, best_state = ndcg, epoch, copy.deepcopy(model.state_dict())
-        log.info(
-            "sasrec %s epoch %d: loss %.4f, valid NDCG@10 %.4f (best %.4f at %d), %.0fs",
-            params.grid_point(),
-            epoch,
-            total / max(count, 1),
-            ndcg,
-            best,
-            best_epoch,
-            time.monotonic() - started,
-        )
-        if epoch >= MIN_EPOCHS and epoch - best_epoch >= params.patience:
-            break
-    model.load_state_dict(best_state)
-    info = {
-        "epochs": len(curve),
-        "best_epoch": best_epoch,
-        "valid_ndcg@10": best,
-        "seconds": round(time.monotonic() - started, 1),
-        "curve": curve,
-    }
+    info = train_next_item(
+        model,
+        windows,
+        params,
+        lambda m: validation_ndcg(m, valid_hist, valid_targets, params),
+        f"sasrec {params.grid_point()}",
+    )
     return model, info
 
 

@@ -8,7 +8,9 @@ sources :data:`SOURCES`, each recording its score and rank for the ranker:
   of the most recent items;
 - ``next``, ``prev``, ``cooc``, ``ease``: the context's relations from the recent (``next``,
   ``prev``), long-term (``cooc``) or whole (``ease``) history;
-- ``pop``: the most popular items at the reference time.
+- ``pop``: the most popular items at the reference time;
+- ``seq``: the text-aware sequence model's best unseen items for the user state after the latest
+  events (:mod:`llmrec_tasks.ranking.seqstate`; empty when the context has no sequence model).
 
 The same code runs in training, in the benchmark and at serving time (where the context is rebuilt
 from published artifacts, see :func:`llmrec_tasks.ranking.context.context_from_artifacts`). A
@@ -29,10 +31,11 @@ from llmrec_tasks.core.errors import ConfigError
 from llmrec_tasks.ranking.context import RankContext, recent_weights, user_profile
 from llmrec_tasks.ranking.events import Histories
 from llmrec_tasks.ranking.keys import in_sorted, lookup, rank_lists, weighted_row_sums
+from llmrec_tasks.ranking.seqstate import score_histories
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("faiss_profile", "faiss_last", "next", "prev", "cooc", "ease", "pop")
+SOURCES = ("faiss_profile", "faiss_last", "next", "prev", "cooc", "ease", "pop", "seq")
 POP_PRIOR = 1e-3  # weight of overall popularity in the `pop` score: below one count, a tie-breaker
 RESCORE_MARGIN = 16  # FAISS hits rescored exactly beyond the list depth (near-ties at its end)
 
@@ -45,12 +48,19 @@ class CandidateParams:
     per_source: int = 60  # each source contributes its top `per_source` items
     rank_depth: int = 200  # ranks beyond this are recorded as rank_depth + 1
     faiss_last_items: int = 3  # `faiss_last`: neighbours of this many most recent items (scored by max)
+    seq_candidates: int | None = None  # the `seq` source contributes its top this many (None: per_source)
 
     def __post_init__(self) -> None:
-        if self.per_source > self.rank_depth:
-            raise ConfigError(
-                f"per_source ({self.per_source}) must not exceed rank_depth ({self.rank_depth})"
-            )
+        for name in ("per_source", "seq_candidates"):
+            value = getattr(self, name)
+            if value is not None and value > self.rank_depth:
+                raise ConfigError(f"{name} ({value}) must not exceed rank_depth ({self.rank_depth})")
+
+    def contribution(self, source: str) -> int:
+        """How many of ``source``'s best items join the union."""
+        if source == "seq" and self.seq_candidates is not None:
+            return self.seq_candidates
+        return self.per_source
 
 
 @dataclass
@@ -61,6 +71,8 @@ class CandidateSet:
     items: np.ndarray  # int64
     scores: np.ndarray  # (n, len(SOURCES)) float32
     ranks: np.ndarray  # (n, len(SOURCES)) float32; rank_depth + 1 when outside a source's top list
+    # (n_users,) float64 log-sum-exp of the sequence model's scores over the catalog (NaN: no model)
+    seq_lse: np.ndarray = field(default_factory=lambda: np.zeros(0))
     source_recall: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -84,6 +96,8 @@ class _Batch:
     lists: dict[str, np.ndarray]  # (B, rank_depth) item indices, -1 padded
     profile: np.ndarray  # (B, dim) recency-weighted profile
     seen: np.ndarray  # sorted keys ``user * n_items + item`` of the batch's histories
+    seq_scores: np.ndarray | None  # (B, n_items) float64 sequence-model scores; None without the model
+    seq_lse: np.ndarray  # (B,) log-sum-exp of each row of seq_scores (NaN without the model)
 
 
 def collaborative_scores(ctx: RankContext, hist: Histories) -> dict[str, Scores]:
@@ -222,7 +236,18 @@ def _batch_scores(ctx: RankContext, hist: Histories, params: CandidateParams) ->
     keys, first = np.unique(keys[order], return_index=True)
     best = np.maximum.reduceat(vals[order], first) if len(first) else vals[:0]
     lists["faiss_last"] = rank_lists(keys // n_items, keys % n_items, best + 2.0, n_users, depth)
-    return _Batch(scores=scores, lists=lists, profile=profile, seen=seen)
+    seq_scores, seq_lse, lists["seq"] = _seq_lists(ctx, hist, depth)
+    return _Batch(scores, lists, profile, seen, seq_scores, seq_lse)
+
+
+def _seq_lists(
+    ctx: RankContext, hist: Histories, depth: int
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """:func:`~llmrec_tasks.ranking.seqstate.score_histories`, or no scores, NaN log-sum-exp and
+    empty lists when the context has no sequence model."""
+    if ctx.seq is None:
+        return None, np.full(hist.n_users, np.nan), np.full((hist.n_users, depth), -1, dtype=np.int64)
+    return score_histories(ctx.seq, hist, depth)
 
 
 def rowwise_dot(a: np.ndarray, rows_a: np.ndarray, b: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
@@ -251,7 +276,7 @@ def generate_candidates(
     """
     started = time.monotonic()
     n_items, absent = ctx.n_items, np.float32(params.rank_depth + 1)
-    parts_items, parts_scores, parts_ranks, counts = [], [], [], []
+    parts_items, parts_scores, parts_ranks, parts_lse, counts = [], [], [], [], []
     source_found = dict.fromkeys(SOURCES, 0)
     for start in range(0, hist.n_users, batch_size):
         rows = np.arange(start, min(start + batch_size, hist.n_users))
@@ -264,8 +289,9 @@ def generate_candidates(
             keys = r * n_items + lst[r, c]
             order = np.argsort(keys)
             ranked[name] = (keys[order], (c[order] + 1).astype(np.float32))
-        keys = np.concatenate([k[rank <= params.per_source] for k, rank in ranked.values()])
-        best = np.concatenate([rank[rank <= params.per_source] for _, rank in ranked.values()])
+        take = {name: rank <= params.contribution(name) for name, (_, rank) in ranked.items()}
+        keys = np.concatenate([k[take[name]] for name, (k, _) in ranked.items()])
+        best = np.concatenate([rank[take[name]] for name, (_, rank) in ranked.items()])
         order = np.lexsort((best, keys))
         keys, first = np.unique(keys[order], return_index=True)
         best = best[order][first]
@@ -293,6 +319,8 @@ def generate_candidates(
         for name in ("next", "prev", "cooc", "ease"):
             sc.append(lookup(*batch.scores[name], keys, 0.0))
         sc.append(_pop_score(ctx, item, sub.ref_ts[user]))
+        sc.append(np.full(len(item), np.nan) if batch.seq_scores is None else batch.seq_scores[user, item])
+        parts_lse.append(batch.seq_lse)
         parts_scores.append(np.stack(sc, axis=1).astype(np.float32))
         if targets is not None:
             local = np.repeat(np.arange(len(rows)), targets.counts[rows])
@@ -301,7 +329,8 @@ def generate_candidates(
             ).astype(np.int64)
             tgt_keys = local * n_items + tgt_items
             for name, (k, rank) in ranked.items():
-                source_found[name] += int((lookup(k, rank, tgt_keys, absent) <= params.per_source).sum())
+                found = lookup(k, rank, tgt_keys, absent) <= params.contribution(name)
+                source_found[name] += int(found.sum())
         if hist.n_users > batch_size:
             log.info("candidates: %d/%d users", rows[-1] + 1, hist.n_users)
     indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -312,6 +341,7 @@ def generate_candidates(
         items=items,
         scores=np.concatenate(parts_scores) if parts_scores else np.zeros((0, n_src), np.float32),
         ranks=np.concatenate(parts_ranks) if parts_ranks else np.zeros((0, n_src), np.float32),
+        seq_lse=np.concatenate(parts_lse) if parts_lse else np.zeros(0),
     )
     if targets is not None:
         total = max(len(targets.items), 1)

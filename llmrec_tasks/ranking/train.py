@@ -3,7 +3,9 @@
 :func:`run_train` builds the production protocol's stages
 (:func:`llmrec_tasks.ranking.protocols.production_stages`), fits and evaluates the ranker
 (:func:`llmrec_tasks.ranking.protocols.evaluate_stages`), checks it against popularity
-(:func:`llmrec_tasks.ranking.evaluate.quality_gate`), scores SASRec beside it when
+(:func:`llmrec_tasks.ranking.evaluate.quality_gate`), trains the text-aware sequence model first
+when ``seq_enabled`` (on the events before the first training window; its weights go into the
+bundle), scores SASRec beside it when
 ``sasrec_enabled`` (:func:`sasrec_baseline`) and writes the ranker, its feature spec, the metrics
 and report, the serving statistics and neighbours, and the test stage's evaluation data (for
 :func:`llmrec_tasks.ranking.ranker.evaluate_published_ranker`).
@@ -33,13 +35,17 @@ from llmrec_tasks.ranking.events import Events, Histories, encode_events
 from llmrec_tasks.ranking.features import FEATURE_NAMES, LLM_FEATURES
 from llmrec_tasks.ranking.protocols import (
     RANKER,
+    SEQMODEL,
     evaluate_stages,
     json_default,
     production_known,
+    production_seq_data,
     production_stages,
+    seq_rankings,
     small_metrics,
 )
 from llmrec_tasks.ranking.ranker import RankerParams, Stage, candidate_params, lgb_params
+from llmrec_tasks.ranking.seqstate import SeqScorer, describe
 from llmrec_tasks.ranking.sources import SOURCES
 from llmrec_tasks.storage.store import open_store
 from llmrec_tasks.text.embed import read_embeddings
@@ -70,13 +76,17 @@ def run_train(cfg: RunConfig, validated: Validated, embedded: Embedded) -> Train
     item_ids, embeddings = read_embeddings(embedded)
     items = align_items(data.items, item_ids)
     events, user_index = encode_events(data.interactions, pd.Index(item_ids))
-    train, valid, test, windows = production_stages(events, len(user_index), embeddings, items, rcfg)
+    seq, seq_info = sequence_model(cfg, events, len(user_index), embeddings)
+    train, valid, test, windows = production_stages(events, len(user_index), embeddings, items, rcfg, seq=seq)
     known = production_known(events, len(user_index), windows)
     extra, sasrec_info = sasrec_baseline(cfg, events, len(user_index), len(item_ids), valid, test, windows)
+    extra.update(seq_rankings(seq, test.hist, RankerParams.from_config(rcfg).list_depth))
     results, booster, fit_info = evaluate_stages(
         train, valid, test, rcfg, known=known, seeds=1, extra_runs=extra
     )
     results.update(sasrec_info)
+    if seq_info:
+        results[SEQMODEL] = seq_info
     summary = small_metrics(results)
     passed, reason = quality_gate(summary, None, cfg.gate_tolerance)
     results.update(
@@ -89,7 +99,11 @@ def run_train(cfg: RunConfig, validated: Validated, embedded: Embedded) -> Train
 
     serving_ctx = build_context(events, len(user_index), embeddings, items, ContextParams.from_config(rcfg))
     stats, neighbours = serving_frames(serving_ctx, item_ids)
-    spec = feature_spec(serving_ctx, rcfg, booster, fit_info, embedded)
+    spec = feature_spec(serving_ctx, rcfg, booster, fit_info, embedded, seq)
+    if seq is not None:
+        # The weights the ranker's features were computed with (trained before the first
+        # training window): serving reads the same model, over each request's latest events.
+        store.put_bytes(C.SEQ_MODEL, seq.weights.to_bytes())
     _put_parquet(store, C.SERVING_STATS, stats)
     _put_parquet(store, C.ITEM_NEIGHBORS, neighbours)
     store.put_bytes(C.RANKER_MODEL, booster.model_to_string().encode())
@@ -115,6 +129,7 @@ def run_train(cfg: RunConfig, validated: Validated, embedded: Embedded) -> Train
         candidate_recall=round(float(results["candidate_recall"]["test"].get("all", 0.0)), 6),
         gate_vs_popularity={"passed": passed, "reason": reason},
         best_iteration=fit_info["best_iteration"],
+        seq_model_uri=store.uri_for(C.SEQ_MODEL) if seq is not None else None,
     )
 
 
@@ -138,14 +153,29 @@ def sasrec_baseline(
     return sasrec_runs(cfg.sasrec, cfg.ranker.seed, sequences, n_items, valid, test, depth)
 
 
+def sequence_model(
+    cfg: RunConfig, events: Events, n_users: int, embeddings: np.ndarray
+) -> tuple[SeqScorer | None, dict[str, Any]]:
+    """The text-aware sequence model when ``seq_enabled`` (else nothing, and no torch import):
+    trained on every user's interactions before the first training window."""
+    if not cfg.seq.enabled:
+        return None, {}
+    from llmrec_tasks.ranking.seqmodel import train_seq
+
+    data = production_seq_data(events, n_users, cfg.ranker)
+    return train_seq(cfg.seq, cfg.ranker.seed, embeddings, *data)
+
+
 def feature_spec(
     ctx: RankContext,
     rcfg: RankerConfig,
     booster: lgb.Booster,
     fit_info: dict[str, Any],
     embedded: Embedded,
+    seq: SeqScorer | None = None,
 ) -> dict[str, Any]:
-    """What serving needs to rebuild candidates and features exactly as in training."""
+    """What serving needs to rebuild candidates and features exactly as in training (``seq``: the
+    sequence model, whose weights are the bundle's :data:`~llmrec_tasks.core.constants.SEQ_MODEL`)."""
     cparams = candidate_params(rcfg)
     return {
         "features": list(booster.feature_name()),
@@ -157,6 +187,7 @@ def feature_spec(
         "n_items": ctx.n_items,
         "model": {"kind": "lightgbm-lambdarank", **fit_info, "params": lgb_params(rcfg, rcfg.seed)},
         "encoder": embedded.encoder,
+        "seq": describe(seq.weights) if seq is not None else None,
     }
 
 

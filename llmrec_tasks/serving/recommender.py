@@ -51,6 +51,7 @@ from llmrec_tasks.core.config import validate_name
 from llmrec_tasks.core.errors import BundleError, ConfigError, DataContractError, LlmrecError
 from llmrec_tasks.ranking import context, events, features, sources
 from llmrec_tasks.ranking.keys import lookup
+from llmrec_tasks.ranking.seqstate import SeqScorer, SeqWeights
 from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.store import ObjectStore, open_store
 
@@ -113,6 +114,7 @@ class Bundle:
     hist_items: np.ndarray
     hist_weights: np.ndarray
     hist_timestamps: np.ndarray
+    seq: SeqWeights | None = None  # the text-aware sequence model (C.SEQ_MODEL), when trained
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -175,6 +177,7 @@ class Artifacts:
     booster: Any
     spec: dict[str, Any]
     tables: dict[str, pd.DataFrame]  # every Parquet file of the bundle, by file name
+    seq: SeqWeights | None = None  # the sequence model, when the run trained one
 
 
 def read_artifacts(paths: dict[str, Path], where: str) -> Artifacts:
@@ -207,6 +210,9 @@ def read_artifacts(paths: dict[str, Path], where: str) -> Artifacts:
             for name, path in paths.items()
             if name.endswith(".parquet")
         },
+        seq=_parse(C.SEQ_MODEL, lambda: SeqWeights.from_bytes(paths[C.SEQ_MODEL].read_bytes()), where)
+        if C.SEQ_MODEL in paths
+        else None,
     )
 
 
@@ -266,6 +272,7 @@ def assemble_bundle(
         hist_items=h_items,
         hist_weights=h_weights,
         hist_timestamps=h_ts,
+        seq=artifacts.seq,
     )
 
 
@@ -380,6 +387,7 @@ POPULAR_NOW = "popular right now"
 POPULAR = "popular overall"
 YOUR_CATEGORIES = "in categories you often choose"
 YOUR_HABITS = "fits how you usually choose"
+WHAT_NEXT = "a likely next step after what you chose recently"
 
 _SOURCE_REASONS = {
     "faiss_profile": ReasonTemplate(TASTE),
@@ -389,6 +397,7 @@ _SOURCE_REASONS = {
     "cooc": ReasonTemplate(TOGETHER, relation="cooc"),
     "ease": ReasonTemplate(ALSO_CHOSE, relation="ease"),
     "pop": ReasonTemplate(POPULAR_NOW),
+    "seq": ReasonTemplate(WHAT_NEXT),
 }
 
 # Every ranker feature (llmrec_tasks.ranking.features.FEATURE_NAMES) -> how it reads.
@@ -402,6 +411,7 @@ FEATURE_REASONS: dict[str, ReasonTemplate] = {
     "sem_category": ReasonTemplate(YOUR_CATEGORIES),
     "item_centrality": ReasonTemplate("a broadly appealing choice"),
     "item_text_len": ReasonTemplate("has a detailed description"),
+    "seq_logprob": ReasonTemplate(WHAT_NEXT),
     "next_last1": ReasonTemplate(FOLLOWS, position=1),
     "prev_last1": ReasonTemplate(PRECEDES, position=1),
     "cooc_last1": ReasonTemplate(TOGETHER, position=1),
@@ -495,7 +505,17 @@ def ranker_scorer(bundle: Bundle) -> RankerScorer:
         params = sources.CandidateParams(**spec["candidates"])
     except (DataContractError, ConfigError, KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{bundle.uri}: the ranker's serving artifacts do not fit together: {exc}") from exc
-    ctx = replace(ctx, _index=bundle.index)  # the published index, not a rebuilt one
+    if (spec.get("seq") is not None) != (bundle.seq is not None):
+        raise BundleError(
+            f"{bundle.uri}: the feature spec {'names' if spec.get('seq') else 'has no'} sequence model but "
+            f"the bundle {'lacks' if spec.get('seq') else 'holds'} {C.SEQ_MODEL}: re-publish this version"
+        )
+    try:
+        seq = SeqScorer.build(bundle.seq, bundle.embeddings) if bundle.seq is not None else None
+    except DataContractError as exc:
+        raise BundleError(f"{bundle.uri}: {exc}") from exc
+    # The published index, not a rebuilt one; the sequence model the ranker's features were computed with.
+    ctx = replace(ctx, _index=bundle.index, seq=seq)
     sources.precompute(ctx)
     features.precompute(ctx)
     return RankerScorer(ctx, params, list(bundle.feature_names))

@@ -28,6 +28,7 @@ SECTIONS = {
     "Index",
     "Ranker hyper-parameters",
     "Sequential baseline (SASRec)",
+    "Text-aware sequence model",
     "Namespace",
     "Quality gate",
     "Advanced: data validation thresholds",

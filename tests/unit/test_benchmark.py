@@ -147,7 +147,7 @@ def test_benchmark_settings_from_the_command_line():
     configs = _benchmark_configs(["sasrec_enabled=false", "sasrec-device=cuda", "ranker_num_leaves=7"])
     assert not configs["sasrec_cfg"].enabled and configs["sasrec_cfg"].device == "cuda"
     assert configs["ranker_cfg"].num_leaves == 7
-    with pytest.raises(ConfigError, match="the benchmark takes encoder, ranker, sasrec settings only"):
+    with pytest.raises(ConfigError, match="the benchmark takes encoder, ranker, sasrec, seq settings only"):
         _benchmark_configs(["promote=false"])
     with pytest.raises(ConfigError, match="sasrec_device must be one of cpu, cuda"):
         _benchmark_configs(["sasrec_device=tpu"])

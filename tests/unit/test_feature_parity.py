@@ -38,6 +38,14 @@ def training_rows(histories: list[serving.History], now: float) -> tuple[sources
     return cands, features.build_features(ctx, hist, cands)
 
 
+def test_serving_loads_the_sequence_model_the_ranker_was_trained_with(
+    published_real: serving.Recommender,
+) -> None:
+    ctx = published_real.scorer.context
+    assert ctx.seq is not None and C.SEQ_MODEL in published_real.bundle.manifest["files"]
+    assert ctx.seq.weights.max_len == published_real.bundle.feature_spec["seq"]["max_len"]
+
+
 def test_training_and_serving_build_bit_identical_feature_rows(published_real: serving.Recommender) -> None:
     rec = published_real
     bundle = rec.bundle
@@ -59,3 +67,8 @@ def test_training_and_serving_build_bit_identical_feature_rows(published_real: s
             requests[u],
             [bundle.feature_names[j] for j in np.flatnonzero((serve_x != train_x[lo:hi]).any(axis=0))],
         )
+    # The sequence model's features are there (not NaN) and its source adds candidates.
+    seq_cols = [bundle.feature_names.index(name) for name in features.SEQ_FEATURES]
+    assert not np.isnan(train_x[:, seq_cols]).any()
+    seq_rank = train_x[:, bundle.feature_names.index("seq_rank")]
+    assert (seq_rank <= REAL_CANDIDATES["seq_candidates"]).sum() >= len(histories) * 5

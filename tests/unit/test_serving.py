@@ -21,6 +21,7 @@ from llmrec_tasks import publish
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.errors import BundleError
 from llmrec_tasks.core.results import Published
+from llmrec_tasks.ranking.seqstate import SeqWeights
 from llmrec_tasks.serving import recommender as serving
 from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.registry import bundle_prefix, manifest_key
@@ -340,6 +341,7 @@ def bytes_loaded(store_uri: str, version: str) -> serving.Bundle:
         booster=lightgbm.Booster(model_str=blobs[C.RANKER_MODEL].decode()),
         spec=json.loads(blobs[C.FEATURE_SPEC]),
         tables={n: pd.read_parquet(io.BytesIO(d)) for n, d in blobs.items() if n.endswith(".parquet")},
+        seq=SeqWeights.from_bytes(blobs[C.SEQ_MODEL]) if C.SEQ_MODEL in blobs else None,
     )
     return serving.assemble_bundle(
         NS, version, store.uri_for(bundle_prefix(NS, version)), manifest, artifacts

@@ -22,20 +22,21 @@ from llmrec_tasks.ranking.context import context_from_artifacts
 from llmrec_tasks.ranking.evaluate import quality_gate
 from llmrec_tasks.ranking.events import Histories
 from llmrec_tasks.ranking.features import ABLATIONS, build_features
-from llmrec_tasks.ranking.protocols import time_windows
+from llmrec_tasks.ranking.protocols import SEQMODEL, time_windows
 from llmrec_tasks.ranking.ranker import (
     candidate_params,
     evaluate_published_ranker,
     feature_columns,
     fit_ranker,
 )
+from llmrec_tasks.ranking.seqstate import SeqWeights
 from llmrec_tasks.ranking.sources import CandidateParams, generate_candidates
 from llmrec_tasks.ranking.train import run_train
 from llmrec_tasks.storage.store import open_store
 from tests.stage_results import DATA_URI, embedded_for, validated_for
 from tests.unit.ranking_data import embeddings, items_frame
 
-MODELS = {"ranker", *ABLATIONS, "popularity", "itemknn", "ease", "semantic", "covis"}
+MODELS = {"ranker", *ABLATIONS, "popularity", "itemknn", "ease", "semantic", "covis", SEQMODEL}
 
 
 def topic_embeddings(items: pd.DataFrame, seed: int = 0) -> np.ndarray:
@@ -58,7 +59,18 @@ def trained(tmp_path_factory, sample_data):
     work.put_bytes(C.EMBEDDINGS, buf.getvalue())
     work.put_bytes(C.ITEM_IDS, json.dumps(sample_data.items[C.ITEM_ID].tolist()).encode())
     embedded = embedded_for(work.uri, len(sample_data.items), 32)
-    cfg = RunConfig(data_uri=DATA_URI, store_uri=root.as_uri())
+    # Four training windows leave the sequence model a prefix to learn from (eight leave the
+    # sample's first event only); a small, short model keeps the test fast.
+    cfg = RunConfig.from_dict(
+        {
+            "data_uri": DATA_URI,
+            "store_uri": root.as_uri(),
+            "ranker_train_windows": 4,
+            "seq_hidden": 16,
+            "seq_max_len": 20,
+            "seq_max_epochs": 2,
+        }
+    )
     result = run_train(cfg, validated_for(work.uri), embedded)
     return work, result
 
@@ -91,12 +103,16 @@ def test_artifacts_are_written_and_consistent(trained):
     assert "cold_items" in full["models"]["ranker"]["slices"]
     assert set(full["windows"]) >= {"valid", "test"}
     # The baselines the ranker is compared with (and gated against: popularity) are tuned on validation.
-    assert set(full["baselines_tuned"]) == MODELS - {"ranker", *ABLATIONS}
+    assert set(full["baselines_tuned"]) == MODELS - {"ranker", *ABLATIONS, SEQMODEL}
     for name, tuned in full["baselines_tuned"].items():
         assert tuned["params"] in [point["params"] for point in tuned["grid"]], name
         assert tuned["valid_ndcg@10"] == max(point["valid_ndcg@10"] for point in tuned["grid"]), name
     report = work.get_bytes(C.REPORT_HTML).decode()
     assert "data:image/png;base64," in report and "Baselines, tuned on validation" in report
+    # The sequence model: trained in the stage, its weights in the bundle, described in spec and report.
+    assert full[SEQMODEL]["epochs"] == 2 and spec["seq"]["max_len"] == 20
+    assert SeqWeights.from_bytes(work.get_bytes(C.SEQ_MODEL)).n_items == spec["n_items"]
+    assert "Text-aware sequence model" in report
     assert all(not key.endswith((".pkl", ".pickle")) for key in work.list(""))
 
 
