@@ -5,6 +5,21 @@ items are filtered iteratively to at least ``min_count`` interactions; per user,
 sorted by (timestamp, item id) and de-duplicated (first occurrence kept); the last one is the test
 item, the one before it the validation item, the rest training. The test item is predicted from
 training + validation history, ranking every item except the user's history.
+
+New-item protocol (``new-items``): what text is for, items without interactions yet. On the same
+split, the newest ``newitems_fraction`` of the items by first interaction are *new*: every event on
+them is removed from all training data (each stage's statistics and histories, the validation and
+training targets, the baselines' known events, SASRec's sequences); validation and training
+positions count the remaining events (:func:`training_positions`). The test target stays each
+user's last item: a new item (the new-item slice) or a warm one (the warm slice). A test user's
+history holds their earlier events on warm items only (an earlier event on a new item was never
+logged as far as the system knows); a user whose every earlier item is new has no history and is
+not tested. New items are in the retrieval index, so the text sources can retrieve them; their
+collaborative features are zero or missing. So the ranker learns what such items look like, a
+seeded random share of the items (``newitems_simulated_fraction``) loses its events in each
+training stage (:func:`loo_stages`). The *all-warm ranker* is the same fitted ranker with its lists
+restricted to warm items: the best a system without text could do for these users; the goal is
+that letting new items in does not lower the total below it.
 """
 
 from __future__ import annotations
@@ -241,9 +256,9 @@ def run_benchmark(
 
     ``protocol``: ``loo`` (the published leave-one-out setup), ``time`` (the production
     protocol of the daily DAG on the same data) or ``new-items`` (leave-one-out without the
-    newest items' events, ``newitems_cfg``: see :func:`new_item_protocol`). ``out`` also gets an HTML report next to it
-    (same name, ``.html``). ``sasrec_cfg`` defaults to SASRec enabled (the benchmark's baseline
-    to beat). Returns ``{"protocol", "models": {name: metrics}, ...}``.
+    newest items' events, ``newitems_cfg``; see the module docstring). ``out`` also gets an HTML
+    report next to it (same name, ``.html``). ``sasrec_cfg`` defaults to SASRec enabled (the
+    benchmark's baseline to beat). Returns ``{"protocol", "models": {name: metrics}, ...}``.
     """
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
