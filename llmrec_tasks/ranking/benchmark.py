@@ -24,6 +24,7 @@ that letting new items in does not lower the total below it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -189,15 +190,33 @@ def _position_stage(
     target_mask: np.ndarray,
     embeddings: np.ndarray,
     rcfg: RankerConfig,
+    catalog: np.ndarray | None = None,
 ) -> Stage:
     """Users with a target (at most one each) predicted from their known events; users without a
-    known event are left out."""
-    known = loo.events.take(known_mask)
-    ctx = build_context(known, loo.n_users, embeddings, loo.items, ContextParams.from_config(rcfg))
+    known event are left out.
+
+    ``catalog`` (sorted item indices holding every known and target item): the stage is built on
+    those items only, as if the others did not exist yet (its context indexes them alone); its
+    histories, targets and candidates are given back in the full item indices.
+    """
+    events, items = loo.events.take(known_mask), loo.items
     target = loo.events.take(target_mask)  # in user order
-    hist = Histories.from_events(known, loo.n_users)
+    if catalog is not None:
+        local = np.full(loo.n_items, -1, dtype=np.int64)
+        local[catalog] = np.arange(len(catalog))
+        events = dataclasses.replace(events, item=local[events.item])
+        target = dataclasses.replace(target, item=local[target.item])
+        embeddings, items = embeddings[catalog], items.iloc[catalog].reset_index(drop=True)
+    ctx = build_context(events, loo.n_users, embeddings, items, ContextParams.from_config(rcfg))
+    hist = Histories.from_events(events, loo.n_users)
     keep = hist.lengths[target.user] > 0
-    return make_stage(name, ctx, hist.subset(target.user[keep]), Targets.single(target.item[keep]), rcfg)
+    stage = make_stage(name, ctx, hist.subset(target.user[keep]), Targets.single(target.item[keep]), rcfg)
+    if catalog is not None:
+        stage.hist = dataclasses.replace(stage.hist, items=catalog[stage.hist.items])
+        stage.targets = Targets(stage.targets.indptr, catalog[stage.targets.items])
+        stage.cands.items = catalog[stage.cands.items]
+        stage.ctx = None  # in the catalog's indices: nothing after the fit reads a training context
+    return stage
 
 
 def loo_stages(
@@ -215,12 +234,15 @@ def loo_stages(
 
     ``new_items`` (the new-item protocol): every event on them is left out of every stage's
     statistics and histories, and of the validation and training targets; positions of those
-    stages count the remaining events (:func:`training_positions`). The test target stays the
-    user's last item, new or warm. ``simulated_fraction``: in each training stage, that seeded
+    stages count the remaining events (:func:`training_positions`). The validation and training
+    stages are built on the warm catalog (the new items do not exist yet: never a candidate there,
+    so the ranker never learns that an item without interactions is never the target); the test
+    stage on the whole catalog. The test target stays the user's last item, new or warm. ``simulated_fraction``: in each training stage, that seeded
     random share of the items loses its events from the stage's statistics and histories (not its
     targets): simulated new items, so the ranker learns to rank items without collaborative signal.
     """
     tpos = training_positions(loo, new_items)
+    warm = None if new_items is None else np.flatnonzero(~new_items)
     stages = [_position_stage("test", loo, tpos >= 0, loo.pos == 0, embeddings, rcfg)]
     for s in range(rcfg.train_windows + 1):
         known = tpos > s
@@ -228,7 +250,7 @@ def loo_stages(
             rng = np.random.default_rng([rcfg.seed, s])
             known &= rng.random(loo.n_items)[loo.events.item] >= simulated_fraction
         name = "valid" if s == 0 else f"train{s - 1}"
-        stages.append(_position_stage(name, loo, known, tpos == s, embeddings, rcfg))
+        stages.append(_position_stage(name, loo, known, tpos == s, embeddings, rcfg, warm))
     test, valid, *train = stages
     return train[::-1], valid, test
 

@@ -19,8 +19,11 @@ from llmrec_tasks.ranking.benchmark import (
     run_benchmark,
     training_positions,
 )
+from llmrec_tasks.ranking.context import user_profile
 from llmrec_tasks.ranking.evaluate import NEW_ITEMS, WARM_ITEMS
 from llmrec_tasks.ranking.protocols import ALL_WARM, RANKER
+from llmrec_tasks.ranking.ranker import candidate_params
+from llmrec_tasks.ranking.sources import SOURCES
 from tests.unit.ranking_data import embeddings
 from tests.unit.test_train import topic_embeddings
 
@@ -54,14 +57,15 @@ def test_no_new_item_event_reaches_any_training_statistic(chain_loo):
     new = newest_items(chain_loo, 0.2)
     emb = embeddings(chain_loo.n_items)
     train, valid, test = loo_stages(chain_loo, emb, RCFG, new_items=new)
+    assert test.ctx.item_pop[new].sum() == 0
+    for rel in test.ctx.relations.values():
+        assert rel[new].nnz == 0 and rel[:, new].nnz == 0
     for stage in [*train, valid, test]:
-        ctx = stage.ctx
-        assert ctx.item_pop[new].sum() == 0
         assert not new[stage.hist.items].any()
-        for rel in ctx.relations.values():
-            assert rel[new].nnz == 0 and rel[:, new].nnz == 0
+    # Validation and training stages are built on the warm catalog: no new item is a candidate.
     for stage in [*train, valid]:
-        assert not new[stage.targets.items].any()
+        assert not new[stage.targets.items].any() and not new[stage.cands.items].any()
+        assert stage.positives().sum() > 0
     # The test targets are every user's last item, new ones included.
     last = chain_loo.events.item[chain_loo.pos == 0]
     assert new[test.targets.items].any() and np.isin(test.targets.items, last).all()
@@ -75,11 +79,25 @@ def test_no_new_item_event_reaches_any_training_statistic(chain_loo):
     assert np.array_equal(valid.targets.items, ev.item[tpos == 0][has_history[ev.user[tpos == 0]]])
 
 
-def test_simulated_cold_items_lose_their_events_in_training_stages_only(chain_loo):
+def test_the_faiss_new_source_lists_the_items_without_interactions(chain_loo):
     new = newest_items(chain_loo, 0.2)
+    _, _, test = loo_stages(chain_loo, embeddings(chain_loo.n_items), RCFG, new_items=new)
+    listed = test.cands.ranks[:, SOURCES.index("faiss_new")] <= candidate_params(RCFG).per_source
+    assert listed.any() and (test.ctx.item_pop[test.cands.items[listed]] == 0).all()
+    assert new[test.cands.items].any()
+    # Every user with a history gets the new items by profile similarity, best first.
+    profile = user_profile(test.ctx, test.hist, recency=True)
+    for u in range(test.n_users):
+        rows = np.flatnonzero(listed & (test.cands.user_of == u))
+        order = rows[np.argsort(test.cands.ranks[rows, SOURCES.index("faiss_new")])]
+        sims = test.ctx.embeddings[test.cands.items[order]] @ profile[u]
+        assert np.all(np.diff(sims) <= 1e-6)
+
+
+def test_simulated_cold_items_lose_their_events_in_training_stages_only(chain_loo):
     emb = embeddings(chain_loo.n_items)
-    plain_train, plain_valid, _ = loo_stages(chain_loo, emb, RCFG, new_items=new)
-    train, valid, _ = loo_stages(chain_loo, emb, RCFG, new_items=new, simulated_fraction=0.3)
+    plain_train, plain_valid, _ = loo_stages(chain_loo, emb, RCFG)
+    train, valid, _ = loo_stages(chain_loo, emb, RCFG, simulated_fraction=0.3)
     assert np.array_equal(valid.ctx.item_pop, plain_valid.ctx.item_pop)
     for stage, plain in zip(train, plain_train, strict=True):
         masked = (stage.ctx.item_pop == 0) & (plain.ctx.item_pop > 0)
@@ -113,6 +131,7 @@ def test_new_item_benchmark_end_to_end(tmp_path, monkeypatch):
     recall = info["candidate_recall"]
     assert recall["faiss_profile"] > 0 and recall["all"] > 0
     assert recall["next"] == recall["cooc"] == recall["ease"] == recall["pop"] == 0.0
+    assert recall["faiss_new"] >= recall["faiss_profile"]
     assert new["recall@50"] > 0
     assert info["ranker_new_vs_warm"] == pytest.approx(new["ndcg@10"] / warm["ndcg@10"])
     assert "new N@10" in format_table(result)
