@@ -985,11 +985,12 @@ NEWITEMS_TABLE: tuple[Setting, ...] = (
     Setting(
         "newitems_simulated_fraction",
         float,
-        0.1,
+        0.0,
         "Simulated cold share",
         "In each ranker training stage of the new-item protocol, this seeded random share of the "
         "warm items loses its interactions from the stage's statistics and histories (its targets "
-        "stay), so the ranker learns to rank items without collaborative signal. 0 turns it off.",
+        "stay), so the ranker learns to rank items without collaborative signal. Off (0) by default: "
+        "on MovieLens (1 seed) 0.1 lowered the total NDCG@10 and put no new item in a top 10 either.",
         minimum=0,
         maximum=0.5,
         form_section=NEWITEMS,

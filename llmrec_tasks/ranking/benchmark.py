@@ -15,9 +15,9 @@ user's last item: a new item (the new-item slice) or a warm one (the warm slice)
 history holds their earlier events on warm items only (an earlier event on a new item was never
 logged as far as the system knows); a user whose every earlier item is new has no history and is
 not tested. New items are in the retrieval index, so the text sources can retrieve them; their
-collaborative features are zero or missing. So the ranker learns what such items look like, a
-seeded random share of the items (``newitems_simulated_fraction``) loses its events in each
-training stage (:func:`loo_stages`). The *all-warm ranker* is the same fitted ranker with its lists
+collaborative features are zero or missing. Optionally (``newitems_simulated_fraction``, off by
+default), a seeded random share of the items loses its events in each training stage
+(:func:`loo_stages`): simulated new items, so the ranker sees positives without collaborative signal. The *all-warm ranker* is the same fitted ranker with its lists
 restricted to warm items: the best a system without text could do for these users; the goal is
 that letting new items in does not lower the total below it.
 """
