@@ -71,23 +71,27 @@ BENCHMARK_SECTIONS = ("encoder", "ranker", "sasrec", "seq")
 
 
 def _benchmark_configs(sets: list[str]) -> dict[str, Any]:
-    """``run_benchmark``'s ``encoder_cfg``, ``ranker_cfg``, ``sasrec_cfg`` and ``seq_cfg`` from ``--set`` items;
-    SASRec enabled unless set otherwise."""
-    from llmrec_tasks.core.config import EncoderConfig, RankerConfig, SasrecConfig, SeqConfig
+    """``run_benchmark``'s ``encoder_cfg``, ``ranker_cfg``, ``sasrec_cfg``, ``seq_cfg`` and
+    ``newitems_cfg`` from ``--set`` items; SASRec enabled unless set otherwise."""
+    from llmrec_tasks.core.config import EncoderConfig, NewItemsConfig, RankerConfig, SasrecConfig, SeqConfig
     from llmrec_tasks.core.errors import ConfigError
-    from llmrec_tasks.core.settings import parse_text, setting
+    from llmrec_tasks.core.settings import NEWITEMS_PREFIX, NEWITEMS_SETTINGS, parse_text, setting
 
     values: dict[str, dict[str, Any]] = {name: {} for name in BENCHMARK_SECTIONS}
     values["sasrec"]["enabled"] = True
+    newitems: dict[str, Any] = {}
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
         key = key.strip().replace("-", "_")
+        if key in NEWITEMS_SETTINGS:
+            newitems[key.removeprefix(NEWITEMS_PREFIX)] = NEWITEMS_SETTINGS[key].parse_text(value)
+            continue
         s = setting(key)
         if s.section not in values:
             raise ConfigError(
-                f"--set {key}: the benchmark takes {', '.join(BENCHMARK_SECTIONS)} settings only"
+                f"--set {key}: the benchmark takes {', '.join(BENCHMARK_SECTIONS)} and newitems settings only"
             )
         values[s.section][s.name] = parse_text(key, value)
     return {
@@ -95,6 +99,7 @@ def _benchmark_configs(sets: list[str]) -> dict[str, Any]:
         "ranker_cfg": RankerConfig(**values["ranker"]),
         "sasrec_cfg": SasrecConfig(**values["sasrec"]),
         "seq_cfg": SeqConfig(**values["seq"]),
+        "newitems_cfg": NewItemsConfig(**newitems),
     }
 
 
@@ -152,7 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("benchmark", help="ranking quality benchmark (models and baselines)")
     bench.add_argument("--data", required=True, help="input folder/URI, MovieLens folder, or 'sample'")
-    bench.add_argument("--protocol", choices=["loo", "time"], default="loo")
+    bench.add_argument(
+        "--protocol",
+        choices=["loo", "time", "new-items"],
+        default="loo",
+        help="loo (leave-one-out), time (the daily run's windows) or new-items (loo without the newest "
+        "items' events: they are recommended from their text; newitems_* settings)",
+    )
     bench.add_argument("--seeds", type=int, default=5)
     bench.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     bench.add_argument(
@@ -160,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="an encoder_*, ranker_*, sasrec_* or seq_* setting, e.g. sasrec_device=cuda or sasrec_enabled=false "
+        help="an encoder_*, ranker_*, sasrec_*, seq_* or newitems_* setting, e.g. sasrec_device=cuda, "
+        "sasrec_enabled=false or newitems_fraction=0.2 "
         "(SASRec is on by default here)",
     )
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, make_dataclass
 from datetime import datetime
 from typing import Any
@@ -51,22 +51,31 @@ def validate_name(kind: str, value: str) -> str:
 
 
 def _section_dataclass(
-    section: str, class_name: str, doc: str, cross_check: Callable[[Any], None] | None = None
+    section: str,
+    class_name: str,
+    doc: str,
+    cross_check: Callable[[Any], None] | None = None,
+    table: Sequence[settings.Setting] | None = None,
 ) -> type:
     """A frozen dataclass with one field per setting of ``section`` (defaults from the table) whose
     ``__post_init__`` checks and normalises every value against the table, then runs
-    ``cross_check`` (checks that involve several fields)."""
-    table = settings.section_settings(section)
+    ``cross_check`` (checks that involve several fields). ``table``: settings outside the run's
+    table (keys ``<section>_<name>``), e.g. the benchmark's."""
+    if table is None:
+        table = settings.section_settings(section)
+        names = {s.key: s.name for s in table}
+    else:
+        names = {s.key: s.key.removeprefix(f"{section}_") for s in table}
 
     def __post_init__(self: Any) -> None:
         for s in table:
-            object.__setattr__(self, s.name, s.check(getattr(self, s.name)))
+            object.__setattr__(self, names[s.key], s.check(getattr(self, names[s.key])))
         if cross_check is not None:
             cross_check(self)
 
     cls = make_dataclass(
         class_name,
-        [(s.name, s.python_type, field(default=s.default)) for s in table],
+        [(names[s.key], s.python_type, field(default=s.default)) for s in table],
         namespace={"__post_init__": __post_init__, "__doc__": doc},
         frozen=True,
     )
@@ -112,6 +121,14 @@ ValidationConfig = _section_dataclass(
     "Great Expectations thresholds (stage `validate`); a `*_mostly` is the share of rows that must pass.",
     _check_validation,
 )
+NewItemsConfig = _section_dataclass(
+    "newitems",
+    "NewItemsConfig",
+    "The benchmark's new-item protocol (`newitems_*`; not a pipeline run setting).",
+    table=settings.NEWITEMS_TABLE,
+)
+
+
 _RunSettings = _section_dataclass("run", "_RunSettings", "The run-level settings of :class:`RunConfig`.")
 
 

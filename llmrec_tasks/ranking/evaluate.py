@@ -12,8 +12,9 @@ Definitions (binary relevance):
 - MRR = 1 / rank of the first relevant item within ``depth`` (0 when none);
 - coverage@k = distinct items recommended in anyone's top k / catalog size.
 
-Slices (:func:`restrict`) evaluate a subset of the targets: the cold-start items, and the users of
-each history-length segment (:func:`history_segments`).
+Slices (:func:`restrict`) evaluate a subset of the targets: the cold-start items, the users of
+each history-length segment (:func:`history_segments`) and, in the new-item protocol, the new and
+the warm target items.
 
 The quality gate used before publishing lives here too (:func:`quality_gate`).
 """
@@ -33,6 +34,8 @@ PRIMARY = C.PRIMARY_METRIC
 # Upper bounds (exclusive) of the history-length segments: 0-4, 5-19, 20-99 and 100+ items.
 HISTORY_EDGES = (5, 20, 100)
 COLD_ITEMS = "cold_items"
+NEW_ITEMS = "new_items"  # the new-item protocol: targets without any known interaction
+WARM_ITEMS = "warm_items"  # ... and the other targets
 
 
 @dataclass(frozen=True)

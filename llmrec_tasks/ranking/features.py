@@ -43,6 +43,8 @@ LLM_FEATURES = [
     "faiss_last_score",
     "faiss_profile_rank",
     "faiss_last_rank",
+    "faiss_new_score",
+    "faiss_new_rank",
     "sem_longterm",
     *[f"sem_last_{k + 1}" for k in range(LAST_K)],
     "sem_recent_max",

@@ -34,7 +34,9 @@ from llmrec_tasks.ranking.baselines import KnownEvents, tune_baselines
 from llmrec_tasks.ranking.context import ContextParams, build_context
 from llmrec_tasks.ranking.evaluate import (
     COLD_ITEMS,
+    NEW_ITEMS,
     PRIMARY,
+    WARM_ITEMS,
     Targets,
     history_segments,
     paired_bootstrap,
@@ -48,18 +50,21 @@ from llmrec_tasks.ranking.features import ABLATIONS, FEATURE_NAMES
 from llmrec_tasks.ranking.ranker import (
     RankerParams,
     Stage,
+    candidate_params,
     feature_columns,
     fit_ranker,
     make_stage,
     ranked_lists,
 )
 from llmrec_tasks.ranking.seqstate import SeqScorer, seq_ranked_lists
+from llmrec_tasks.ranking.sources import generate_candidates
 from llmrec_tasks.retrieval.index import retrieval_index, user_profile_queries
 
 log = logging.getLogger(__name__)
 
 RANKER = "ranker"
 ABLATION = "ranker_no_llm"  # the headline ablation (one of features.ABLATIONS)
+ALL_WARM = "ranker_all_warm"  # new-item protocol: the ranker's lists without the new items
 SASREC = "sasrec"  # the sequential baseline (llmrec_tasks.ranking.sasrec), when it runs
 SEQMODEL = "seqmodel"  # the text-aware sequence model scored on its own (llmrec_tasks.ranking.seqmodel)
 
@@ -75,6 +80,7 @@ def evaluate_stages(
     n_boot: int = 1000,
     params: RankerParams | None = None,
     extra_runs: Mapping[str, list[np.ndarray]] | None = None,
+    new_items: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], lgb.Booster, dict[str, Any]]:
     """Fit the ranker and its ablations (:data:`features.ABLATIONS`) per seed, tune the baselines on ``valid`` (their
     statistics from ``known``), compare on the test users.
@@ -84,6 +90,11 @@ def evaluate_stages(
     ``results["models"]`` maps each model to its metrics (mean over seeds, spread, bootstrap CI,
     cold-start slice); ``results["baselines_tuned"]`` what each baseline's tuning chose
     (:class:`llmrec_tasks.ranking.baselines.TunedBaselines`).
+
+    ``new_items`` (bool per item, the new-item protocol): adds the new- and warm-target slices, the
+    all-warm ranker (:data:`ALL_WARM`: the same fitted ranker, its lists restricted to warm items:
+    the best a system without text could do for these users, whose total the ranker must not fall
+    below) and ``results["new_items"]`` (counts, each source's recall of the new targets).
     """
     params = params or RankerParams.from_config(rcfg)
     if seeds < 1:
@@ -101,6 +112,10 @@ def evaluate_stages(
             scores = booster.predict(test.X[:, columns], num_threads=rcfg.num_threads)
             runs[model].append(ranked_lists(test.cands, scores, params.list_depth))
             infos[model].append(info)
+            if model == RANKER and new_items is not None:
+                warm_scores = np.where(new_items[test.cands.items], -np.inf, scores)
+                warm_lists = ranked_lists(test.cands, warm_scores, params.list_depth)
+                runs.setdefault(ALL_WARM, []).append(np.where(new_items[warm_lists], -1, warm_lists))
             if model == RANKER:
                 gain = booster.feature_importance("gain")
                 importance[columns] += gain / max(gain.sum(), 1e-12)
@@ -125,6 +140,12 @@ def evaluate_stages(
     runs.update(extra_runs or {})
     cold = restrict(test.targets, test.ctx.item_pop[test.targets.items] < params.cold_max_interactions)
     slices = {COLD_ITEMS: cold, **history_segments(test.hist.lengths, test.targets)}
+    if new_items is not None:
+        is_new = new_items[test.targets.items]
+        slices[NEW_ITEMS], slices[WARM_ITEMS] = (
+            restrict(test.targets, is_new),
+            restrict(test.targets, ~is_new),
+        )
     models = {
         name: summarize_runs(r, test.targets, test.ctx.n_items, slices=slices, n_boot=n_boot)
         for name, r in runs.items()
@@ -166,7 +187,31 @@ def evaluate_stages(
             "test_users": int(ranker_users.size),
         },
     }
+    if new_items is not None:
+        results["new_items"] = new_item_summary(test, new_items, slices[NEW_ITEMS], models, rcfg)
     return results, boosters[0], infos[RANKER][0]
+
+
+def new_item_summary(
+    test: Stage, new_items: np.ndarray, sliced: Targets, models: Mapping[str, Any], rcfg: RankerConfig
+) -> dict[str, Any]:
+    """The new-item protocol's figures: catalog and test counts, the ranker's new/warm NDCG@10
+    ratio, and each candidate source's recall of the new target items (its top list of the
+    candidate settings; ``all``: the capped union, e.g. Recall@200 for 200 candidates)."""
+    users = np.flatnonzero(sliced.counts > 0)
+    targets = Targets(np.concatenate([[0], np.cumsum(sliced.counts[users])]).astype(np.int64), sliced.items)
+    cands = generate_candidates(test.ctx, test.hist.subset(users), candidate_params(rcfg), targets=targets)
+    ranker = models[RANKER]["slices"]
+    warm = ranker[WARM_ITEMS][PRIMARY]
+    return {
+        "items": int(new_items.sum()),
+        "catalog": int(new_items.size),
+        "test_targets": len(sliced.items),
+        "test_users": int(test.n_users),
+        "ranker_new_vs_warm": float(ranker[NEW_ITEMS][PRIMARY] / warm) if warm > 0 else 0.0,
+        "candidate_recall": cands.source_recall,
+        "num_candidates": rcfg.num_candidates,
+    }
 
 
 def small_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:

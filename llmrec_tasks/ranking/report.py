@@ -26,9 +26,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from llmrec_tasks.ranking.baselines import PARAM_LABELS, VALID_KEY, describe_params, describe_value
-from llmrec_tasks.ranking.evaluate import COLD_ITEMS, PRIMARY
+from llmrec_tasks.ranking.evaluate import COLD_ITEMS, NEW_ITEMS, PRIMARY, WARM_ITEMS
 from llmrec_tasks.ranking.features import ABLATIONS
-from llmrec_tasks.ranking.protocols import ABLATION, RANKER, SASREC, SEQMODEL
+from llmrec_tasks.ranking.protocols import ABLATION, ALL_WARM, RANKER, SASREC, SEQMODEL
 
 METRIC_KEYS = ("ndcg@10", "recall@10", "recall@50", "mrr", "coverage@10")
 PRIMARY_KEYS = ("ndcg@10", "recall@10")
@@ -151,7 +151,7 @@ def metric_bars(models: dict[str, dict[str, Any]]) -> str:
     return _png(fig)
 
 
-def recall_bars(recall: dict[str, float]) -> str:
+def recall_bars(recall: dict[str, float], targets: str = "test targets") -> str:
     """Share of target items each candidate source retrieves, and the union ('all')."""
     fig, ax = plt.subplots(figsize=(7, 3.2))
     names = list(recall)
@@ -159,9 +159,40 @@ def recall_bars(recall: dict[str, float]) -> str:
         names, [recall[n] for n in names], color=[RANKER_COLOR if n == "all" else OTHER_COLOR for n in names]
     )
     ax.set_ylim(0, 1)
-    ax.set_title("candidate recall by source (test targets)")
+    ax.set_title(f"candidate recall by source ({targets})")
     ax.tick_params(axis="x", rotation=35)
     plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def new_item_bars(models: dict[str, dict[str, Any]]) -> str:
+    """NDCG@10 per model on the new-item and warm-item targets and in total, with 95% intervals."""
+    names = sorted(models, key=lambda n: -models[n]["ndcg@10"])
+    parts = (("new items", NEW_ITEMS), ("warm items", WARM_ITEMS), ("total", None))
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    width = 0.8 / len(parts)
+    for j, (label, sliced) in enumerate(parts):
+        blocks = [models[n] if sliced is None else models[n].get("slices", {}).get(sliced, {}) for n in names]
+        values = [b.get("ndcg@10", 0.0) for b in blocks]
+        ci = [b.get("ndcg@10_ci95", [v, v]) for b, v in zip(blocks, values, strict=True)]
+        err = [
+            [v - c[0] for v, c in zip(values, ci, strict=True)],
+            [c[1] - v for v, c in zip(values, ci, strict=True)],
+        ]
+        xs = [i + (j - 1) * width for i in range(len(names))]
+        ax.bar(
+            xs,
+            values,
+            width,
+            yerr=err,
+            capsize=2,
+            label=label,
+            color=("#d1242f", OTHER_COLOR, RANKER_COLOR)[j],
+        )
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", rotation_mode="anchor")
+    ax.set_title("NDCG@10 on new-item targets, warm targets and in total (95% bootstrap CI)")
+    ax.legend()
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
 
@@ -248,12 +279,15 @@ def _models_table(models: dict[str, dict[str, Any]]) -> str:
     return _table(rows, header)
 
 
+SLICE_LABELS = {
+    COLD_ITEMS: "cold target items (few interactions known)",
+    NEW_ITEMS: "new target items (no interaction known)",
+    WARM_ITEMS: "warm target items",
+}
+
+
 def _segment_label(name: str) -> str:
-    return (
-        "cold target items (few interactions known)"
-        if name == COLD_ITEMS
-        else name.replace("history", "history length")
-    )
+    return SLICE_LABELS.get(name, name.replace("history", "history length"))
 
 
 def segments_table(models: dict[str, dict[str, Any]]) -> str:
@@ -271,6 +305,36 @@ def segments_table(models: dict[str, dict[str, Any]]) -> str:
         row += [_num(models[o].get("slices", {}).get(name, {}).get("ndcg@10", 0.0)) for o in others]
         rows.append(row)
     return _table(rows, header) if rows else ""
+
+
+def new_items_section(results: Mapping[str, Any]) -> list[str]:
+    """The new-item protocol: new, warm and total NDCG@10 / Recall@10 per model (95% intervals),
+    the plot, and the candidate sources' recall of the new targets."""
+    info, models = results["new_items"], results["models"]
+    rows = []
+    for name in sorted(models, key=lambda n: -models[n]["ndcg@10"]):
+        m, sl = models[name], models[name].get("slices", {})
+        row = [name]
+        for block in (sl.get(NEW_ITEMS, {}), sl.get(WARM_ITEMS, {}), m):
+            row += [_ci_cell(block, key) if key in block else "" for key in PRIMARY_KEYS]
+        rows.append(row)
+    header = ["model"] + [
+        f"{part} {LABELS[k]} (95% CI)" for part in ("new", "warm", "total") for k in PRIMARY_KEYS
+    ]
+    recall = info["candidate_recall"]
+    return [
+        "<h2>New items</h2>",
+        f"<p>The newest {info['items']} of {info['catalog']} items (by first interaction) have no event "
+        "in any training statistic, history, validation or baseline: they can only be recommended from "
+        f"their text. {info['test_targets']} of {info['test_users']} test targets are new items. "
+        f"<code>{ALL_WARM}</code> is the same ranker with its lists restricted to warm items. Ranker "
+        f"new/warm NDCG@10: {_num(info['ranker_new_vs_warm'], 3)}.</p>",
+        _table(rows, header),
+        f'<img alt="new items" src="{new_item_bars(models)}">',
+        f"<p>Candidate recall of the new targets ({info['num_candidates']} candidates per user): "
+        f"{_num(recall.get('all', 0.0), 3)}.</p>",
+        f'<img alt="new-item candidate recall" src="{recall_bars(recall, "new-item test targets")}">',
+    ]
 
 
 def tuned_section(
@@ -486,6 +550,8 @@ def build_report(
         sections += sasrec_section(results[SASREC])
     if results.get(SEQMODEL):
         sections += seq_section(results[SEQMODEL], models, comparisons)
+    if results.get("new_items"):
+        sections += new_items_section(results)
     segments = segments_table(models)
     if segments:
         sections += ["<h2>By segment</h2>", segments]

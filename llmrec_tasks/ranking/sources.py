@@ -6,6 +6,8 @@ sources :data:`SOURCES`, each recording its score and rank for the ranker:
 
 - ``faiss_profile`` / ``faiss_last``: retrieval-index neighbours of the recency-weighted profile /
   of the most recent items;
+- ``faiss_new``: the profile's nearest items among those without any known interaction (new in
+  the catalog): they reach no collaborative list, and among every item's neighbours they are few;
 - ``next``, ``prev``, ``cooc``, ``ease``: the context's relations from the recent (``next``,
   ``prev``), long-term (``cooc``) or whole (``ease``) history;
 - ``pop``: the most popular items at the reference time;
@@ -35,7 +37,7 @@ from llmrec_tasks.ranking.seqstate import score_histories
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("faiss_profile", "faiss_last", "next", "prev", "cooc", "ease", "pop", "seq")
+SOURCES = ("faiss_profile", "faiss_last", "faiss_new", "next", "prev", "cooc", "ease", "pop", "seq")
 POP_PRIOR = 1e-3  # weight of overall popularity in the `pop` score: below one count, a tie-breaker
 RESCORE_MARGIN = 16  # FAISS hits rescored exactly beyond the list depth (near-ties at its end)
 
@@ -137,6 +139,7 @@ def _pop_score(ctx: RankContext, items: np.ndarray, ref: np.ndarray) -> np.ndarr
 def precompute(ctx: RankContext) -> None:
     """Build now the per-context arrays the sources read (serving: once per bundle, at load)."""
     _pop_ranking(ctx, ctx.stats_end, ctx.n_items)
+    new_items(ctx)
 
 
 def _pop_prior(ctx: RankContext) -> np.ndarray:
@@ -178,11 +181,33 @@ def _pop_lists(ctx: RankContext, hist: Histories, seen: np.ndarray, depth: int) 
     return np.where(np.take_along_axis(valid, order, axis=1), np.take_along_axis(cand, order, axis=1), -1)
 
 
+def new_items(ctx: RankContext) -> tuple[np.ndarray, Any]:
+    """The items without any known interaction (sorted) and an exact inner-product index over
+    their embeddings (row i is item ``items[i]``), once per context."""
+
+    def make() -> tuple[np.ndarray, Any]:
+        import faiss
+
+        items = np.flatnonzero(ctx.item_pop == 0)
+        index = faiss.IndexFlatIP(ctx.embeddings.shape[1])
+        index.add(np.ascontiguousarray(ctx.embeddings[items], dtype=np.float32))
+        return items, index
+
+    return ctx.cached("new_items", make)
+
+
 def _faiss_lists(
-    ctx: RankContext, queries: np.ndarray, owner: np.ndarray, hist: Histories, seen: np.ndarray, depth: int
+    ctx: RankContext,
+    queries: np.ndarray,
+    owner: np.ndarray,
+    hist: Histories,
+    seen: np.ndarray,
+    depth: int,
+    subset: tuple[np.ndarray, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """FAISS top lists of query vectors in one search (query i asks for user ``owner[i]``), each
     with its user's history removed; returns (items, scores), ``(len(queries), depth)``.
+    ``subset``: search only these items, with an index over them (:func:`new_items`).
 
     The first ``depth + RESCORE_MARGIN`` unseen hits are rescored by exact dot products and ranked
     by them (ties: lower item): FAISS sums differently for a batch of queries (a matrix product)
@@ -190,9 +215,12 @@ def _faiss_lists(
     differently.
     """
     extra = int(hist.lengths[owner].max(initial=0))
-    k = min(ctx.n_items, depth + extra + RESCORE_MARGIN)
+    ids, index = subset if subset is not None else (None, ctx.faiss_index())
+    k = min(ctx.n_items if ids is None else len(ids), depth + extra + RESCORE_MARGIN)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    _, idx = ctx.faiss_index().search(queries, k)
+    _, idx = index.search(queries, k)
+    if ids is not None:
+        idx = np.where(idx >= 0, ids[np.maximum(idx, 0)], -1)
     keys = owner[:, None] * ctx.n_items + np.maximum(idx, 0)
     valid = (idx >= 0) & ~in_sorted(seen, keys)
     # Stable compaction: valid entries first, keeping FAISS order.
@@ -236,6 +264,12 @@ def _batch_scores(ctx: RankContext, hist: Histories, params: CandidateParams) ->
     keys, first = np.unique(keys[order], return_index=True)
     best = np.maximum.reduceat(vals[order], first) if len(first) else vals[:0]
     lists["faiss_last"] = rank_lists(keys // n_items, keys % n_items, best + 2.0, n_users, depth)
+    lists["faiss_new"] = np.full((n_users, depth), -1, dtype=np.int64)
+    unseen_new = new_items(ctx)
+    if unseen_new[0].size and (hist.lengths > 0).any():
+        users = np.flatnonzero(hist.lengths > 0)
+        found, _ = _faiss_lists(ctx, profile[users], users, hist, seen, depth, unseen_new)
+        lists["faiss_new"][users, : found.shape[1]] = found
     seq_scores, seq_lse, lists["seq"] = _seq_lists(ctx, hist, depth)
     return _Batch(scores, lists, profile, seen, seq_scores, seq_lse)
 
@@ -316,6 +350,7 @@ def generate_candidates(
             sims = rowwise_dot(ctx.embeddings, item[has], ctx.embeddings, last_items[user[has], p])
             recent[has] = np.maximum(recent[has], sims)
         sc.append(np.where(np.isfinite(recent), recent, 0.0))
+        sc.append(np.where(ctx.item_pop[item] == 0, sc[0], 0.0))  # faiss_new: the profile's, new items only
         for name in ("next", "prev", "cooc", "ease"):
             sc.append(lookup(*batch.scores[name], keys, 0.0))
         sc.append(_pop_score(ctx, item, sub.ref_ts[user]))

@@ -378,6 +378,7 @@ class ReasonTemplate:
 
 SIMILAR = "similar to “{anchor}” you interacted with"
 TASTE = "close to your overall taste, such as “{anchor}”"
+NEW_FOR_YOU = "new in the catalog, close to your taste such as “{anchor}”"
 RECENT_TASTE = "close to what you chose recently, such as “{anchor}”"
 TOGETHER = "often chosen together with “{anchor}”"
 FOLLOWS = "follows “{anchor}” in many histories"
@@ -392,6 +393,7 @@ WHAT_NEXT = "a likely next step after what you chose recently"
 _SOURCE_REASONS = {
     "faiss_profile": ReasonTemplate(TASTE),
     "faiss_last": ReasonTemplate(SIMILAR),
+    "faiss_new": ReasonTemplate(NEW_FOR_YOU),
     "next": ReasonTemplate(FOLLOWS, relation="next"),
     "prev": ReasonTemplate(PRECEDES, relation="prev"),
     "cooc": ReasonTemplate(TOGETHER, relation="cooc"),

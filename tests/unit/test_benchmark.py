@@ -82,7 +82,7 @@ def test_embeddings_are_cached_by_text_model_and_backend(tmp_path, monkeypatch):
 def test_unknown_protocol_is_refused():
     with pytest.raises(ConfigError, match="protocol"):
         run_benchmark("sample", protocol="kfold")
-    assert benchmark.PROTOCOLS == ("loo", "time")
+    assert benchmark.PROTOCOLS == ("loo", "time", "new-items")
 
 
 def test_format_table_lists_models_best_first():
@@ -147,7 +147,14 @@ def test_benchmark_settings_from_the_command_line():
     configs = _benchmark_configs(["sasrec_enabled=false", "sasrec-device=cuda", "ranker_num_leaves=7"])
     assert not configs["sasrec_cfg"].enabled and configs["sasrec_cfg"].device == "cuda"
     assert configs["ranker_cfg"].num_leaves == 7
-    with pytest.raises(ConfigError, match="the benchmark takes encoder, ranker, sasrec, seq settings only"):
+    assert default["newitems_cfg"] == benchmark.NewItemsConfig()
+    newitems = _benchmark_configs(["newitems_fraction=0.2", "newitems-simulated-fraction=0"])["newitems_cfg"]
+    assert newitems.fraction == 0.2 and newitems.simulated_fraction == 0.0
+    with pytest.raises(ConfigError, match="newitems_fraction must be in"):
+        _benchmark_configs(["newitems_fraction=0.9"])
+    with pytest.raises(
+        ConfigError, match="the benchmark takes encoder, ranker, sasrec, seq and newitems settings only"
+    ):
         _benchmark_configs(["promote=false"])
     with pytest.raises(ConfigError, match="sasrec_device must be one of cpu, cuda"):
         _benchmark_configs(["sasrec_device=tpu"])
