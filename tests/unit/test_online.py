@@ -128,3 +128,9 @@ def test_empty_range_and_bad_arguments(store_uri: str) -> None:
         online.run_online_metrics(store_uri, NS, "2024-01-02", "2024-01-01")
     with pytest.raises(ConfigError, match="ISO dates"):
         online.run_online_metrics(store_uri, NS, "yesterday", "2024-01-01")
+
+
+def test_impressions_without_any_event_have_zero_ctr() -> None:
+    none = EVENT_SCHEMA.empty_table().to_pandas()
+    per_day = online.compute(impressions(), none, {A: 10, B: 4}, k=2, window_hours=24)
+    assert per_day["impressions"].tolist() == [3, 1, 1] and (per_day["ctr@2"] == 0).all()
