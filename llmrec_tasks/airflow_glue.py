@@ -22,7 +22,7 @@ import os
 import posixpath
 import re
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 DAG_ID = "llmrec_daily"
 SERVING_DAG_ID = "llmrec_serving_refresh"
 BATCH_DAG_ID = "llmrec_batch_score"
+ONLINE_DAG_ID = "llmrec_online_metrics"
 AWS_CONN_ID = "aws_default"
 STORE_VARIABLE = "llmrec_store_uri"
 STORE_ENV = "LLMREC_STORE_URI"
@@ -661,3 +662,21 @@ def batch_finalize_task(results: list[Mapping[str, Any]]) -> dict[str, Any]:
     return {key: value for key, value in manifest.items() if key != "parts"} | {
         "parts": len(manifest["parts"])
     }
+
+
+def online_metrics_task(params: Mapping[str, Any], logical_date: datetime) -> dict[str, Any]:
+    """Body of the online metrics DAG's task: the ``days`` complete days before the run's logical
+    date, of the store (param, else the deployment default) and namespace; the result as JSON."""
+    from llmrec_tasks.online import run_online_metrics
+
+    store_uri = resolve_store_uri(params.get("store_uri"), variable_get=airflow_variable)
+    end = logical_date.date() - timedelta(days=1)
+    start = end - timedelta(days=int(params.get("days") or 7) - 1)
+    return run_online_metrics(
+        store_uri,
+        str(params.get("namespace") or DEFAULT_NAMESPACE),
+        start.isoformat(),
+        end.isoformat(),
+        k=int(params.get("k") or 10),
+        window_hours=float(params.get("window_hours") or 24),
+    ).to_json()

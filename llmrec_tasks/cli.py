@@ -184,6 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(promote)
     promote.add_argument("version")
     _store_args(sub.add_parser("rollback", help="move current back to the previous current"))
+    experiment = sub.add_parser("experiment", help="A/B: serve a challenger version to a share of users")
+    actions = experiment.add_subparsers(dest="action", required=True)
+    start = actions.add_parser("start", help="start (or replace) the namespace's experiment")
+    _store_args(start)
+    start.add_argument("name", help="the experiment's name (the default salt)")
+    start.add_argument("challenger", help="a published version other than current")
+    start.add_argument(
+        "--share", type=float, required=True, help="fraction of users in [0, 1] on the challenger"
+    )
+    start.add_argument("--salt", default=None, help="hash salt of the assignment (default: the name)")
+    _store_args(actions.add_parser("stop", help="end the experiment: every user back on current"))
+    _store_args(actions.add_parser("show", help="print the running experiment (null when none)"))
     gc = sub.add_parser("gc", help="delete old bundles, keeping the newest N and every referenced one")
     _store_args(gc)
     gc.add_argument("--keep", type=int, required=True)
@@ -215,6 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(flush)
     flush.add_argument(
         "--feedback-dir", default=None, help=f"the service's feedback log folder ({_FEEDBACK_DIR_HELP})"
+    )
+    online = sub.add_parser(
+        "online-metrics", help="CTR@k, conversion, coverage per day x version x arm from flushed feedback"
+    )
+    _store_args(online)
+    online.add_argument("--start", required=True, help="first day of impressions (YYYY-MM-DD, UTC)")
+    online.add_argument("--end", required=True, help="last day of impressions (YYYY-MM-DD, inclusive)")
+    online.add_argument("--k", type=_positive_int, default=10, help="positions counted for CTR@k")
+    online.add_argument(
+        "--window-hours", type=float, default=24.0, help="attribution window after an impression"
     )
     score = sub.add_parser(
         "score-batch", help="score all (or listed) users with a bundle into Parquet parts in the store"
@@ -269,6 +291,17 @@ def _bundle_command(args: argparse.Namespace) -> Any:
         return publish.promote(args.store, args.namespace, args.version)
     if args.command == "rollback":
         return publish.rollback(args.store, args.namespace)
+    if args.command == "experiment":
+        if args.action == "start":
+            return registry.start_experiment(
+                args.store, args.namespace, args.name, args.challenger, args.share, args.salt
+            )
+        if args.action == "stop":
+            return registry.stop_experiment(args.store, args.namespace)
+        return {
+            "namespace": args.namespace,
+            "experiment": registry.read_experiment(args.store, args.namespace),
+        }
     return registry.gc(args.store, args.namespace, args.keep)
 
 
@@ -453,7 +486,7 @@ def dispatch(args: argparse.Namespace) -> Any:
         result = run_benchmark(args.data, protocol=args.protocol, seeds=args.seeds, out=args.out, **configs)
         print_table(result)
         return None
-    if args.command in ("versions", "show", "promote", "rollback", "gc"):
+    if args.command in ("versions", "show", "promote", "rollback", "experiment", "gc"):
         return _bundle_command(args)
     if args.command == "summary":
         print(summary_text(args.store, args.namespace))
@@ -478,6 +511,12 @@ def dispatch(args: argparse.Namespace) -> Any:
 
         log_dir = FeedbackConfig.from_env(log_dir=args.feedback_dir).log_dir
         return flush_events(args.store, args.namespace, log_dir).to_json()
+    if args.command == "online-metrics":
+        from llmrec_tasks.online import run_online_metrics
+
+        return run_online_metrics(
+            args.store, args.namespace, args.start, args.end, k=args.k, window_hours=args.window_hours
+        ).to_json()
     if args.command == "demo-progress":
         with args.log.open("w") as log:
             if not demo_progress(sys.stdin, log, sys.stdout):

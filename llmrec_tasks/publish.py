@@ -581,7 +581,8 @@ def current_ranker_metrics(store: ObjectStore, namespace: str, version: str, wor
 
 
 def promote(store_uri: str, namespace: str, version: str, *, check: bool = True) -> dict[str, Any]:
-    """Move ``current`` to a published version (any logical date: an operator's explicit choice)."""
+    """Move ``current`` to a published version (any logical date: an operator's explicit choice).
+    Promoting a running experiment's challenger ends the experiment (``experiment_ended``)."""
     validate_name("namespace", namespace)
     store = open_store(store_uri)
     version = validate_name("version", version)
@@ -589,6 +590,7 @@ def promote(store_uri: str, namespace: str, version: str, *, check: bool = True)
     checked = serving_check(store_uri, namespace, version) if check else None
 
     previous: list[str | None] = [None]
+    ended: list[str | None] = [None]
 
     def decide(pointer: dict[str, Any] | None) -> Decision:
         previous[0] = pointer["version"] if pointer else None
@@ -597,6 +599,8 @@ def promote(store_uri: str, namespace: str, version: str, *, check: bool = True)
         new = registry.new_pointer(
             pointer, version, manifest["lineage"]["logical_date"], "promote", "promoted by operator"
         )
+        experiment = (pointer or {}).get(registry.EXPERIMENT)
+        ended[0] = experiment["name"] if experiment and registry.EXPERIMENT not in new else None
         return new, True, f"promoted {version}"
 
     promoted, reason = registry.update_current(store, namespace, decide)
@@ -606,6 +610,7 @@ def promote(store_uri: str, namespace: str, version: str, *, check: bool = True)
         "previous": previous[0],
         "promoted": promoted,
         "reason": reason,
+        "experiment_ended": ended[0],
         "check": checked,
     }
 

@@ -5,7 +5,9 @@ Per namespace and version: the ranker's metrics against the baselines, the quali
 the promotion status (current / promoted before / rolled back / not promoted) and a link to the
 bundle's HTML report (served by this app too). Everything is read from the object store (bundle
 manifests, ``current.json`` and the run's ``stages/publish.json`` that the DAG's publish task
-records), so the page also shows bundles published from the CLI.
+records), so the page also shows bundles published from the CLI. Above the versions: the running
+A/B experiment (``current.json``) and the newest online metrics (``llmrec online-metrics``:
+CTR@k, conversion, coverage per version x arm) with a link to their report (plots over days).
 
 Pages and the JSON API require the Airflow login (the UI's JWT cookie or a bearer token) and read
 permission on the ``llmrec_daily`` DAG's runs. An ``s3://`` store is read with the ``aws_default``
@@ -41,7 +43,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from llmrec_tasks.airflow_glue import DAG_ID
-from llmrec_tasks.core.constants import DEFAULT_NAMESPACE, METRIC_COLUMNS, PRIMARY_METRIC
+from llmrec_tasks.core.constants import (
+    DEFAULT_NAMESPACE,
+    METRIC_COLUMNS,
+    ONLINE_METRICS_DIR,
+    ONLINE_METRICS_JSON,
+    ONLINE_REPORT_HTML,
+    PRIMARY_METRIC,
+)
 from llmrec_tasks.storage import registry
 
 log = logging.getLogger(__name__)
@@ -315,6 +324,31 @@ def version_rows(store: Any, namespace: str, *, limit: int = MAX_VERSIONS) -> di
     }
 
 
+def online_summary(store: Any, namespace: str) -> dict[str, Any] | None:
+    """The newest online metrics of a namespace (the range ending last, then starting first):
+    totals per version x arm and the daily rows, as ``llmrec online-metrics`` wrote them; None
+    when none were computed. The running experiment comes from ``current.json``."""
+    prefix = f"{namespace}/{ONLINE_METRICS_DIR}/"
+    ranges = [
+        key[len(prefix) :].split("/", 1)[0]
+        for key in store.list(prefix)
+        if key.endswith(f"/{ONLINE_METRICS_JSON}")
+    ]
+    if not ranges:
+        return None
+    newest = max(ranges, key=lambda r: (r.rsplit("_", 1)[-1], r))
+    data = _read_json(store, f"{prefix}{newest}/{ONLINE_METRICS_JSON}") or {}
+    return {
+        "range": newest,
+        "start": data.get("start"),
+        "end": data.get("end"),
+        "k": data.get("k"),
+        "totals": data.get("totals") or [],
+        "rows": data.get("rows") or [],
+        "has_report": store.exists(f"{prefix}{newest}/{ONLINE_REPORT_HTML}"),
+    }
+
+
 # --- the app -------------------------------------------------------------------------------------
 
 
@@ -435,6 +469,8 @@ def create_app(
         found = namespaces(opened)
         data = version_rows(opened, namespace)
         html = env.get_template("index.html").render(
+            online=online_summary(opened, namespace),
+            experiment=data["pointer"].get("experiment"),
             store=known,
             stores=list(all_stores.values()),
             store_warnings=warnings,
@@ -490,6 +526,37 @@ def create_app(
         except ObjectNotFound as exc:
             raise HTTPException(status_code=404, detail=f"version {version} has no report.html") from exc
         return Response(body, media_type="text/html; charset=utf-8", headers=REPORT_HEADERS)
+
+    @app.get("/online/{namespace}/{span}", dependencies=guard)
+    def online_report(namespace: str, span: str, store: str | None = store_query) -> Response:
+        from llmrec_tasks.storage.store import ObjectNotFound
+
+        namespace, span = checked_name("namespace", namespace), checked_name("range", span)
+        opened = store_or_503(selected_store(store))
+        try:
+            body = opened.get_bytes(f"{namespace}/{ONLINE_METRICS_DIR}/{span}/{ONLINE_REPORT_HTML}")
+        except ObjectNotFound as exc:
+            raise HTTPException(
+                status_code=404, detail=f"no online metrics {span!r} in {namespace!r}"
+            ) from exc
+        return Response(body, media_type="text/html; charset=utf-8", headers=REPORT_HEADERS)
+
+    @app.get("/api/online", dependencies=guard)
+    def api_online(
+        namespace: str = Query(DEFAULT_NAMESPACE), store: str | None = store_query
+    ) -> JSONResponse:
+        namespace = checked_name("namespace", namespace)
+        known = selected_store(store)
+        opened = store_or_503(known)
+        pointer = _read_json(opened, registry.current_key(namespace)) or {}
+        return JSONResponse(
+            {
+                "store": known.key,
+                "namespace": namespace,
+                "experiment": pointer.get("experiment"),
+                "online": online_summary(opened, namespace),
+            }
+        )
 
     @app.get("/api/stores", dependencies=guard)
     def api_stores() -> JSONResponse:

@@ -98,8 +98,15 @@ ARM = "arm"
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "rating")
 EVENT_COLUMNS = (EVENT_ID, USER_ID, ITEM_ID, TIMESTAMP, WEIGHT, EVENT_TYPE, REQUEST_ID, RECEIVED_AT)
 IMPRESSION_COLUMNS = (REQUEST_ID, USER_ID, TIMESTAMP, VERSION, ARM, POSITION, ITEM_ID)
-CURRENT_ARM = "current"  # the arm of every response until A/B serving names a challenger
+CURRENT_ARM = "current"  # the arm of the current bundle (every user when no experiment runs)
+CHALLENGER_ARM = "challenger"  # the arm of an A/B experiment's challenger bundle
+ARMS = (CURRENT_ARM, CHALLENGER_ARM)
 FEEDBACK_DIR = "feedback"
 FEEDBACK_EVENTS = "events"
 FEEDBACK_IMPRESSIONS = "impressions"
 DAY_PARTITION = "day={day}"
+# Online metrics (`llmrec online-metrics`): `<namespace>/online_metrics/<start>_<end>/<file>`.
+ONLINE_METRICS_DIR = "online_metrics"
+ONLINE_METRICS_JSON = "online_metrics.json"
+ONLINE_METRICS_PARQUET = "online_metrics.parquet"
+ONLINE_REPORT_HTML = "online_report.html"

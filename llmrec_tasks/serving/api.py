@@ -206,7 +206,10 @@ class RecommendationsOut(BaseModel):
     request_id: str = Field(description=f"the request's {REQUEST_ID_HEADER} (the client's, or generated)")
     strategy: Literal["personalized", "popular"]
     version: str = Field(description="the bundle version that answered")
-    arm: str = Field(description=f"the experiment arm that answered ({C.CURRENT_ARM!r}: the current bundle)")
+    arm: str = Field(
+        description=f"the experiment arm that answered ({C.CURRENT_ARM!r}: the current bundle, "
+        f"{C.CHALLENGER_ARM!r}: the running experiment's challenger)"
+    )
     history_length: int = Field(
         description="interactions used: published history, the user's real-time events and the request's"
     )
@@ -220,6 +223,14 @@ class HealthOut(BaseModel):
     error: str | None = Field(description="the last load error (degraded: an older bundle keeps serving)")
 
 
+class ExperimentOut(BaseModel):
+    name: str
+    challenger: str = Field(description="the challenger bundle version")
+    share: float = Field(description="fraction of users on the challenger")
+    salt: str = Field(description="hash salt of the user assignment")
+    started_at: str = Field(description="ISO time the experiment started")
+
+
 class VersionOut(BaseModel):
     namespace: str
     version: str = Field(description="the version being served")
@@ -231,6 +242,9 @@ class VersionOut(BaseModel):
     git_commit: str | None
     metrics: dict[str, dict[str, float]] = Field(description="per model, e.g. ranker: {ndcg@10, recall@10}")
     last_error: str | None
+    experiment: ExperimentOut | None = Field(
+        default=None, description="the running A/B experiment served, if any"
+    )
 
 
 class ErrorOut(BaseModel):
@@ -446,13 +460,23 @@ def create_app(
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse(status_code=exc.status_code, content={"error": exc.detail})
 
+    def unavailable() -> HTTPException:
+        return HTTPException(
+            503, f"no bundle loaded for namespace {namespace!r}: {holder.last_error or 'none promoted'}"
+        )
+
     def recommender() -> Recommender:
         current = holder.recommender
         if current is None:
-            raise HTTPException(
-                503, f"no bundle loaded for namespace {namespace!r}: {holder.last_error or 'none promoted'}"
-            )
+            raise unavailable()
         return current
+
+    def arm_for(user_id: str | None) -> tuple[Recommender, str]:
+        """The recommender and arm serving this user (the experiment's challenger or current)."""
+        chosen, arm = holder.for_user(user_id)
+        if chosen is None:
+            raise unavailable()
+        return chosen, arm
 
     @app.get("/healthz", response_model=HealthOut, responses={503: {"model": HealthOut}})
     def healthz() -> HealthOut | JSONResponse:
@@ -478,6 +502,7 @@ def create_app(
             git_commit=lineage.get("git_commit"),
             metrics=bundle.manifest.get("metrics", {}),
             last_error=holder.last_error,
+            experiment=None if holder.challenger is None else ExperimentOut(**holder.challenger.experiment),
         )
 
     @app.get("/metrics", include_in_schema=False)
@@ -504,7 +529,7 @@ def create_app(
         """Recommend on the compute thread, answer with msgspec-encoded JSON (the recommender's
         dataclasses as they are: several times faster than validating through the pydantic model),
         and log the impression."""
-        current = recommender()
+        current, arm = arm_for(user_id)
         events = [*await realtime_events(user_id, current), *(recent or [])]
         timings: dict[str, float] = {}
         result = await asyncio.get_running_loop().run_in_executor(
@@ -514,7 +539,6 @@ def create_app(
         state: RequestState = request.scope[REQUEST_STATE]
         state.user_id, state.bundle_version = user_id, result.version
         started = time.perf_counter()
-        arm = C.CURRENT_ARM
         body = _json.encode({"user_id": user_id, "request_id": state.request_id, "arm": arm, **vars(result)})
         timings["encode"] = time.perf_counter() - started
         metrics.observe_stages(timings)

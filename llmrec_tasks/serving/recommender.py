@@ -772,12 +772,23 @@ def _check_answer(bundle: Bundle, label: str, query: dict[str, Any], result: Rec
 # --- hot reload ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Challenger:
+    """The challenger arm of a running A/B experiment: its definition (``current.json`` key
+    ``experiment``) and its loaded bundle, swapped as one object so a request never sees a torn pair."""
+
+    experiment: dict[str, Any]
+    recommender: Recommender
+
+
 class BundleHolder:
-    """The serving process's current bundle; picks up a new ``current`` without a restart.
+    """The serving process's current bundle (and an experiment's challenger); picks up a new
+    ``current`` or experiment without a restart.
 
     A background thread reads ``current.json`` every ``poll_seconds``; when it names another
     version, that bundle is loaded and verified, then swapped in. A bundle that fails to load is
-    not swapped in: the previous one keeps serving and the error is kept for ``/healthz``.
+    not swapped in: the previous one keeps serving and the error is kept for ``/healthz``. A
+    challenger that fails to load leaves every user on the current bundle (error kept likewise).
     """
 
     def __init__(
@@ -789,10 +800,11 @@ class BundleHolder:
         on_swap: Callable[[Recommender], None] | None = None,
     ) -> None:
         self.store_uri = store_uri
-        self.on_swap = on_swap  # called with each recommender swapped in (e.g. the version metric)
+        self.on_swap = on_swap  # called with each current recommender swapped in (e.g. the version metric)
         self.namespace = validate_name("namespace", namespace)
         self.poll_seconds = poll_seconds
         self.recommender: Recommender | None = None
+        self.challenger: Challenger | None = None
         self.pointer_version: str | None = None
         self.last_error: str | None = None
         self._load_lock = threading.Lock()
@@ -800,24 +812,72 @@ class BundleHolder:
         self._thread: threading.Thread | None = None
 
     def refresh(self) -> bool:
-        """Load ``current`` if it moved; returns True when a new bundle was swapped in."""
+        """Follow ``current.json``: load ``current`` if it moved, the challenger if the experiment
+        changed; returns True when anything was swapped in (or the experiment ended)."""
         with self._load_lock:
             try:
-                self.pointer_version = registry.current_version(open_store(self.store_uri), self.namespace)
-                loaded = self.recommender.bundle.version if self.recommender else None
-                if self.pointer_version is None or self.pointer_version == loaded:
-                    return False
-                bundle = load_bundle(self.store_uri, self.namespace, self.pointer_version)
-                self.recommender = Recommender(bundle)
-            except LlmrecError as exc:  # bundle, store or config trouble: keep serving the old one
+                pointer, _ = registry.read_pointer(open_store(self.store_uri), self.namespace)
+            except LlmrecError as exc:  # store trouble: keep serving what is loaded
                 self.last_error = str(exc)
-                log.error("keeping the bundle already loaded: %s", exc)
+                log.error("keeping the bundles already loaded: %s", exc)
                 return False
-            self.last_error = None
-            log.info("now serving %s/%s", self.namespace, bundle.version)
-            if self.on_swap is not None:
-                self.on_swap(self.recommender)
-            return True
+            self.pointer_version = None if pointer is None else str(pointer["version"])
+            errors: list[str] = []
+            try:
+                swapped = self._refresh_current()
+            except LlmrecError as exc:  # bundle or config trouble: keep serving the old one
+                errors.append(str(exc))
+                log.error("keeping the bundle already loaded: %s", exc)
+                swapped = False
+            try:
+                swapped = self._refresh_challenger((pointer or {}).get(registry.EXPERIMENT)) or swapped
+            except LlmrecError as exc:
+                self.challenger = None
+                errors.append(f"challenger: {exc}")
+                log.error("serving every user the current bundle: the challenger failed to load: %s", exc)
+            self.last_error = "; ".join(errors) or None
+            return swapped
+
+    def _refresh_current(self) -> bool:
+        loaded = self.recommender.bundle.version if self.recommender else None
+        if self.pointer_version is None or self.pointer_version == loaded:
+            return False
+        bundle = load_bundle(self.store_uri, self.namespace, self.pointer_version)
+        self.recommender = Recommender(bundle)
+        log.info("now serving %s/%s", self.namespace, bundle.version)
+        if self.on_swap is not None:
+            self.on_swap(self.recommender)
+        return True
+
+    def _refresh_challenger(self, experiment: dict[str, Any] | None) -> bool:
+        held = self.challenger
+        if experiment is None:
+            self.challenger = None
+            if held is not None:
+                log.info("experiment %s ended: every user on the current bundle", held.experiment["name"])
+            return held is not None
+        if held is not None and held.experiment == experiment:
+            return False
+        version = str(experiment["challenger"])
+        if held is not None and held.recommender.bundle.version == version:
+            recommender = held.recommender  # same bundle, new share or salt
+        else:
+            recommender = Recommender(load_bundle(self.store_uri, self.namespace, version))
+        self.challenger = Challenger(dict(experiment), recommender)
+        log.info(
+            "experiment %s: %s to %.1f%% of users",
+            experiment["name"],
+            version,
+            100 * float(experiment["share"]),
+        )
+        return True
+
+    def for_user(self, user_id: str | None) -> tuple[Recommender | None, str]:
+        """The recommender and arm serving ``user_id`` (:func:`registry.assign_arm`)."""
+        current, challenger = self.recommender, self.challenger
+        if challenger is not None and registry.assign_arm(challenger.experiment, user_id) == C.CHALLENGER_ARM:
+            return challenger.recommender, C.CHALLENGER_ARM
+        return current, C.CURRENT_ARM
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_seconds):

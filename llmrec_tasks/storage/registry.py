@@ -5,16 +5,22 @@ Layout::
     <namespace>/runs/<version>/...                   a run's work area (snapshot, intermediate artifacts)
     <namespace>/bundles/<version>/<bundle files>     immutable once its manifest exists
     <namespace>/bundles/<version>/manifest.json      sha256 + size of every file, lineage; written last
-    <namespace>/current.json                         the promoted version, its history for rollback
+    <namespace>/current.json                         the promoted version, its history for rollback,
+                                                     and the running A/B experiment (if any)
 
 Readers trust a version only through its manifest, so a bundle that is still being written (or
 whose publish crashed) is invisible. ``current.json`` only moves by a conditional write (see
 :mod:`llmrec_tasks.storage.store`): of two writers racing for a namespace's pointer exactly one
 wins; :func:`update_current` re-reads the pointer and lets the loser decide again.
+
+The A/B experiment (name, challenger version, share of users, salt) is a key of ``current.json``,
+so it moves with the pointer under the same conditional write: a service reads both in one get,
+and promoting the challenger (:func:`new_pointer`) ends the experiment in the same swap.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -41,6 +47,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "llmrec-bundle/1"
 CURRENT = "current"
+EXPERIMENT = "experiment"  # key of current.json: {name, challenger, share, salt, started_at}
 POINTER_HISTORY = 50  # previous currents remembered for rollback
 SWAP_ATTEMPTS = 5
 
@@ -269,10 +276,20 @@ def _entry(pointer: Mapping[str, Any]) -> dict[str, Any]:
     return {k: pointer.get(k) for k in ("version", "logical_date", "promoted_at")}
 
 
+def _kept_experiment(previous: Mapping[str, Any] | None, version: str) -> dict[str, Any]:
+    """The experiment key for a pointer moving to ``version``: kept, unless ``version`` is its
+    challenger (promoting the challenger ends the experiment)."""
+    experiment = (previous or {}).get(EXPERIMENT)
+    if experiment is None or experiment["challenger"] == version:
+        return {}
+    return {EXPERIMENT: experiment}
+
+
 def new_pointer(
     previous: Mapping[str, Any] | None, version: str, logical: str, how: str, reason: str, **extra: Any
 ) -> dict[str, Any]:
-    """The pointer promoting ``version``: the previous current goes on top of the history."""
+    """The pointer promoting ``version``: the previous current goes on top of the history; a
+    running experiment carries over unless ``version`` is its challenger."""
     history = [_entry(previous), *previous.get("history", [])] if previous else []
     rolled_back = [v for v in (previous or {}).get("rolled_back", []) if v != version]
     return {
@@ -283,6 +300,7 @@ def new_pointer(
         "reason": reason,
         "history": history[:POINTER_HISTORY],
         "rolled_back": rolled_back,
+        **_kept_experiment(previous, version),
         **extra,
     }
 
@@ -313,7 +331,90 @@ def rollback_pointer(now: Mapping[str, Any], target: Mapping[str, Any]) -> dict[
         "reason": f"rolled back from {now['version']}",
         "history": list(now["history"][position.index(target["version"]) + 1 :]),
         "rolled_back": [now["version"], *now.get("rolled_back", [])][:POINTER_HISTORY],
+        **_kept_experiment(now, target["version"]),
     }
+
+
+# --- A/B experiments -----------------------------------------------------------------------------
+
+
+def experiment_bucket(salt: str, user_id: str) -> float:
+    """A user's stable position in [0, 1) for an experiment salt (blake2b, not Python's per-process
+    ``hash``): every worker and every restart assigns the user to the same arm."""
+    digest = hashlib.blake2b(f"{salt}\x00{user_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def assign_arm(experiment: Mapping[str, Any] | None, user_id: str | None) -> str:
+    """``challenger`` iff the user's bucket is below the experiment's share; anonymous requests
+    (no user id) and every request without an experiment get ``current``."""
+    if experiment is None or user_id is None:
+        return C.CURRENT_ARM
+    below = experiment_bucket(str(experiment["salt"]), user_id) < float(experiment["share"])
+    return C.CHALLENGER_ARM if below else C.CURRENT_ARM
+
+
+def read_experiment(store_uri: str, namespace: str) -> dict[str, Any] | None:
+    """The running experiment of a namespace (with the current version), None when none runs."""
+    validate_name("namespace", namespace)
+    pointer, _ = read_pointer(open_store(store_uri), namespace)
+    experiment = (pointer or {}).get(EXPERIMENT)
+    return None if experiment is None else {**experiment, "current": pointer["version"]}
+
+
+def start_experiment(
+    store_uri: str, namespace: str, name: str, challenger: str, share: float, salt: str | None = None
+) -> dict[str, Any]:
+    """Serve ``challenger`` to ``share`` of the users (by :func:`experiment_bucket` of ``salt``,
+    default the name) next to ``current``; replaces a running experiment.
+
+    ConfigError for a bad name or share, BundleError when the challenger is not a published version
+    or is the current one (nothing to compare)."""
+    validate_name("namespace", namespace)
+    validate_name("experiment name", name)
+    challenger = validate_name("version", challenger)
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(f"experiment share must be in [0, 1] (the fraction of users), got {share}")
+    store = open_store(store_uri)
+    read_manifest(store, namespace, challenger)  # BundleError unless published and complete
+    experiment = {
+        "name": name,
+        "challenger": challenger,
+        "share": float(share),
+        "salt": name if salt is None else salt,
+        "started_at": _now(),
+    }
+
+    def decide(pointer: dict[str, Any] | None) -> Decision:
+        if pointer is None:
+            raise BundleError(
+                f"namespace {namespace!r} has no current bundle: promote one before starting an experiment"
+            )
+        if pointer["version"] == challenger:
+            raise BundleError(
+                f"{challenger} is already current in namespace {namespace!r}: the challenger must be "
+                "another published version (see `llmrec versions`)"
+            )
+        return {**pointer, EXPERIMENT: experiment}, True, f"experiment {name} started"
+
+    update_current(store, namespace, decide)
+    return read_experiment(store_uri, namespace) or experiment
+
+
+def stop_experiment(store_uri: str, namespace: str) -> dict[str, Any]:
+    """End the running experiment (every user back on ``current``); the stopped one is returned."""
+    validate_name("namespace", namespace)
+    store = open_store(store_uri)
+    stopped: list[dict[str, Any] | None] = [None]
+
+    def decide(pointer: dict[str, Any] | None) -> Decision:
+        stopped[0] = (pointer or {}).get(EXPERIMENT)
+        if pointer is None or stopped[0] is None:
+            return None, False, "no experiment running"
+        return {k: v for k, v in pointer.items() if k != EXPERIMENT}, True, "experiment stopped"
+
+    _, reason = update_current(store, namespace, decide)
+    return {"namespace": namespace, "stopped": stopped[0], "reason": reason}
 
 
 # --- versions ------------------------------------------------------------------------------------
@@ -369,8 +470,8 @@ def show(store_uri: str, namespace: str, version: str) -> dict[str, Any]:
 
 
 def gc(store_uri: str, namespace: str, keep: int) -> dict[str, Any]:
-    """Delete complete bundles beyond the newest ``keep``, never the current one nor the one
-    ``rollback`` would return to. Manifests go first, so a bundle being deleted is never half-visible.
+    """Delete complete bundles beyond the newest ``keep``, never the current one, an experiment's challenger,
+    nor the one ``rollback`` would return to. Manifests go first, so a bundle being deleted is never half-visible.
     Unfinished (manifest-less) versions are reported, not deleted: one may be publishing right now.
     Do not run it concurrently with a promotion of an old version."""
     validate_name("namespace", namespace)
@@ -381,6 +482,8 @@ def gc(store_uri: str, namespace: str, keep: int) -> dict[str, Any]:
     protected = set()
     if pointer is not None:
         protected.add(pointer["version"])
+        if (experiment := pointer.get(EXPERIMENT)) is not None:
+            protected.add(experiment["challenger"])
         history = [
             e for e in pointer.get("history", []) if store.exists(manifest_key(namespace, e["version"]))
         ]

@@ -251,11 +251,20 @@ def test_serving_refresh_is_scheduled_on_the_bundle_alias(bag):
     assert [t.task_id for t in serving.tasks] == ["refresh"]
 
 
+def test_online_metrics_dag_is_one_daily_task_with_typed_params(bag):
+    online = bag.dags["llmrec_online_metrics"]
+    assert [t.task_id for t in online.tasks] == ["online_metrics"]
+    assert "0 0 * * *" in str(online.timetable) and not online.catchup
+    assert {"store_uri", "namespace", "days", "k", "window_hours"} == set(online.params)
+    assert all(online.params.get_param(key).schema.get("type") for key in online.params)
+    assert online.tasks[0].on_failure_callback
+
+
 def test_daily_dag_serializes(bag):
     """What the dag-processor stores (retry policy, params schema, mapped task) round-trips."""
     from airflow.serialization.serialized_objects import DagSerialization
 
-    for dag_id in ("llmrec_daily", "llmrec_serving_refresh", "llmrec_batch_score"):
+    for dag_id in ("llmrec_daily", "llmrec_serving_refresh", "llmrec_batch_score", "llmrec_online_metrics"):
         data = DagSerialization.serialize_dag(bag.dags[dag_id])
         restored = DagSerialization.deserialize_dag(data)
         assert set(restored.task_ids) == set(bag.dags[dag_id].task_ids)

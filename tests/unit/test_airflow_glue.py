@@ -643,3 +643,14 @@ def test_batch_plan_scores_the_triggering_bundle_of_its_store_and_namespace(monk
     ]
     with pytest.raises(AirflowSkipException, match="this run scores production of " + STORE_A):
         glue.batch_plan_task(params, triggering_events((STORE_B, "production", "b3", 3)))
+
+
+def test_online_metrics_task_measures_the_complete_days_before_the_logical_date(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        "llmrec_tasks.online.run_online_metrics",
+        lambda *args, **kwargs: calls.append((args, kwargs)) or SimpleNamespace(to_json=lambda: {"ok": True}),
+    )
+    params = {"store_uri": tmp_path.as_uri(), "namespace": "exp", "days": 3, "k": 5, "window_hours": 12}
+    assert glue.online_metrics_task(params, datetime(2026, 3, 10, tzinfo=UTC)) == {"ok": True}
+    assert calls == [((tmp_path.as_uri(), "exp", "2026-03-07", "2026-03-09"), {"k": 5, "window_hours": 12.0})]

@@ -22,6 +22,7 @@ LAYERS = [
     "ranking",
     "serving",
     "feedback",
+    "online",
     "publish",
     "pipeline",
     "alerts",

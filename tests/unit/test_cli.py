@@ -40,8 +40,37 @@ def test_every_stage_and_operation_has_a_command():
         "serve",
         "sample",
         "score-batch",
+        "experiment",
+        "online-metrics",
     ):
         assert name in commands
+
+
+def test_experiment_commands_and_their_errors(tmp_path, capsys):
+    store = tmp_path.as_uri()
+    assert main(["experiment", "show", "--store", store]) == 0
+    assert '"experiment": null' in capsys.readouterr().out
+    code = main(
+        [
+            "experiment",
+            "start",
+            "exp1",
+            "20240101T000000Z-abcdef12-123456",
+            "--share",
+            "0.2",
+            "--store",
+            store,
+        ]
+    )
+    assert code == 2 and "is not published" in capsys.readouterr().err
+    assert main(["experiment", "stop", "--store", store]) == 0
+    assert "no experiment running" in capsys.readouterr().out
+
+
+def test_online_metrics_command_on_an_empty_store(tmp_path, capsys):
+    args = ["online-metrics", "--store", tmp_path.as_uri(), "--start", "2024-01-01", "--end", "2024-01-02"]
+    assert main(args) == 0
+    assert '"rows": []' in capsys.readouterr().out
 
 
 def test_sample_command_writes_contract_csvs(tmp_path, capsys):

@@ -578,3 +578,35 @@ def test_store_discovery_warnings_are_shown(plugin, store_root):
     app = plugin.create_app(open_store, authorize=allow, store_sources=lambda: sources)
     assert "llmrec_stores is not valid JSON" in get(app, "/")[2].decode()
     assert json.loads(get(app, "/api/stores")[2])["warnings"] == list(sources.warnings)
+
+
+def test_index_shows_the_experiment_and_the_newest_online_metrics(app, store_root):
+    ns = "production"
+    pointer = json.loads((store_root / f"{ns}/current.json").read_text())
+    pointer["experiment"] = {"name": "exp1", "challenger": V3, "share": 0.2, "salt": "s", "started_at": "now"}
+    put_json(store_root, f"{ns}/current.json", pointer)
+    total = {
+        "version": V2,
+        "arm": "current",
+        "impressions": 40,
+        "users": 9,
+        "ctr@10": 0.25,
+        "conversion": 0.05,
+    }
+    for span, ctr in (("2026-10-01_2026-10-07", 0.25), ("2026-09-01_2026-09-07", 0.99)):
+        put_json(store_root, f"{ns}/online_metrics/{span}/online_metrics.json", {
+            "start": span[:10], "end": span[11:], "k": 10, "totals": [{**total, "ctr@10": ctr}], "rows": [],
+        })  # fmt: skip
+        (store_root / f"{ns}/online_metrics/{span}/online_report.html").write_bytes(REPORT)
+    status, _, body = get(app, "/?namespace=production")
+    html = body.decode()
+    assert status == 200 and 'data-testid="experiment"' in html and "20.0% of users" in html
+    online = html.split('data-testid="online"')[1].split("</table>")[0]
+    assert "0.2500" in online and "0.9900" not in online and f'data-version="{V2}"' in online
+    assert f'href="/llmrec/online/production/2026-10-01_2026-10-07?store={key(store_root)}"' in html
+    status, headers, body = get(app, "/online/production/2026-10-01_2026-10-07")
+    assert status == 200 and body == REPORT and headers["content-security-policy"].startswith("sandbox")
+    assert get(app, "/online/production/2020-01-01_2020-01-02")[0] == 404
+    api = json.loads(get(app, "/api/online?namespace=production")[2])
+    assert api["experiment"]["challenger"] == V3 and api["online"]["range"] == "2026-10-01_2026-10-07"
+    assert json.loads(get(app, "/api/online?namespace=exp-a")[2])["online"] is None

@@ -209,3 +209,78 @@ def test_gc_keeps_the_newest_and_every_referenced_version(store: ObjectStore, st
     assert registry.show(store_uri, NS, registry.CURRENT)["version"] == V[0]
     with pytest.raises(ConfigError):
         registry.gc(store_uri, NS, keep=0)
+
+
+# --- A/B experiments -----------------------------------------------------------------------------
+
+
+def test_assignment_is_deterministic_and_matches_the_share() -> None:
+    experiment = {"name": "exp", "challenger": V[1], "share": 0.3, "salt": "s1"}
+    users = [f"user-{i}" for i in range(10_000)]
+    arms = [registry.assign_arm(experiment, u) for u in users]
+    assert arms == [registry.assign_arm(experiment, u) for u in users]  # stable
+    share = arms.count(C.CHALLENGER_ARM) / len(users)
+    assert abs(share - 0.3) < 0.015  # 3.3 standard deviations of a binomial(10k, 0.3) share
+    other = [registry.assign_arm({**experiment, "salt": "s2"}, u) for u in users]
+    assert sum(a != b for a, b in zip(arms, other, strict=True)) > 3000  # another salt reshuffles
+    assert {registry.assign_arm({**experiment, "share": 0.0}, u) for u in users} == {C.CURRENT_ARM}
+    assert {registry.assign_arm({**experiment, "share": 1.0}, u) for u in users} == {C.CHALLENGER_ARM}
+    assert registry.assign_arm(experiment, None) == registry.assign_arm(None, "u1") == C.CURRENT_ARM
+    assert all(0.0 <= registry.experiment_bucket("s", u) < 1.0 for u in users[:100])
+
+
+def test_start_show_stop_an_experiment(store: ObjectStore, store_uri: str) -> None:
+    publish_fake(store, V[0])
+    publish_fake(store, V[1])
+    promote(store, V[0])
+    assert registry.read_experiment(store_uri, NS) is None
+    started = registry.start_experiment(store_uri, NS, "exp1", V[1], 0.25)
+    assert started["challenger"] == V[1] and started["share"] == 0.25 and started["salt"] == "exp1"
+    assert started["current"] == V[0]
+    assert registry.read_experiment(store_uri, NS) == started
+    assert registry.gc(store_uri, NS, keep=1)["deleted"] == []  # the challenger is kept
+    stopped = registry.stop_experiment(store_uri, NS)
+    assert stopped["stopped"]["name"] == "exp1" and registry.read_experiment(store_uri, NS) is None
+    assert registry.stop_experiment(store_uri, NS)["reason"] == "no experiment running"
+    assert registry.current_version(store, NS) == V[0]
+
+
+@pytest.mark.parametrize(
+    ("challenger", "share", "error", "message"),
+    [
+        (V[0], 0.5, BundleError, "already current"),
+        (V[2], 0.5, BundleError, "is not published"),
+        (V[1], 1.5, ConfigError, "share must be in [0, 1]"),
+        (V[1], -0.1, ConfigError, "share must be in [0, 1]"),
+        ("../x", 0.5, ConfigError, "invalid version"),
+    ],
+)
+def test_a_bad_experiment_is_refused(
+    store: ObjectStore, store_uri: str, challenger: str, share: float, error: type, message: str
+) -> None:
+    publish_fake(store, V[0])
+    publish_fake(store, V[1])
+    promote(store, V[0])
+    with pytest.raises(error, match=re.escape(message)):
+        registry.start_experiment(store_uri, NS, "exp1", challenger, share)
+    assert registry.read_experiment(store_uri, NS) is None
+
+
+def test_an_experiment_needs_a_current(store: ObjectStore, store_uri: str) -> None:
+    publish_fake(store, V[1])
+    with pytest.raises(BundleError, match="promote one before starting an experiment"):
+        registry.start_experiment(store_uri, NS, "exp1", V[1], 0.5)
+
+
+def test_promoting_the_challenger_ends_the_experiment_another_promote_keeps_it(
+    store: ObjectStore, store_uri: str
+) -> None:
+    for version in V[:3]:
+        publish_fake(store, version)
+    promote(store, V[0])
+    registry.start_experiment(store_uri, NS, "exp1", V[1], 0.5)
+    promote(store, V[2])  # e.g. the daily run: the experiment goes on against the new current
+    assert registry.read_experiment(store_uri, NS)["current"] == V[2]
+    promote(store, V[1])
+    assert registry.read_experiment(store_uri, NS) is None
+    assert registry.current_version(store, NS) == V[1]
