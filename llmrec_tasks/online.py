@@ -33,12 +33,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.config import validate_name
-from llmrec_tasks.core.errors import BundleError, ConfigError, DataContractError
-from llmrec_tasks.data.feedback import EVENT_SCHEMA, IMPRESSION_SCHEMA
+from llmrec_tasks.core.errors import BundleError, ConfigError
+from llmrec_tasks.data.feedback import EVENT_SCHEMA, IMPRESSION_SCHEMA, read_parquet_frames
 from llmrec_tasks.storage import registry
 from llmrec_tasks.storage.store import ObjectNotFound, ObjectStore, open_store
 
@@ -90,20 +89,11 @@ def _read_days(
     store: ObjectStore, namespace: str, kind: str, days: list[str], schema: pa.Schema
 ) -> pd.DataFrame:
     """The flushed rows of one kind for the given day partitions (empty frame of ``schema`` if none)."""
-    frames = []
+    keys = []
     for day in days:
         prefix = f"{namespace}/{C.FEEDBACK_DIR}/{kind}/{C.DAY_PARTITION.format(day=day)}/"
-        for key in sorted(k for k in store.list(prefix) if k.endswith(".parquet")):
-            try:
-                frames.append(pq.read_table(io.BytesIO(store.get_bytes(key))).to_pandas())
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise DataContractError(
-                    f"{store.uri_for(key)} is not readable Parquet: {exc}. Delete it and rerun "
-                    "`llmrec flush-events` if its segment is still in the service's log"
-                ) from exc
-    if not frames:
-        return schema.empty_table().to_pandas()
-    return pd.concat(frames, ignore_index=True)
+        keys += sorted(k for k in store.list(prefix) if k.endswith(".parquet"))
+    return read_parquet_frames(store, keys, schema)
 
 
 def _attributed(shown: pd.DataFrame, events: pd.DataFrame, window: pd.Timedelta) -> pd.DataFrame:

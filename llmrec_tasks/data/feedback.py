@@ -57,11 +57,9 @@ def feedback_key(namespace: str, kind: str, day: str, segment: str) -> str:
     return f"{namespace}/{C.FEEDBACK_DIR}/{kind}/{partition}/{segment}.parquet"
 
 
-def read_feedback_events(store: ObjectStore, namespace: str) -> pd.DataFrame:
-    """Every flushed event of the namespace, each event id once (the earliest received), in
-    ``EVENT_COLUMNS``; empty when nothing was flushed."""
-    prefix = f"{namespace}/{C.FEEDBACK_DIR}/{C.FEEDBACK_EVENTS}/"
-    keys = [k for k in store.list(prefix) if k.endswith(".parquet")]
+def read_parquet_frames(store: ObjectStore, keys: list[str], schema: pa.Schema) -> pd.DataFrame:
+    """The flushed Parquet files ``keys`` as one frame (an empty frame of ``schema`` for none);
+    an unreadable file is a :class:`DataContractError` that says how to rewrite it."""
     frames = []
     for key in keys:
         try:
@@ -72,8 +70,16 @@ def read_feedback_events(store: ObjectStore, namespace: str) -> pd.DataFrame:
                 "`llmrec flush-events` if its segment is still in the service's log"
             ) from exc
     if not frames:
-        return EVENT_SCHEMA.empty_table().to_pandas()
-    events = pd.concat(frames, ignore_index=True).sort_values(C.RECEIVED_AT, kind="stable")
+        return schema.empty_table().to_pandas()
+    return pd.concat(frames, ignore_index=True)
+
+
+def read_feedback_events(store: ObjectStore, namespace: str) -> pd.DataFrame:
+    """Every flushed event of the namespace, each event id once (the earliest received), in
+    ``EVENT_COLUMNS``; empty when nothing was flushed."""
+    prefix = f"{namespace}/{C.FEEDBACK_DIR}/{C.FEEDBACK_EVENTS}/"
+    keys = [k for k in store.list(prefix) if k.endswith(".parquet")]
+    events = read_parquet_frames(store, keys, EVENT_SCHEMA).sort_values(C.RECEIVED_AT, kind="stable")
     return events.drop_duplicates(C.EVENT_ID, keep="first").reset_index(drop=True)
 
 

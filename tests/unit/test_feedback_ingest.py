@@ -49,3 +49,17 @@ def test_the_run_trains_on_the_flushed_events_once(
     off = run_validate(RunConfig(data_uri=sample_folder.as_uri(), store_uri=store_uri, feedback_ingest=False))
     assert "served-user" not in set(read_snapshot(off.snapshot_uri).interactions[C.USER_ID])
     assert off.fingerprint != result.fingerprint
+
+
+def test_an_unreadable_flushed_file_stops_the_run_and_names_it(store_uri: str) -> None:
+    import pytest
+
+    from llmrec_tasks.core.errors import DataContractError
+    from llmrec_tasks.data.feedback import read_feedback_events
+    from llmrec_tasks.storage.store import open_store
+
+    store = open_store(store_uri)
+    key = f"{C.DEFAULT_NAMESPACE}/{C.FEEDBACK_DIR}/{C.FEEDBACK_EVENTS}/day=2026-11-01/broken.parquet"
+    store.put_bytes(key, b"not parquet")
+    with pytest.raises(DataContractError, match=r"broken\.parquet is not readable Parquet.*flush-events"):
+        read_feedback_events(store, C.DEFAULT_NAMESPACE)
