@@ -286,7 +286,14 @@ def test_params_are_typed_titled_documented_and_grouped(daily):
 
 def test_params_cover_the_run_config(daily):
     """Every setting of RunConfig is a param (flat keys), and the defaults build a valid config."""
-    from llmrec_tasks.core.config import EncoderConfig, IndexConfig, RankerConfig, RunConfig, SasrecConfig
+    from llmrec_tasks.core.config import (
+        EncoderConfig,
+        IndexConfig,
+        RankerConfig,
+        RunConfig,
+        SasrecConfig,
+        SeqConfig,
+    )
 
     expected = {
         "data_uri",
@@ -298,7 +305,7 @@ def test_params_cover_the_run_config(daily):
         "validation",
     }
     sections = (("encoder", EncoderConfig), ("index", IndexConfig), ("ranker", RankerConfig))
-    for prefix, section in (*sections, ("sasrec", SasrecConfig)):
+    for prefix, section in (*sections, ("sasrec", SasrecConfig), ("seq", SeqConfig)):
         expected |= {f"{prefix}_{f.name}" for f in fields(section)}
     assert set(daily.params) == expected
 
