@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,31 +27,13 @@ from llmrec_tasks.feedback import flush_events
 from llmrec_tasks.serving.realtime import RedisState
 from llmrec_tasks.storage.store import open_store
 from tests.bundle_factory import make_run
+from tests.integration.conftest import REDIS_URL
 from tests.s3server import free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 NS = C.DEFAULT_NAMESPACE
-REDIS_URL = "redis://127.0.0.1:6379/0"
 BATCH = 20
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    redis = pytest.importorskip("redis")
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError:
-        pytest.skip(f"no Redis at {REDIS_URL}")
-    prefix = f"llmrec-test-{uuid.uuid4().hex[:12]}"
-    try:
-        yield prefix
-    finally:
-        keys = list(client.scan_iter(f"{prefix}:*", count=1000))
-        for start in range(0, len(keys), 1000):
-            client.delete(*keys[start : start + 1000])
-        client.close()
 
 
 @dataclass

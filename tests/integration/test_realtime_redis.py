@@ -4,27 +4,23 @@ skipped when Redis is not reachable): dedup keys, each user's latest events, rep
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 
 from llmrec_tasks.serving.realtime import FeedbackEvent, RedisState
+from tests.integration.conftest import REDIS_URL
 
 pytestmark = pytest.mark.integration
-URL = "redis://127.0.0.1:6379/0"
 
 
-def test_redis_state_records_reads_and_deduplicates() -> None:
-    redis = pytest.importorskip("redis")
-    admin = redis.Redis.from_url(URL, socket_connect_timeout=1)
-    try:
-        admin.ping()
-    except redis.exceptions.ConnectionError:
-        pytest.skip(f"no Redis at {URL}")
-    prefix = f"llmrec-test-{uuid.uuid4().hex[:12]}"
+def test_redis_state_records_reads_and_deduplicates(redis_prefix: str) -> None:
+    import redis
+
+    prefix = redis_prefix
+    admin = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
 
     async def scenario() -> None:
-        state = RedisState(URL, prefix, recent_events=3, dedup_seconds=600)
+        state = RedisState(REDIS_URL, prefix, recent_events=3, dedup_seconds=600)
         events = [
             FeedbackEvent(f"e{i}", "u1" if i % 2 else "u2", f"i{i}", 1e9 + i, 1.0, "view", None)
             for i in range(8)
@@ -46,7 +42,4 @@ def test_redis_state_records_reads_and_deduplicates() -> None:
     try:
         asyncio.run(scenario())
     finally:
-        keys = list(admin.scan_iter(f"{prefix}:*"))
-        if keys:
-            admin.delete(*keys)
         admin.close()
