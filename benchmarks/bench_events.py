@@ -4,8 +4,11 @@ For each state (``embedded``: no Redis URL; ``redis``: ``--redis-url``, a unique
 afterwards) a ``llmrec serve --workers N`` runs in its own processes (``--workers``, default 2) over
 an empty store (``/events`` needs no bundle), with its feedback log in a temporary folder. For each
 batch size (``--batches``, default 1, 100, 1000), ``--clients`` client threads (default 8), each on
-its own keep-alive connection, post batches of new event ids for ``--seconds`` (default 5). An ack
-is a 200 answer: the batch is fsync'ed in the log and recorded in the state. Reported per run:
+its own keep-alive connection, post batches of new event ids for ``--seconds`` (default 5): as fast
+as they can (closed loop: the capacity, with queueing in the latency), or with ``--rate E`` at an
+offered load of E events/s (open loop: each client sends on a fixed schedule and a latency counts
+from the scheduled send time, so a slow answer also delays, and is charged to, the requests queued
+behind it: no coordinated omission). An ack is a 200 answer: the batch is fsync'ed in the log and recorded in the state. Reported per run:
 events/s acknowledged, ack latency p50/p99 (ms), fsyncs (group commits) per request, errors, and the
 CPU seconds of the service's processes and of the client process; then the Redis/embedded ratios.
 
@@ -111,7 +114,10 @@ def body_template(size: int) -> tuple[bytes, bytes]:
     return ('{"events":[' + ",".join(events) + "]}").encode(), b"@B@"
 
 
-def run_load(base: str, size: int, clients: int, seconds: float, run_id: str) -> dict[str, Any]:
+def run_load(
+    base: str, size: int, clients: int, seconds: float, run_id: str, rate: float | None = None
+) -> dict[str, Any]:
+    """Post batches from ``clients`` threads for ``seconds``; at ``rate`` events/s if given, else flat out."""
     import httpx
 
     template, mark = body_template(size)
@@ -121,14 +127,21 @@ def run_load(base: str, size: int, clients: int, seconds: float, run_id: str) ->
     lock = threading.Lock()
     stop = threading.Event()
 
+    interval = clients * size / rate if rate else 0.0
+
     def loop(n: int) -> None:
         headers = {"content-type": "application/json"}
+        scheduled = begin + n * interval / clients
         with httpx.Client(base_url=base, timeout=30) as client:
             while not stop.is_set():
                 with lock:
                     batch = next(counter)
                 body = template.replace(mark, f"{run_id}-{batch}".encode())
-                started = time.perf_counter()
+                if rate:
+                    time.sleep(max(0.0, scheduled - time.perf_counter()))
+                    started, scheduled = scheduled, scheduled + interval
+                else:
+                    started = time.perf_counter()
                 try:
                     ok = client.post("/events", content=body, headers=headers).status_code == 200
                 except httpx.TransportError:
@@ -139,7 +152,7 @@ def run_load(base: str, size: int, clients: int, seconds: float, run_id: str) ->
                     errors[n] += 1
 
     threads = [threading.Thread(target=loop, args=(n,), daemon=True) for n in range(clients)]
-    started = time.perf_counter()
+    started = begin = time.perf_counter()
     for t in threads:
         t.start()
     time.sleep(seconds)
@@ -150,6 +163,7 @@ def run_load(base: str, size: int, clients: int, seconds: float, run_id: str) ->
     acked = [ms for per_client in latencies for ms in per_client]
     return {
         "batch": size,
+        "offered_events_per_s": rate,
         "requests": len(acked),
         "events_per_s": round(len(acked) * size / wall),
         "ack_ms": percentiles(acked),
@@ -169,7 +183,7 @@ def bench_state(args: argparse.Namespace, state: str) -> list[dict[str, Any]]:
             for size in args.batches:
                 cpu_before = cpu_seconds(process)
                 client_before = resource.getrusage(resource.RUSAGE_SELF)
-                result = run_load(base, size, args.clients, args.seconds, f"{state}-{size}")
+                result = run_load(base, size, args.clients, args.seconds, f"{state}-{size}", args.rate)
                 client_after = resource.getrusage(resource.RUSAGE_SELF)
                 result["service_cpu_s"] = round(cpu_seconds(process) - cpu_before, 2)
                 result["client_cpu_s"] = round(
@@ -201,7 +215,8 @@ def bench_state(args: argparse.Namespace, state: str) -> list[dict[str, Any]]:
 def print_table(results: dict[str, Any]) -> None:
     runs = {(r["state"], r["batch"]): r for rs in results["runs"].values() for r in rs if "batch" in r}
     print(
-        f"\nPOST /events, {results['workers']} workers, {results['clients']} clients, load {results['load_average']}"
+        f"\nPOST /events, {results['workers']} workers, {results['clients']} clients, "
+        f"offered {results['offered_events_per_s'] or 'flat out'} events/s, load {results['load_average']}"
     )
     header = f"{'batch':>6} | {'embedded ev/s':>13} {'p50':>7} {'p99':>7} | {'redis ev/s':>10} {'p50':>7} {'p99':>7} | "
     print(header + f"{'ev/s ratio':>10} {'p99 ratio':>9}")
@@ -222,6 +237,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 100, 1000])
+    parser.add_argument(
+        "--rate", type=float, default=None, help="offered events/s (open loop); default: flat out"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     states = ["embedded", *(["redis"] if args.redis_url else [])]
@@ -229,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "workers": args.workers,
         "clients": args.clients,
         "batches": args.batches,
+        "offered_events_per_s": args.rate,
         "cpus": os.cpu_count(),
         "runs": {state: bench_state(args, state) for state in states},
     }
