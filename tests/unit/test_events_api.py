@@ -4,9 +4,11 @@ recommendations that merge the user's latest events, and impressions in the log.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +209,23 @@ def test_a_click_makes_the_items_neighbours_rise(store_uri: str, feedback_log_di
             rank_before, rank_after = mean_rank(before, neighbours), mean_rank(after, neighbours)
             assert rank_after < rank_before - 5, (user, rank_before, rank_after)
             assert len(set(neighbours) & set(after[:10])) > len(set(neighbours) & set(before[:10]))
+
+
+def test_the_startup_heap_is_frozen_and_a_swap_settles_it_again(
+    store_uri: str, toy_ranker_features: None, feedback_log_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What startup built (modules, app, bundle) is out of the collector's reach, so a full
+    collection during serving does not walk it; a bundle swap collects and freezes again."""
+    publish.run_publish(*make_run(store_uri))
+    settled: list[int] = []
+    settle = api.settle_heap
+    monkeypatch.setattr(api, "settle_heap", lambda: (settle(), settled.append(gc.get_freeze_count())))
+    with TestClient(api.create_app(store_uri, DEFAULT_NAMESPACE, poll_seconds=3600)) as c:
+        assert len(settled) == 2 and gc.get_freeze_count() > 10_000  # the first load, then startup's end
+        publish.run_publish(*make_run(store_uri, cutoff=datetime(2024, 2, 2, tzinfo=UTC), seed=1))
+        assert c.app.state.holder.refresh()
+        assert len(settled) == 3 and settled[-1] > 10_000
+        assert c.post("/events", json={"events": [event(1)]}).json()["accepted"] == 1
 
 
 def test_feedback_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
