@@ -3,17 +3,19 @@
 For each state (``embedded``: no Redis URL; ``redis``: ``--redis-url``, a unique key prefix removed
 afterwards) a ``llmrec serve --workers N`` runs in its own processes (``--workers``, default 2) over
 an empty store (``/events`` needs no bundle), with its feedback log in a temporary folder. For each
-batch size (``--batches``, default 1, 100, 1000), ``--clients`` client threads (default 8), each on
+batch size (``--batches``, default 1, 100, 1000), ``--clients`` client processes (default 8), each on
 its own keep-alive connection, post batches of new event ids for ``--seconds`` (default 5): as fast
 as they can (closed loop: the capacity, with queueing in the latency), or with ``--rate E`` at an
 offered load of E events/s (open loop: each client sends on a fixed schedule and a latency counts
 from the scheduled send time, so a slow answer also delays, and is charged to, the requests queued
-behind it: no coordinated omission). An ack is a 200 answer: the batch is fsync'ed in the log and recorded in the state. Reported per run:
+behind it: no coordinated omission; every request scheduled within the run is sent). An ack is a 200 answer: the batch is fsync'ed in the log and recorded in the state. Reported per run:
 events/s acknowledged, ack latency p50/p99 (ms), fsyncs (group commits) per request, errors, and the
-CPU seconds of the service's processes and of the client process; then the Redis/embedded ratios.
+CPU seconds of the service's processes and of the client processes; then the Redis/embedded ratios.
 
-The clients share the host's cores with the service: on a 2-core machine the client threads take
-a good part of the CPU, so the figures are a lower bound of the service alone. Usage::
+The clients are processes, not threads of one process: threads shared one GIL, and that process's
+own full garbage collections stalled every client at once, a delay the open loop charged to the
+service. They still share the host's cores with the service: on a 2-core machine they take a good
+part of the CPU, so the figures are a lower bound of the service alone. Usage::
 
     python benchmarks/bench_events.py --redis-url redis://127.0.0.1:6379/0 --out /tmp/bench_events.json
 """
@@ -21,18 +23,20 @@ a good part of the CPU, so the figures are a lower bound of the service alone. U
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import multiprocessing
 import os
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -114,61 +118,110 @@ def body_template(size: int) -> tuple[bytes, bytes]:
     return ('{"events":[' + ",".join(events) + "]}").encode(), b"@B@"
 
 
+def _client(
+    base: str,
+    body: tuple[bytes, bytes],
+    batch_prefix: str,
+    first_send: float,
+    interval: float,
+    seconds: float,
+    ready: Any,
+    go: Any,
+    begin: Any,
+    results: Any,
+) -> None:
+    """One client process on one keep-alive connection: post batches until ``seconds`` after
+    ``begin``; every ``interval`` seconds from ``begin + first_send`` (open loop) or back to back
+    (``interval`` 0). Puts its latencies (ms), errors, end time and CPU seconds on ``results``."""
+    import httpx
+
+    template, mark = body
+    headers = {"content-type": "application/json"}
+    latencies: list[float] = []
+    errors = 0
+    with httpx.Client(base_url=base, timeout=30) as client:
+        gc.collect()
+        gc.freeze()  # this process's own full collections then walk nothing of the imports
+        ready.put(None)
+        go.wait()
+        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+        scheduled = begin.value + first_send
+        stop = begin.value + seconds
+        for batch in count():
+            body_bytes = template.replace(mark, f"{batch_prefix}-{batch}".encode())
+            if interval:
+                if scheduled >= stop:
+                    break
+                time.sleep(max(0.0, scheduled - time.perf_counter()))
+                started, scheduled = scheduled, scheduled + interval
+            else:
+                started = time.perf_counter()
+                if started >= stop:
+                    break
+            try:
+                ok = client.post("/events", content=body_bytes, headers=headers).status_code == 200
+            except httpx.TransportError:
+                ok = False
+            if ok:
+                latencies.append((time.perf_counter() - started) * 1000)
+            else:
+                errors += 1
+        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    results.put({"latencies": latencies, "errors": errors, "end": time.perf_counter(), "cpu_s": cpu})
+
+
 def run_load(
     base: str, size: int, clients: int, seconds: float, run_id: str, rate: float | None = None
 ) -> dict[str, Any]:
-    """Post batches from ``clients`` threads for ``seconds``; at ``rate`` events/s if given, else flat out."""
-    import httpx
+    """Post batches from ``clients`` processes for ``seconds``; at ``rate`` events/s if given, else flat out.
 
-    template, mark = body_template(size)
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors = [0] * clients
-    counter = iter(range(1 << 62))
-    lock = threading.Lock()
-    stop = threading.Event()
-
+    One process per client, not threads: 8 threads of one process shared its GIL, and that
+    process's own garbage collections (30-120 ms under load) stalled every client at once, which
+    the open loop then charged to the service as latency."""
+    ctx = multiprocessing.get_context("fork")  # the parent runs no threads here; fork is quick
+    ready, results, go, begin = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
     interval = clients * size / rate if rate else 0.0
-
-    def loop(n: int) -> None:
-        headers = {"content-type": "application/json"}
-        scheduled = begin + n * interval / clients
-        with httpx.Client(base_url=base, timeout=30) as client:
-            while not stop.is_set():
-                with lock:
-                    batch = next(counter)
-                body = template.replace(mark, f"{run_id}-{batch}".encode())
-                if rate:
-                    time.sleep(max(0.0, scheduled - time.perf_counter()))
-                    started, scheduled = scheduled, scheduled + interval
-                else:
-                    started = time.perf_counter()
-                try:
-                    ok = client.post("/events", content=body, headers=headers).status_code == 200
-                except httpx.TransportError:
-                    ok = False
-                if ok:
-                    latencies[n].append((time.perf_counter() - started) * 1000)
-                else:
-                    errors[n] += 1
-
-    threads = [threading.Thread(target=loop, args=(n,), daemon=True) for n in range(clients)]
-    started = begin = time.perf_counter()
-    for t in threads:
-        t.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
-    acked = [ms for per_client in latencies for ms in per_client]
+    body = body_template(size)
+    processes = [
+        ctx.Process(
+            target=_client,
+            args=(
+                base,
+                body,
+                f"{run_id}-{n}",
+                n * interval / clients,
+                interval,
+                seconds,
+                ready,
+                go,
+                begin,
+                results,
+            ),
+            daemon=True,
+        )
+        for n in range(clients)
+    ]
+    for p in processes:
+        p.start()
+    for _ in processes:
+        ready.get(timeout=60)
+    begin.value = time.perf_counter()
+    go.set()
+    outcomes = [results.get(timeout=seconds + 120) for _ in processes]
+    for p in processes:
+        p.join(timeout=30)
+    wall = max(o["end"] for o in outcomes) - begin.value
+    acked = [ms for o in outcomes for ms in o["latencies"]]
     return {
         "batch": size,
         "offered_events_per_s": rate,
         "requests": len(acked),
         "events_per_s": round(len(acked) * size / wall),
         "ack_ms": percentiles(acked),
-        "errors": sum(errors),
+        "errors": sum(o["errors"] for o in outcomes),
         "wall_s": round(wall, 2),
+        "client_cpu_s": round(sum(o["cpu_s"] for o in outcomes), 2),
     }
 
 
@@ -182,15 +235,8 @@ def bench_state(args: argparse.Namespace, state: str) -> list[dict[str, Any]]:
             warmup = run_load(base, 10, args.clients, 1.0, "warmup")
             for size in args.batches:
                 cpu_before = cpu_seconds(process)
-                client_before = resource.getrusage(resource.RUSAGE_SELF)
                 result = run_load(base, size, args.clients, args.seconds, f"{state}-{size}", args.rate)
-                client_after = resource.getrusage(resource.RUSAGE_SELF)
                 result["service_cpu_s"] = round(cpu_seconds(process) - cpu_before, 2)
-                result["client_cpu_s"] = round(
-                    (client_after.ru_utime - client_before.ru_utime)
-                    + (client_after.ru_stime - client_before.ru_stime),
-                    2,
-                )
                 result["state"] = state
                 out.append(result)
                 print(json.dumps(result), flush=True)
