@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import http.client
 import json
 import multiprocessing
 import os
@@ -39,6 +40,7 @@ from contextlib import contextmanager
 from itertools import count
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -132,41 +134,49 @@ def _client(
 ) -> None:
     """One client process on one keep-alive connection: post batches until ``seconds`` after
     ``begin``; every ``interval`` seconds from ``begin + first_send`` (open loop) or back to back
-    (``interval`` 0). Puts its latencies (ms), errors, end time and CPU seconds on ``results``."""
-    import httpx
+    (``interval`` 0). Puts its latencies (ms), errors, end time and CPU seconds on ``results``.
 
+    ``http.client``, not httpx: 0.25 ms of client CPU per request instead of 0.9 ms (measured on
+    this host), CPU the service then has on a shared 2-core machine."""
     template, mark = body
+    url = urlsplit(base)
+    connection = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=30)
     headers = {"content-type": "application/json"}
     latencies: list[float] = []
     errors = 0
-    with httpx.Client(base_url=base, timeout=30) as client:
-        gc.collect()
-        gc.freeze()  # this process's own full collections then walk nothing of the imports
-        ready.put(None)
-        go.wait()
-        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
-        scheduled = begin.value + first_send
-        stop = begin.value + seconds
-        for batch in count():
-            body_bytes = template.replace(mark, f"{batch_prefix}-{batch}".encode())
-            if interval:
-                if scheduled >= stop:
-                    break
-                time.sleep(max(0.0, scheduled - time.perf_counter()))
-                started, scheduled = scheduled, scheduled + interval
-            else:
-                started = time.perf_counter()
-                if started >= stop:
-                    break
-            try:
-                ok = client.post("/events", content=body_bytes, headers=headers).status_code == 200
-            except httpx.TransportError:
-                ok = False
-            if ok:
-                latencies.append((time.perf_counter() - started) * 1000)
-            else:
-                errors += 1
-        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    connection.connect()  # before the clock starts
+    gc.collect()
+    gc.freeze()  # this process's own full collections then walk nothing of the imports
+    ready.put(None)
+    go.wait()
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+    scheduled = begin.value + first_send
+    stop = begin.value + seconds
+    for batch in count():
+        body_bytes = template.replace(mark, f"{batch_prefix}-{batch}".encode())
+        if interval:
+            if scheduled >= stop:
+                break
+            time.sleep(max(0.0, scheduled - time.perf_counter()))
+            started, scheduled = scheduled, scheduled + interval
+        else:
+            started = time.perf_counter()
+            if started >= stop:
+                break
+        try:
+            connection.request("POST", "/events", body=body_bytes, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            ok = response.status == 200
+        except (OSError, http.client.HTTPException):
+            connection.close()  # the next request reconnects
+            ok = False
+        if ok:
+            latencies.append((time.perf_counter() - started) * 1000)
+        else:
+            errors += 1
+    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    connection.close()
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     results.put({"latencies": latencies, "errors": errors, "end": time.perf_counter(), "cpu_s": cpu})
 
