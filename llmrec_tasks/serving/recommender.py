@@ -518,7 +518,7 @@ def ranker_scorer(bundle: Bundle) -> RankerScorer:
         raise BundleError(f"{bundle.uri}: {exc}") from exc
     # The published index, not a rebuilt one; the sequence model the ranker's features were computed with.
     ctx = replace(ctx, _index=bundle.index, seq=seq)
-    sources.precompute(ctx)
+    sources.precompute(ctx, params)
     features.precompute(ctx)
     return RankerScorer(ctx, params, list(bundle.feature_names))
 
