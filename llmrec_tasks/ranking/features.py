@@ -108,7 +108,7 @@ def build_features(
     cols.update(_categories(ctx, hist, cands))
 
     cols.update(_item_links(ctx, hist, cands))
-    cols["item_n_categories"] = np.diff(ctx.categories.indptr)[items]
+    cols["item_n_categories"] = _n_categories(ctx, items)
     cols["item_text_len"] = ctx.item_text_len[items]
     cols["item_pop_log"] = np.log1p(ctx.item_pop[items])
     cols["item_pop_before"] = np.log1p(ctx.pop_before(items, ref))
@@ -229,6 +229,12 @@ def _category_embeddings(ctx: RankContext) -> np.ndarray:
     return cat_emb / np.maximum(np.linalg.norm(cat_emb, axis=1, keepdims=True), 1e-9)
 
 
+def _n_categories(ctx: RankContext, items: np.ndarray) -> np.ndarray:
+    """Categories of each of ``items``: read from the CSR row bounds, O(items) not O(catalog)."""
+    indptr = ctx.categories.indptr
+    return indptr[items + 1] - indptr[items]
+
+
 def _categories(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[str, np.ndarray]:
     """Category affinity (share of the user's recency-weighted history in the item's categories)
     and semantic similarity of the item to the centroid of the user's favourite categories."""
@@ -241,7 +247,7 @@ def _categories(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[
         return {"cat_affinity": zeros, "cat_affinity_recent": zeros, "sem_category": zeros}
     pos = hist.position_from_end()
     # The candidates' categories as (candidate row, category) pairs, in category order per row.
-    counts = np.diff(cats.indptr)[cands.items]
+    counts = _n_categories(ctx, cands.items)
     offsets = np.cumsum(counts) - counts
     at = np.repeat(cats.indptr[cands.items] - offsets, counts) + np.arange(int(counts.sum()))
     row_of = np.repeat(np.arange(n_rows), counts)

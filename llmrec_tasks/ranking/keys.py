@@ -64,7 +64,8 @@ def weighted_row_sums(
     """
     n_cols = matrix.shape[1]
     dtype = np.result_type(weight.dtype, matrix.dtype)
-    starts, counts = matrix.indptr[row], np.diff(matrix.indptr)[row]
+    starts = matrix.indptr[row]
+    counts = matrix.indptr[row + 1] - starts  # the rows' lengths: O(entries), not O(rows of the matrix)
     offsets = np.cumsum(counts) - counts
     pos = np.repeat(starts - offsets, counts) + np.arange(int(counts.sum()))
     entry_user = np.repeat(user, counts)

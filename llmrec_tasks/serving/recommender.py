@@ -513,7 +513,8 @@ def ranker_scorer(bundle: Bundle) -> RankerScorer:
             f"the bundle {'lacks' if spec.get('seq') else 'holds'} {C.SEQ_MODEL}: re-publish this version"
         )
     try:
-        seq = SeqScorer.build(bundle.seq, bundle.embeddings) if bundle.seq is not None else None
+        # Kept states: a user's requests without new events skip the encoder (same bits).
+        seq = SeqScorer.build(bundle.seq, bundle.embeddings).with_memo() if bundle.seq is not None else None
     except DataContractError as exc:
         raise BundleError(f"{bundle.uri}: {exc}") from exc
     # The published index, not a rebuilt one; the sequence model the ranker's features were computed with.
