@@ -256,3 +256,18 @@ def test_faiss_last_from_the_neighbour_table_equals_a_live_search(chain, monkeyp
     from_table = sources._neighbour_lists(ctx, items, owner, hist, seen, depth)
     assert np.array_equal(from_table[0], live[0]) and np.array_equal(from_table[1], live[1])
     ctx.cache.pop(("item_neighbours", depth), None)
+
+
+def test_relation_rows_look_up_what_the_relation_holds(chain):
+    from llmrec_tasks.ranking.features import relation_rows
+    from llmrec_tasks.ranking.keys import lookup
+
+    _, _, ctx = chain
+    rows = np.array([[3, -1, 7], [7, 0, -1]])
+    for name, rel in ctx.relations.items():
+        keys, data = relation_rows(ctx, name, rows)
+        dense = rel.toarray().astype(np.float32)
+        for row in (0, 3, 7):
+            got = lookup(keys, data, row * N_ITEMS + np.arange(N_ITEMS), 0.0)
+            assert np.array_equal(got, dense[row]), (name, row)
+        assert set((keys // N_ITEMS).tolist()) <= {0, 3, 7}
