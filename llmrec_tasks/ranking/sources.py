@@ -45,6 +45,8 @@ RESCORE_MARGIN = 16  # FAISS hits rescored exactly beyond the list depth (near-t
 # a user who has seen more of an item's neighbours gets a live search for that item.
 NEIGHBOUR_HISTORY = 100
 NEIGHBOUR_CHUNK = 1024  # items searched per batch when building the neighbour table
+# Larger tables are not built (faiss_last then searches per request): 256 MiB is ~200k items.
+NEIGHBOUR_TABLE_MAX_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -202,17 +204,20 @@ def new_items(ctx: RankContext) -> tuple[np.ndarray, Any]:
     return ctx.cached("new_items", make)
 
 
-def item_neighbours(ctx: RankContext, depth: int) -> np.ndarray:
+def item_neighbours(ctx: RankContext, depth: int) -> np.ndarray | None:
     """``(n_items, width)`` int32: the first FAISS hits of each item's own embedding, in the index's
     order (-1 padded), ``width = depth + RESCORE_MARGIN + NEIGHBOUR_HISTORY``; once per context.
+    None when it would exceed ``NEIGHBOUR_TABLE_MAX_BYTES`` (the same decision in every context).
 
     ``faiss_last`` reads an item's row instead of searching for it: the same hits a search returns,
     up to the order of near-ties (which the exact rescoring of :func:`_rank_hits` settles). Built
     in fixed chunks of items, so training and serving derive the same table from the same index.
     """
+    width = min(ctx.n_items, depth + RESCORE_MARGIN + NEIGHBOUR_HISTORY)
+    if ctx.n_items * width * np.dtype(np.int32).itemsize > NEIGHBOUR_TABLE_MAX_BYTES:
+        return None
 
     def make() -> np.ndarray:
-        width = min(ctx.n_items, depth + RESCORE_MARGIN + NEIGHBOUR_HISTORY)
         index, emb = ctx.faiss_index(), ctx.embeddings
         table = np.empty((ctx.n_items, width), dtype=np.int32)
         for lo in range(0, ctx.n_items, NEIGHBOUR_CHUNK):
@@ -290,9 +295,11 @@ def _neighbour_lists(
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_faiss_lists` of the embeddings of ``items`` (query i asks for user ``owner[i]``), from
     their rows of :func:`item_neighbours`; an item whose row has too few hits left once its user's
-    history is removed is searched for."""
+    history is removed (every item, without a table) is searched for."""
     queries = ctx.embeddings[items]
     table = item_neighbours(ctx, depth)
+    if table is None:
+        return _faiss_lists(ctx, queries, owner, hist, seen, depth)
     hits = _unseen_hits(ctx, table[items].astype(np.int64), owner, seen, depth)
     short = (hits[:, -1] < 0) & (table.shape[1] < ctx.n_items)  # the row ran out, the catalog did not
     if short.any():
