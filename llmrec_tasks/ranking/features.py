@@ -29,7 +29,7 @@ import numpy as np
 from llmrec_tasks.core.errors import ConfigError
 from llmrec_tasks.ranking.context import RankContext, user_profile, weighted_sums
 from llmrec_tasks.ranking.events import DAY, Histories
-from llmrec_tasks.ranking.keys import csr_keys, lookup, weighted_row_sums
+from llmrec_tasks.ranking.keys import lookup, weighted_row_sums
 from llmrec_tasks.ranking.sources import SOURCES, CandidateSet, rowwise_dot
 
 LAST_K = 5  # similarity to each of the last k items (one column each: part of the feature names)
@@ -108,7 +108,7 @@ def build_features(
     cols.update(_categories(ctx, hist, cands))
 
     cols.update(_item_links(ctx, hist, cands))
-    cols["item_n_categories"] = np.diff(ctx.categories.indptr)[items]
+    cols["item_n_categories"] = _n_categories(ctx, items)
     cols["item_text_len"] = ctx.item_text_len[items]
     cols["item_pop_log"] = np.log1p(ctx.item_pop[items])
     cols["item_pop_before"] = np.log1p(ctx.pop_before(items, ref))
@@ -151,12 +151,12 @@ def build_features(
 
 def _item_links(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[str, np.ndarray]:
     """Relation values between each candidate and the user's most recent items."""
-    user_of = cands.user_of
-    last = hist.last(ctx.params.recent_items)[user_of]
+    recent = hist.last(ctx.params.recent_items)
+    last = recent[cands.user_of]
     n_items = ctx.n_items
     out = {}
     for name in ("next", "prev", "cooc"):
-        keys, data = relation_keys(ctx, name)
+        keys, data = relation_rows(ctx, name, recent)
         pairs = np.maximum(last, 0) * n_items + cands.items[:, None]
         values = np.where(last >= 0, lookup(keys, data, pairs, 0.0), 0.0).astype(np.float32)
         out[f"{name}_last1"] = values[:, 0]
@@ -167,16 +167,19 @@ def _item_links(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[
     return out
 
 
-def relation_keys(ctx: RankContext, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """A relation's entries as sorted keys ``row * n_items + col`` and float32 values (once per context)."""
-
-    def make() -> tuple[np.ndarray, np.ndarray]:
-        rel = ctx.relations[name]
-        keys = csr_keys(rel)
-        order = np.argsort(keys, kind="stable")
-        return keys[order], rel.data[order].astype(np.float32)
-
-    return ctx.cached(("relation_keys", name), make)
+def relation_rows(ctx: RankContext, name: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A relation's entries in ``rows`` (item rows, -1 ignored) as sorted keys ``row * n_items + col``
+    and float32 values: all a lookup of pairs from those rows reads, gathered from the CSR arrays
+    in O(rows x neighbours) per call instead of searching the whole relation."""
+    rel = ctx.relations[name]
+    rows = np.unique(rows[rows >= 0]).astype(np.int64)
+    starts = rel.indptr[rows]
+    counts = rel.indptr[rows + 1] - starts
+    offsets = np.cumsum(counts) - counts
+    pos = np.repeat(starts - offsets, counts) + np.arange(int(counts.sum()))
+    keys = np.repeat(rows, counts) * rel.shape[1] + rel.indices[pos]
+    order = np.argsort(keys, kind="stable")  # rows sorted: only unsorted columns within a row move
+    return keys[order], rel.data[pos][order].astype(np.float32)
 
 
 def _semantic(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[str, np.ndarray]:
@@ -210,8 +213,6 @@ def _semantic(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[st
 
 def precompute(ctx: RankContext) -> None:
     """Build now the per-context arrays the features read (serving: once per bundle, at load)."""
-    for name in ctx.relations:  # every relation: serving's reasons look up links in the others
-        relation_keys(ctx, name)
     ctx.cached("item_centrality", lambda: _centrality(ctx.embeddings))
     ctx.cached("category_embeddings", lambda: _category_embeddings(ctx))
 
@@ -229,6 +230,12 @@ def _category_embeddings(ctx: RankContext) -> np.ndarray:
     return cat_emb / np.maximum(np.linalg.norm(cat_emb, axis=1, keepdims=True), 1e-9)
 
 
+def _n_categories(ctx: RankContext, items: np.ndarray) -> np.ndarray:
+    """Categories of each of ``items``: read from the CSR row bounds, O(items) not O(catalog)."""
+    indptr = ctx.categories.indptr
+    return indptr[items + 1] - indptr[items]
+
+
 def _categories(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[str, np.ndarray]:
     """Category affinity (share of the user's recency-weighted history in the item's categories)
     and semantic similarity of the item to the centroid of the user's favourite categories."""
@@ -241,7 +248,7 @@ def _categories(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[
         return {"cat_affinity": zeros, "cat_affinity_recent": zeros, "sem_category": zeros}
     pos = hist.position_from_end()
     # The candidates' categories as (candidate row, category) pairs, in category order per row.
-    counts = np.diff(cats.indptr)[cands.items]
+    counts = _n_categories(ctx, cands.items)
     offsets = np.cumsum(counts) - counts
     at = np.repeat(cats.indptr[cands.items] - offsets, counts) + np.arange(int(counts.sum()))
     row_of = np.repeat(np.arange(n_rows), counts)

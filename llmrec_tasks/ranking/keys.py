@@ -28,12 +28,6 @@ def lookup(sorted_keys: np.ndarray, values: np.ndarray, keys: np.ndarray, defaul
     return np.where(sorted_keys[pos] == keys, values[pos], default).astype(values.dtype)
 
 
-def csr_keys(matrix: sp.csr_matrix) -> np.ndarray:
-    """Sorted keys ``row * n_cols + col`` of a canonical CSR matrix's stored entries."""
-    rows = np.repeat(np.arange(matrix.shape[0], dtype=np.int64), np.diff(matrix.indptr))
-    return rows * matrix.shape[1] + matrix.indices
-
-
 def rank_lists(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int, depth: int) -> np.ndarray:
     """``(n_rows, depth)`` columns of the best positive ``vals`` per row, best first (ties: lower
     column), ``-1`` padded; from (row, col, value) triples with unique (row, col)."""
@@ -64,7 +58,8 @@ def weighted_row_sums(
     """
     n_cols = matrix.shape[1]
     dtype = np.result_type(weight.dtype, matrix.dtype)
-    starts, counts = matrix.indptr[row], np.diff(matrix.indptr)[row]
+    starts = matrix.indptr[row]
+    counts = matrix.indptr[row + 1] - starts  # the rows' lengths: O(entries), not O(rows of the matrix)
     offsets = np.cumsum(counts) - counts
     pos = np.repeat(starts - offsets, counts) + np.arange(int(counts.sum()))
     entry_user = np.repeat(user, counts)

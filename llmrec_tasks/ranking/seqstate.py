@@ -12,14 +12,18 @@ their text alone). A user's state is the causal encoder's last hidden state over
 ``max_len`` items; an item's score is the state times its vector.
 
 Each user is computed on their own (no padding, no batch-shape-dependent sums): a user's state
-and scores are the same bits alone (a request) or in a training batch.
+and scores are the same bits alone (a request) or in a training batch. Serving keeps the states it
+computed in a bounded :class:`StateMemo` (by the exact items read): a returning user whose latest
+``max_len`` items did not change skips the encoder and gets the same bits.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +34,7 @@ from llmrec_tasks.core.errors import DataContractError
 from llmrec_tasks.ranking.events import Histories
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default
+STATE_MEMO_SIZE = 20_000  # user states a serving scorer keeps (64 float64 each: ~10 MB at hidden 64)
 CONFIG_KEY = "__config__"  # the npz entry holding the JSON architecture (hidden, heads, max_len, layers)
 
 
@@ -75,13 +80,47 @@ def item_vectors(weights: SeqWeights, text: np.ndarray) -> np.ndarray:
     return text.astype(np.float64) @ a["project.weight"].T.astype(np.float64) + a["project.bias"] + a["delta"]
 
 
+class StateMemo:
+    """The last ``size`` user states computed, by the items the encoder read (least recently used
+    dropped first); thread-safe. A state depends on nothing else, so a hit is the same bits."""
+
+    def __init__(self, size: int = STATE_MEMO_SIZE) -> None:
+        self.size = size
+        self._states: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> np.ndarray | None:
+        with self._lock:
+            state = self._states.get(key)
+            if state is not None:
+                self._states.move_to_end(key)
+            return state
+
+    def put(self, key: bytes, state: np.ndarray) -> None:
+        state.flags.writeable = False  # shared between requests
+        with self._lock:
+            self._states[key] = state
+            self._states.move_to_end(key)
+            while len(self._states) > self.size:
+                self._states.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+
 @dataclass(frozen=True)
 class SeqScorer:
-    """What scoring needs, in float64: item vectors and the encoder's weights (built once per context)."""
+    """What scoring needs, in float64: item vectors and the encoder's weights (built once per context);
+    ``memo``: states kept between calls (serving, :meth:`with_memo`), None in training."""
 
     weights: SeqWeights
     vectors: np.ndarray  # (n_items, hidden)
     arrays: dict[str, np.ndarray]
+    memo: StateMemo | None = field(default=None, compare=False)
+
+    def with_memo(self, size: int = STATE_MEMO_SIZE) -> SeqScorer:
+        """This scorer keeping its last ``size`` states (serving: a user's requests share them)."""
+        return replace(self, memo=StateMemo(size))
 
     @classmethod
     def build(cls, weights: SeqWeights, text: np.ndarray) -> SeqScorer:
@@ -147,10 +186,21 @@ def forward(scorer: SeqScorer, items: np.ndarray) -> np.ndarray:
 
 
 def user_states(scorer: SeqScorer, hist: Histories) -> np.ndarray:
-    """``(n_users, hidden)`` float64: :func:`forward` of each user's history, user by user."""
+    """``(n_users, hidden)`` float64: :func:`forward` of each user's history, user by user (read
+    from and kept in ``scorer.memo`` when it has one)."""
     out = np.zeros((hist.n_users, scorer.weights.hidden))
+    memo, max_len = scorer.memo, scorer.weights.max_len
     for u in np.flatnonzero(hist.lengths > 0):
-        out[u] = forward(scorer, hist.items[hist.indptr[u] : hist.indptr[u + 1]])
+        items = hist.items[max(hist.indptr[u], hist.indptr[u + 1] - max_len) : hist.indptr[u + 1]]
+        if memo is None:
+            out[u] = forward(scorer, items)
+            continue
+        key = np.asarray(items, dtype=np.int64).tobytes()
+        state = memo.get(key)
+        if state is None:
+            state = forward(scorer, items)
+            memo.put(key, state)
+        out[u] = state
     return out
 
 

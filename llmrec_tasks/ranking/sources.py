@@ -5,7 +5,8 @@ items, oldest first, and the time the recommendation is made) and unions the top
 sources :data:`SOURCES`, each recording its score and rank for the ranker:
 
 - ``faiss_profile`` / ``faiss_last``: retrieval-index neighbours of the recency-weighted profile /
-  of the most recent items;
+  of the most recent items (read from the per-item neighbour table :func:`item_neighbours`, built
+  once per context, instead of a search per request);
 - ``faiss_new``: the profile's nearest items among those without any known interaction (new in
   the catalog): they reach no collaborative list, and among every item's neighbours they are few;
 - ``next``, ``prev``, ``cooc``, ``ease``: the context's relations from the recent (``next``,
@@ -40,6 +41,12 @@ log = logging.getLogger(__name__)
 SOURCES = ("faiss_profile", "faiss_last", "faiss_new", "next", "prev", "cooc", "ease", "pop", "seq")
 POP_PRIOR = 1e-3  # weight of overall popularity in the `pop` score: below one count, a tie-breaker
 RESCORE_MARGIN = 16  # FAISS hits rescored exactly beyond the list depth (near-ties at its end)
+# Seen items a row of the neighbour table (item_neighbours) can lose and still hold a full list;
+# a user who has seen more of an item's neighbours gets a live search for that item.
+NEIGHBOUR_HISTORY = 100
+NEIGHBOUR_CHUNK = 1024  # items searched per batch when building the neighbour table
+# Larger tables are not built (faiss_last then searches per request): 256 MiB is ~200k items.
+NEIGHBOUR_TABLE_MAX_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -136,10 +143,11 @@ def _pop_score(ctx: RankContext, items: np.ndarray, ref: np.ndarray) -> np.ndarr
     return counts + _pop_prior(ctx)[items]
 
 
-def precompute(ctx: RankContext) -> None:
+def precompute(ctx: RankContext, params: CandidateParams) -> None:
     """Build now the per-context arrays the sources read (serving: once per bundle, at load)."""
     _pop_ranking(ctx, ctx.stats_end, ctx.n_items)
     new_items(ctx)
+    item_neighbours(ctx, min(params.rank_depth, ctx.n_items))
 
 
 def _pop_prior(ctx: RankContext) -> np.ndarray:
@@ -196,6 +204,76 @@ def new_items(ctx: RankContext) -> tuple[np.ndarray, Any]:
     return ctx.cached("new_items", make)
 
 
+def item_neighbours(ctx: RankContext, depth: int) -> np.ndarray | None:
+    """``(n_items, width)`` int32: the first FAISS hits of each item's own embedding, in the index's
+    order (-1 padded), ``width = depth + RESCORE_MARGIN + NEIGHBOUR_HISTORY``; once per context.
+    None when it would exceed ``NEIGHBOUR_TABLE_MAX_BYTES`` (the same decision in every context).
+
+    ``faiss_last`` reads an item's row instead of searching for it: the same hits a search returns,
+    up to the order of near-ties (which the exact rescoring of :func:`_rank_hits` settles). Built
+    in fixed chunks of items, so training and serving derive the same table from the same index.
+    """
+    width = min(ctx.n_items, depth + RESCORE_MARGIN + NEIGHBOUR_HISTORY)
+    if ctx.n_items * width * np.dtype(np.int32).itemsize > NEIGHBOUR_TABLE_MAX_BYTES:
+        return None
+
+    def make() -> np.ndarray:
+        index, emb = ctx.faiss_index(), ctx.embeddings
+        table = np.empty((ctx.n_items, width), dtype=np.int32)
+        for lo in range(0, ctx.n_items, NEIGHBOUR_CHUNK):
+            _, table[lo : lo + NEIGHBOUR_CHUNK] = index.search(emb[lo : lo + NEIGHBOUR_CHUNK], width)
+        return table
+
+    return ctx.cached(("item_neighbours", depth), make)
+
+
+def _search(
+    ctx: RankContext,
+    queries: np.ndarray,
+    owner: np.ndarray,
+    hist: Histories,
+    depth: int,
+    subset: tuple[np.ndarray, Any] | None = None,
+) -> np.ndarray:
+    """FAISS hits ``(len(queries), k)`` of query vectors in one search (query i asks for user
+    ``owner[i]``; ``k`` leaves room for its history); ``subset``: only these items, with an index
+    over them (:func:`new_items`)."""
+    extra = int(hist.lengths[owner].max(initial=0))
+    ids, index = subset if subset is not None else (None, ctx.faiss_index())
+    k = min(ctx.n_items if ids is None else len(ids), depth + extra + RESCORE_MARGIN)
+    _, idx = index.search(queries, k)
+    return idx if ids is None else np.where(idx >= 0, ids[np.maximum(idx, 0)], -1)
+
+
+def _unseen_hits(
+    ctx: RankContext, idx: np.ndarray, owner: np.ndarray, seen: np.ndarray, depth: int
+) -> np.ndarray:
+    """The first ``depth + RESCORE_MARGIN`` hits of each row not in its user's history, in hit
+    order, -1 padded."""
+    keys = owner[:, None] * ctx.n_items + np.maximum(idx, 0)
+    valid = (idx >= 0) & ~in_sorted(seen, keys)
+    # Stable compaction: valid entries first, keeping FAISS order.
+    order = np.argsort(~valid, axis=1, kind="stable")[:, : depth + RESCORE_MARGIN]
+    return np.where(np.take_along_axis(valid, order, axis=1), np.take_along_axis(idx, order, axis=1), -1)
+
+
+def _rank_hits(
+    ctx: RankContext, queries: np.ndarray, items: np.ndarray, depth: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unseen hits (:func:`_unseen_hits`) rescored by exact dot products with their query and
+    ranked by them (ties: lower item); returns (items, scores), ``(len(queries), depth)``.
+
+    FAISS sums differently for a batch of queries (a matrix product) than for a few, so its own
+    scores would rank near-ties of a training batch and of a request differently.
+    """
+    kept = items >= 0
+    exact = np.full(items.shape, -np.inf, dtype=np.float32)
+    rows, cols = np.nonzero(kept)
+    exact[rows, cols] = rowwise_dot(ctx.embeddings, items[rows, cols], queries, rows)
+    best = np.lexsort((items, -exact), axis=1)[:, :depth]
+    return np.take_along_axis(items, best, axis=1), np.take_along_axis(exact, best, axis=1)
+
+
 def _faiss_lists(
     ctx: RankContext,
     queries: np.ndarray,
@@ -205,33 +283,29 @@ def _faiss_lists(
     depth: int,
     subset: tuple[np.ndarray, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """FAISS top lists of query vectors in one search (query i asks for user ``owner[i]``), each
-    with its user's history removed; returns (items, scores), ``(len(queries), depth)``.
-    ``subset``: search only these items, with an index over them (:func:`new_items`).
-
-    The first ``depth + RESCORE_MARGIN`` unseen hits are rescored by exact dot products and ranked
-    by them (ties: lower item): FAISS sums differently for a batch of queries (a matrix product)
-    than for a few, so its own scores would rank near-ties of a training batch and of a request
-    differently.
-    """
-    extra = int(hist.lengths[owner].max(initial=0))
-    ids, index = subset if subset is not None else (None, ctx.faiss_index())
-    k = min(ctx.n_items if ids is None else len(ids), depth + extra + RESCORE_MARGIN)
+    """FAISS top lists of query vectors, each with its user's history removed: one search
+    (:func:`_search`), then :func:`_rank_hits`; returns (items, scores), ``(len(queries), depth)``."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    _, idx = index.search(queries, k)
-    if ids is not None:
-        idx = np.where(idx >= 0, ids[np.maximum(idx, 0)], -1)
-    keys = owner[:, None] * ctx.n_items + np.maximum(idx, 0)
-    valid = (idx >= 0) & ~in_sorted(seen, keys)
-    # Stable compaction: valid entries first, keeping FAISS order.
-    order = np.argsort(~valid, axis=1, kind="stable")[:, : depth + RESCORE_MARGIN]
-    kept = np.take_along_axis(valid, order, axis=1)
-    items = np.where(kept, np.take_along_axis(idx, order, axis=1), -1)
-    exact = np.full(items.shape, -np.inf, dtype=np.float32)
-    rows, cols = np.nonzero(kept)
-    exact[rows, cols] = rowwise_dot(ctx.embeddings, items[rows, cols], queries, rows)
-    best = np.lexsort((items, -exact), axis=1)[:, :depth]
-    return np.take_along_axis(items, best, axis=1), np.take_along_axis(exact, best, axis=1)
+    idx = _search(ctx, queries, owner, hist, depth, subset)
+    return _rank_hits(ctx, queries, _unseen_hits(ctx, idx, owner, seen, depth), depth)
+
+
+def _neighbour_lists(
+    ctx: RankContext, items: np.ndarray, owner: np.ndarray, hist: Histories, seen: np.ndarray, depth: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_faiss_lists` of the embeddings of ``items`` (query i asks for user ``owner[i]``), from
+    their rows of :func:`item_neighbours`; an item whose row has too few hits left once its user's
+    history is removed (every item, without a table) is searched for."""
+    queries = ctx.embeddings[items]
+    table = item_neighbours(ctx, depth)
+    if table is None:
+        return _faiss_lists(ctx, queries, owner, hist, seen, depth)
+    hits = _unseen_hits(ctx, table[items].astype(np.int64), owner, seen, depth)
+    short = (hits[:, -1] < 0) & (table.shape[1] < ctx.n_items)  # the row ran out, the catalog did not
+    if short.any():
+        live = _search(ctx, queries[short], owner[short], hist, depth)
+        hits[short] = _unseen_hits(ctx, live, owner[short], seen, depth)
+    return _rank_hits(ctx, queries, hits, depth)
 
 
 def _batch_scores(ctx: RankContext, hist: Histories, params: CandidateParams) -> _Batch:
@@ -242,32 +316,26 @@ def _batch_scores(ctx: RankContext, hist: Histories, params: CandidateParams) ->
     lists = {name: _relation_lists(sc, seen, n_users, n_items, depth) for name, sc in scores.items()}
     lists["pop"] = _pop_lists(ctx, hist, seen, depth)
     profile = user_profile(ctx, hist, recency=True)
-    last = hist.last(ctx.params.recent_items)[:, : params.faiss_last_items]
-    # One search for all queries: each user's profile (kind 0), then its p-th most recent item (kind p + 1).
-    asks = np.concatenate([hist.lengths > 0, *(last[:, p] >= 0 for p in range(last.shape[1]))])
-    owner = np.tile(np.arange(n_users), 1 + last.shape[1])[asks]
-    kind = np.repeat(np.arange(1 + last.shape[1]), n_users)[asks]
-    queries = np.concatenate(
-        [profile, *(ctx.embeddings[np.maximum(last[:, p], 0)] for p in range(last.shape[1]))]
-    )
-    found, sims = _faiss_lists(ctx, queries[asks], owner, hist, seen, depth)
+    users = np.flatnonzero(hist.lengths > 0)
     lists["faiss_profile"] = np.full((n_users, depth), -1, dtype=np.int64)
-    lists["faiss_profile"][owner[kind == 0]] = found[kind == 0]
-    p = kind[kind > 0, None] - 1
-    ok = found[kind > 0] >= 0
-    rows = np.broadcast_to(owner[kind > 0, None], ok.shape)[ok]
-    vals = (ctx.params.recent_decay ** np.broadcast_to(p, ok.shape)[ok]).astype(np.float32) * sims[kind > 0][
+    lists["faiss_profile"][users] = _faiss_lists(ctx, profile[users], users, hist, seen, depth)[0]
+    # faiss_last: the neighbours of each user's p-th most recent item, scored recent_decay ** p x similarity.
+    last = hist.last(ctx.params.recent_items)[:, : params.faiss_last_items]
+    owner, p = np.nonzero(last >= 0)
+    found, sims = _neighbour_lists(ctx, last[owner, p], owner, hist, seen, depth)
+    ok = found >= 0
+    rows = np.broadcast_to(owner[:, None], ok.shape)[ok]
+    vals = (ctx.params.recent_decay ** np.broadcast_to(p[:, None], ok.shape)[ok]).astype(np.float32) * sims[
         ok
     ]
-    keys = rows * n_items + found[kind > 0][ok]
+    keys = rows * n_items + found[ok]
     order = np.argsort(keys, kind="stable")
     keys, first = np.unique(keys[order], return_index=True)
     best = np.maximum.reduceat(vals[order], first) if len(first) else vals[:0]
     lists["faiss_last"] = rank_lists(keys // n_items, keys % n_items, best + 2.0, n_users, depth)
     lists["faiss_new"] = np.full((n_users, depth), -1, dtype=np.int64)
     unseen_new = new_items(ctx)
-    if unseen_new[0].size and (hist.lengths > 0).any():
-        users = np.flatnonzero(hist.lengths > 0)
+    if unseen_new[0].size and users.size:
         found, _ = _faiss_lists(ctx, profile[users], users, hist, seen, depth, unseen_new)
         lists["faiss_new"][users, : found.shape[1]] = found
     seq_scores, seq_lse, lists["seq"] = _seq_lists(ctx, hist, depth)

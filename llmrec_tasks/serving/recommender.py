@@ -22,13 +22,16 @@ The default scorer (:func:`ranker_scorer`) is the ranking stage's own code, so s
 exactly the training features: ``candidates.context_from_artifacts`` (built once per bundle from
 ``serving_stats.parquet``, ``item_neighbors.parquet`` and ``feature_spec.json`` keys ``context``,
 ``stats_end``, ``candidates``, ``features``), then ``generate_candidates`` + ``build_features``
-per request, as a batch of one user. What depends only on the bundle (relation entries as sorted
-keys, the popularity ranking, item centrality, category vectors) is built at load
-(``sources.precompute``, ``features.precompute``); a request gathers the relation rows of its
-history items and runs one FAISS search for all its queries, with no sparse matrix built, and
-adds every sum up in the same order as a training batch does, so its feature rows are
-bit-identical to training's (``tests/unit/test_feature_parity.py``). Candidates never include the
-history (as in training): ``exclude_seen=False`` only lets seen items into the popularity fill.
+per request, as a batch of one user. What depends only on the bundle (the popularity ranking,
+the per-item FAISS neighbour table ``faiss_last`` reads, item centrality, category vectors) is
+built at load (``sources.precompute``, ``features.precompute``: about a second of CPU for the
+MovieLens bundle); a request gathers the relation rows of its history items, runs one FAISS
+search (its profile), with no sparse matrix built, and adds every sum up in the same order as a
+training batch does, so its feature rows are bit-identical to training's
+(``tests/unit/test_feature_parity.py``). The sequence model's user states are kept per history
+(bounded, :class:`~llmrec_tasks.ranking.seqstate.StateMemo`): a user's next request without new
+events skips its encoder. Candidates never include the history (as in training):
+``exclude_seen=False`` only lets seen items into the popularity fill.
 """
 
 from __future__ import annotations
@@ -513,12 +516,13 @@ def ranker_scorer(bundle: Bundle) -> RankerScorer:
             f"the bundle {'lacks' if spec.get('seq') else 'holds'} {C.SEQ_MODEL}: re-publish this version"
         )
     try:
-        seq = SeqScorer.build(bundle.seq, bundle.embeddings) if bundle.seq is not None else None
+        # Kept states: a user's requests without new events skip the encoder (same bits).
+        seq = SeqScorer.build(bundle.seq, bundle.embeddings).with_memo() if bundle.seq is not None else None
     except DataContractError as exc:
         raise BundleError(f"{bundle.uri}: {exc}") from exc
     # The published index, not a rebuilt one; the sequence model the ranker's features were computed with.
     ctx = replace(ctx, _index=bundle.index, seq=seq)
-    sources.precompute(ctx)
+    sources.precompute(ctx, params)
     features.precompute(ctx)
     return RankerScorer(ctx, params, list(bundle.feature_names))
 
@@ -638,7 +642,7 @@ class Recommender:
                 return int(history.items[-template.position]) if len(history) >= template.position else None
             if template.relation in self.relations:
                 if template.relation not in links:
-                    keys, data = features.relation_keys(self.scorer.context, template.relation)
+                    keys, data = features.relation_rows(self.scorer.context, template.relation, hist_items)
                     pairs = hist_items[None, :] * len(bundle.item_ids) + chosen[:, None]
                     links[template.relation] = lookup(keys, data, pairs, 0.0)
                 values = links[template.relation][row]

@@ -233,3 +233,47 @@ def test_profiles_equal_the_sparse_products_bit_for_bit_with_repeated_items(chai
     weights = np.power(0.5, hist.position_from_end() / 3.0)
     product = np.asarray(hist.weight_matrix(N_ITEMS, weights) @ ctx.embeddings, dtype=np.float32)
     assert np.array_equal(weighted_sums(ctx.embeddings, *hist.entries(weights), hist.n_users), product)
+
+
+@pytest.mark.parametrize("history_room", [0, 100, None])
+def test_faiss_last_from_the_neighbour_table_equals_a_live_search(chain, monkeypatch, history_room):
+    """The table's rows give the lists a search gives; a row the history empties falls back to one,
+    and so does every item when the table would be too large (None: no table)."""
+    from llmrec_tasks.ranking import sources
+
+    events, users, ctx = chain
+    hist = Histories.from_events(events, len(users))
+    depth = 5  # rows of depth + RESCORE_MARGIN + history_room hits: shorter than the catalog at 0
+    monkeypatch.setattr(sources, "NEIGHBOUR_HISTORY", history_room or 0)
+    if history_room is None:
+        monkeypatch.setattr(sources, "NEIGHBOUR_TABLE_MAX_BYTES", 0)
+    ctx.cache.pop(("item_neighbours", depth), None)
+    seen = np.unique(np.repeat(np.arange(hist.n_users), hist.lengths) * N_ITEMS + hist.items)
+    owner, p = np.nonzero(hist.last(3) >= 0)
+    items = hist.last(3)[owner, p]
+    table = sources.item_neighbours(ctx, depth)
+    if history_room is None:
+        assert table is None
+    else:
+        assert table.shape == (N_ITEMS, min(N_ITEMS, depth + sources.RESCORE_MARGIN + history_room))
+        ran_out = sources._unseen_hits(ctx, table[items].astype(np.int64), owner, seen, depth)[:, -1] < 0
+        assert ran_out.any() == (table.shape[1] < N_ITEMS)  # at 0 the live search is exercised
+    live = sources._faiss_lists(ctx, ctx.embeddings[items], owner, hist, seen, depth)
+    from_table = sources._neighbour_lists(ctx, items, owner, hist, seen, depth)
+    assert np.array_equal(from_table[0], live[0]) and np.array_equal(from_table[1], live[1])
+    ctx.cache.pop(("item_neighbours", depth), None)
+
+
+def test_relation_rows_look_up_what_the_relation_holds(chain):
+    from llmrec_tasks.ranking.features import relation_rows
+    from llmrec_tasks.ranking.keys import lookup
+
+    _, _, ctx = chain
+    rows = np.array([[3, -1, 7], [7, 0, -1]])
+    for name, rel in ctx.relations.items():
+        keys, data = relation_rows(ctx, name, rows)
+        dense = rel.toarray().astype(np.float32)
+        for row in (0, 3, 7):
+            got = lookup(keys, data, row * N_ITEMS + np.arange(N_ITEMS), 0.0)
+            assert np.array_equal(got, dense[row]), (name, row)
+        assert set((keys // N_ITEMS).tolist()) <= {0, 3, 7}

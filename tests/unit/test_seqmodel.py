@@ -244,3 +244,18 @@ def test_seq_features_are_missing_without_a_model_and_log_probabilities_with_one
     seq_rank = x[:, FEATURE_NAMES.index("seq_rank")]
     per_user = np.bincount(cands.user_of[seq_rank <= 8], minlength=hist.n_users)
     assert (per_user == 8).all()  # the seq source's top eight unseen items are all candidates
+
+
+def test_a_serving_scorer_keeps_states_and_gives_the_same_bits():
+    plain = SeqScorer.build(random_model(SMALL).export(SMALL), text_vectors())
+    kept = plain.with_memo(size=2)
+    long = list(range(15))  # longer than max_len: the key is the items the encoder reads
+    hist = histories([[3, 4, 5], long, [5]])
+    want = score_histories(plain, hist, depth=7)
+    for _ in range(2):  # computed, then read back
+        for got, expected in zip(score_histories(kept, hist, depth=7), want, strict=True):
+            np.testing.assert_array_equal(got, expected)
+    assert len(kept.memo) == 2  # bounded: the least recently used state is gone
+    shifted = histories([[0, *long]])  # same latest max_len items: the same state
+    np.testing.assert_array_equal(user_states(kept, shifted), user_states(plain, histories([long])))
+    assert plain.memo is None
