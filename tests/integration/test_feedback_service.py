@@ -1,7 +1,8 @@
 """`llmrec serve --workers 2` as its own process with the real Redis at 127.0.0.1:6379 (a unique key
 prefix per test, removed afterwards; skipped when Redis is not reachable) and the flush to a moto S3
 store: events change the very next response, and neither a kill -9 of the service during ingestion
-nor Redis dropping the service's connections loses or doubles an acknowledged event."""
+nor Redis dropping the service's connections loses or doubles an acknowledged event; nor does a
+kill -9 of `llmrec flush-events` between its uploads, once the flush is rerun."""
 
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ from llmrec_tasks import publish
 from llmrec_tasks.core import constants as C
 from llmrec_tasks.core.settings import feedback_env
 from llmrec_tasks.feedback import flush_events
-from llmrec_tasks.serving.realtime import RedisState
+from llmrec_tasks.serving.feedback_log import EVENTS_KIND, FeedbackLog, encode_record, seal_segments
+from llmrec_tasks.serving.realtime import FeedbackEvent, RedisState
 from llmrec_tasks.storage.store import open_store
 from tests.bundle_factory import make_run
 from tests.integration.conftest import REDIS_URL
-from tests.s3server import free_port
+from tests.s3server import FlakyProxy, free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -239,3 +241,64 @@ def test_redis_dropping_the_service_connections_loses_nothing(service: Service, 
     service.kill(signal.SIGTERM)
     rows = flushed_events(service, s3_store_uri)
     assert_exactly_once(rows, sender.next_batch)
+
+
+def test_a_flush_killed_between_uploads_and_rerun_stores_each_event_once(
+    tmp_path: Path, moto_server: str, flaky_proxy: FlakyProxy
+) -> None:
+    import boto3
+
+    from tests.s3server import TEST_CREDENTIALS, create_bucket
+
+    bucket = create_bucket(moto_server)
+    log_dir = tmp_path / "log"
+    segments = 12
+    for s in range(segments):  # one closed segment each; "again" repeats in every third one
+        rows = [FeedbackEvent(f"s{s}-{j}", "u1", "i3", 1.7e9 + s, 1.0, "click", None) for j in range(5)]
+        if s % 3 == 0:
+            rows.append(FeedbackEvent("again", "u1", "i3", 1.7e9, 1.0, "click", None))
+        log = FeedbackLog(log_dir, segment_bytes=1 << 20, segment_seconds=3600)
+        log.append(encode_record(EVENTS_KIND, [e.row(e.timestamp + 1) for e in rows])).result(timeout=10)
+        log.close()
+    expected = {f"s{s}-{j}" for s in range(segments) for j in range(5)} | {"again"}
+    command = [
+        *(sys.executable, "-m", "llmrec_tasks.cli", "flush-events"),
+        *("--store", f"s3://{bucket}/llmrec", "--namespace", NS, "--feedback-dir", str(log_dir)),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the flush reaches the store through the slow proxy
+    # moto itself, seen directly: the first object lands while the flush waits on its read-back
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=moto_server,
+        aws_access_key_id=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        region_name=TEST_CREDENTIALS["AWS_DEFAULT_REGION"],
+    )
+    prefix = f"llmrec/{NS}/{C.FEEDBACK_DIR}/{C.FEEDBACK_EVENTS}/"
+
+    def stored() -> dict[str, bytes]:
+        listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+        return {o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed}
+
+    flaky_proxy.plan.delay_s = 0.3  # every store request: the flush takes > 7 s
+    flush = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("KeyCount"):
+        assert flush.poll() is None, flush.communicate()[1].decode()[-3000:]
+        assert time.monotonic() < deadline, "the flush uploaded nothing"
+        time.sleep(0.02)
+    flush.send_signal(signal.SIGKILL)  # after its first upload, before the last
+    flush.communicate(timeout=60)
+    before = stored()
+    assert 1 <= len(before) < segments, len(before)
+    assert len(seal_segments(log_dir)) == segments  # nothing removed: every segment is flushed again
+
+    flaky_proxy.plan.delay_s = 0.0
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    after = stored()
+    assert len(after) == segments and not list(log_dir.iterdir())
+    assert {k: after[k] for k in before} == before  # the objects written before the kill, byte for byte
+    rows = pd.concat([pd.read_parquet(io.BytesIO(data)) for data in after.values()])
+    counts = rows[C.EVENT_ID].value_counts()
+    assert counts.max() == 1 and set(counts.index) == expected, counts[counts > 1]
