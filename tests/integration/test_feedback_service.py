@@ -267,6 +267,7 @@ def test_kill_9_during_ingestion_and_flush_loses_and_doubles_nothing(
         t.join(timeout=30)
     flusher.stop.set()
     flushing.join(timeout=120)
+    assert not flushing.is_alive(), "the flush beside the service did not finish"
     acked, failed = set(sender.acked), set(sender.failed)
     assert len(acked) >= 100 and failed and flusher.segments, (len(acked), len(failed), flusher.segments)
     service.start()  # the same log folder: the dead workers' segments are left open, unlocked
