@@ -13,6 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"
 PLUGINS = ROOT / "plugins"
+AIRFLOW_DB = "airflow.db"  # a child's SQLite metadata DB, in its home
 
 
 def use_test_airflow_home() -> Path:
@@ -33,7 +34,7 @@ def airflow_env(home: Path, **extra: str) -> dict[str, str]:
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         AIRFLOW__CORE__DAGS_FOLDER=str(DAGS),
         AIRFLOW__CORE__PLUGINS_FOLDER=str(PLUGINS),
-        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home / 'airflow.db'}",
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home / AIRFLOW_DB}",
         AIRFLOW__CORE__EXECUTOR="LocalExecutor",
         AIRFLOW__LOGGING__BASE_LOG_FOLDER=str(home / "logs"),
         PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),

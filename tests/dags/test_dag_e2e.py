@@ -11,16 +11,19 @@ metadata DB (``tests/dags/run_dag_test.py``).
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from llmrec_tasks.airflow_glue import store_key
-from tests.airflow_env import ROOT, airflow_env, use_test_airflow_home
+from tests.airflow_env import AIRFLOW_DB, ROOT, airflow_env, use_test_airflow_home
 
 use_test_airflow_home()
 
@@ -31,18 +34,32 @@ VERSION_PREFIX = "20261101T000000Z-"
 pytestmark = pytest.mark.slow
 
 
+_MIGRATED: list[Path] = []  # this process's migrated metadata DB, once made
+
+
+def migrated_db() -> Path:
+    """An empty metadata DB after ``airflow db migrate``, made once per test process: each run's
+    home gets a copy, so a DAG test pays one migration (seconds of CPU), not one per run."""
+    if not _MIGRATED:
+        home = Path(tempfile.mkdtemp(prefix="llmrec-airflow-db-"))
+        atexit.register(shutil.rmtree, home, ignore_errors=True)
+        migrate = subprocess.run(
+            [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
+            env=airflow_env(home),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert migrate.returncode == 0, migrate.stderr[-3000:]
+        _MIGRATED.append(home / AIRFLOW_DB)
+    return _MIGRATED[0]
+
+
 def run_dag(tmp_path: Path, spec: dict, timeout: int, env_extra: dict[str, str] | None = None) -> list[dict]:
     home = tmp_path / "airflow-home"
     home.mkdir(exist_ok=True)
     env = airflow_env(home, **(env_extra or {}))
-    migrate = subprocess.run(
-        [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert migrate.returncode == 0, migrate.stderr[-3000:]
+    shutil.copyfile(migrated_db(), home / AIRFLOW_DB)
     out = subprocess.run(
         [sys.executable, str(RUNNER), json.dumps(spec)],
         env=env,
