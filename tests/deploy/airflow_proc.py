@@ -608,7 +608,7 @@ class AirflowDeployment:
             return run if run["state"] in TERMINAL_RUN_STATES else None
 
         return wait_until(
-            done, timeout, f"run {dag_id}/{run_id} to finish", interval=3, check=self.check_alive
+            done, timeout, f"run {dag_id}/{run_id} to finish", interval=1, check=self.check_alive
         )
 
     def describe_run(self, dag_id: str, run_id: str) -> str:
