@@ -26,8 +26,8 @@ from tests.deploy.checks import (
     verify_bundle,
 )
 
-# Inside the sample's time span. Two days prove several runs into one namespace (the second gated
-# against the first) as well as three did, at two thirds of the cost.
+# Inside the sample's time span. Two days prove several backfill runs into one experiment namespace
+# (production untouched) as well as three did; each day is a full pipeline run, so one fewer saves ~40%.
 DAYS = ["2026-10-20", "2026-10-21"]
 FROM_DATE, TO_DATE = DAYS[0], DAYS[-1]
 NAMESPACE = "exp-backfill-lr"
