@@ -760,6 +760,17 @@ TABLE: tuple[Setting, ...] = (
         maximum=100,
     ),
     Setting(
+        "seq_delta_dropout",
+        float,
+        0.0,
+        "Delta dropout",
+        "In training, the share of items whose delta is zeroed at each step (a fresh random draw): "
+        "they score with their text-only vector, as a new item does, so text-only vectors learn to "
+        "compete with the warm items' (0: off).",
+        minimum=0,
+        maximum=1,
+    ),
+    Setting(
         "seq_max_epochs",
         int,
         30,

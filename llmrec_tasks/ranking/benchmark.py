@@ -250,19 +250,21 @@ def loo_stages(
     so the ranker never learns that an item without interactions is never the target); the test
     stage on the whole catalog. The test target stays the user's last item, new or warm. ``simulated_fraction``: in each training stage, that seeded
     random share of the items loses its events from the stage's statistics and histories (not its
-    targets): simulated new items, so the ranker learns to rank items without collaborative signal.
-    ``seq``: the sequence model every stage shares (trained on :func:`loo_seq_data`'s prefix).
+    targets) and scores from its text alone in the sequence model (its delta removed, as a new
+    item has none): simulated new items, so the ranker learns to rank items without collaborative
+    signal. ``seq``: the sequence model every stage shares (trained on :func:`loo_seq_data`'s prefix).
     """
     tpos = training_positions(loo, new_items)
     warm = None if new_items is None else np.flatnonzero(~new_items)
     stages = [_position_stage("test", loo, tpos >= 0, loo.pos == 0, embeddings, rcfg, seq=seq)]
     for s in range(rcfg.train_windows + 1):
-        known = tpos > s
+        known, stage_seq = tpos > s, seq
         if s > 0 and simulated_fraction > 0:
-            rng = np.random.default_rng([rcfg.seed, s])
-            known &= rng.random(loo.n_items)[loo.events.item] >= simulated_fraction
+            simulated = np.random.default_rng([rcfg.seed, s]).random(loo.n_items) < simulated_fraction
+            known &= ~simulated[loo.events.item]
+            stage_seq = None if seq is None else seq.text_only(simulated)
         name = "valid" if s == 0 else f"train{s - 1}"
-        stages.append(_position_stage(name, loo, known, tpos == s, embeddings, rcfg, warm, seq))
+        stages.append(_position_stage(name, loo, known, tpos == s, embeddings, rcfg, warm, stage_seq))
     test, valid, *train = stages
     return train[::-1], valid, test
 

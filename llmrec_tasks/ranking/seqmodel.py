@@ -61,6 +61,7 @@ class SeqParams:
     max_epochs: int = 30
     patience: int = 5
     delta_bound: float = 1.0
+    delta_dropout: float = 0.0
     time_budget: float = 300.0
     seed: int = 0
     device: str = "cpu"
@@ -69,7 +70,7 @@ class SeqParams:
     def from_config(cls, cfg: SeqConfig, seed: int) -> SeqParams:
         """The run's ``seq_*`` settings and its seed."""
         names = ("hidden", "layers", "max_len", "dropout", "learning_rate", "batch_size")
-        names += ("max_epochs", "patience", "delta_bound", "time_budget", "device")
+        names += ("max_epochs", "patience", "delta_bound", "delta_dropout", "time_budget", "device")
         return cls(**{name: getattr(cfg, name) for name in names}, seed=seed)
 
 
@@ -84,6 +85,7 @@ class TextSeqModel(NextItemModel):
         self.project = nn.Linear(dim, params.hidden)
         self.delta_raw = nn.Parameter(torch.zeros(n_items, params.hidden))
         self.bound = params.delta_bound
+        self.delta_dropout = params.delta_dropout
         self.encoder = CausalEncoder(
             params.hidden, params.layers, params.heads, params.max_len, params.dropout
         )
@@ -94,9 +96,17 @@ class TextSeqModel(NextItemModel):
         return self.text.shape[0]
 
     def delta(self) -> torch.Tensor:
-        """``(n_items, hidden)`` deltas, each of norm below ``delta_bound``; zero for unknown items."""
+        """``(n_items, hidden)`` deltas, each of norm below ``delta_bound``; zero for unknown items.
+
+        In training, each call also zeroes a random ``delta_dropout`` share of the items' deltas
+        (not rescaled): those items score with their text-only vector, as a new item does, so the
+        projection learns text-only vectors that compete with the warm items' full ones.
+        """
         norm = torch.sqrt((self.delta_raw**2).sum(dim=1, keepdim=True) + NORM_EPS)
-        return self.known * self.delta_raw * (self.bound * torch.tanh(norm / self.bound) / norm)
+        keep = self.known
+        if self.training and self.delta_dropout > 0:
+            keep = keep * (torch.rand_like(keep) >= self.delta_dropout)
+        return keep * self.delta_raw * (self.bound * torch.tanh(norm / self.bound) / norm)
 
     def item_vectors(self) -> torch.Tensor:
         return self.project(self.text) + self.delta()
@@ -186,7 +196,10 @@ def seq_runs(
     weights = model.export(params)
     info = {
         **info,
-        "params": {k: getattr(params, k) for k in ("hidden", "layers", "max_len", "dropout", "delta_bound")},
+        "params": {
+            k: getattr(params, k)
+            for k in ("hidden", "layers", "max_len", "dropout", "delta_bound", "delta_dropout")
+        },
         "train_users": int((train.lengths >= 2).sum()),
         "train_events": int(train.lengths.sum()),
         "threads": cfg.threads,

@@ -23,7 +23,9 @@ from llmrec_tasks.ranking.context import user_profile
 from llmrec_tasks.ranking.evaluate import NEW_ITEMS, WARM_ITEMS
 from llmrec_tasks.ranking.protocols import ALL_WARM, RANKER
 from llmrec_tasks.ranking.ranker import candidate_params
+from llmrec_tasks.ranking.seqstate import SeqScorer
 from llmrec_tasks.ranking.sources import SOURCES
+from tests.bundle_factory import toy_seq_weights
 from tests.unit.ranking_data import embeddings
 from tests.unit.test_train import topic_embeddings
 
@@ -96,14 +98,22 @@ def test_the_faiss_new_source_lists_the_items_without_interactions(chain_loo):
 
 def test_simulated_cold_items_lose_their_events_in_training_stages_only(chain_loo):
     emb = embeddings(chain_loo.n_items)
-    plain_train, plain_valid, _ = loo_stages(chain_loo, emb, RCFG)
-    train, valid, _ = loo_stages(chain_loo, emb, RCFG, simulated_fraction=0.3)
+    seq = SeqScorer.build(toy_seq_weights(emb), emb)
+    plain_train, plain_valid, _ = loo_stages(chain_loo, emb, RCFG, seq=seq)
+    train, valid, _ = loo_stages(chain_loo, emb, RCFG, simulated_fraction=0.3, seq=seq)
     assert np.array_equal(valid.ctx.item_pop, plain_valid.ctx.item_pop)
+    assert valid.ctx.seq is seq
+    delta = seq.weights.arrays["delta"]
     for stage, plain in zip(train, plain_train, strict=True):
         masked = (stage.ctx.item_pop == 0) & (plain.ctx.item_pop > 0)
         assert masked.any()
         assert not masked[stage.hist.items].any()
         assert np.array_equal(stage.targets.items, plain.targets.items)  # targets stay
+        # In the sequence model too, a simulated item scores from its text alone, as a new item.
+        changed = (stage.ctx.seq.vectors != seq.vectors).any(axis=1)
+        assert changed[masked & (np.abs(delta).sum(axis=1) > 0)].all()
+        assert (stage.ctx.item_pop[changed] == 0).all()
+        np.testing.assert_allclose(stage.ctx.seq.vectors[changed], (seq.vectors - delta)[changed])
 
 
 def test_new_item_benchmark_end_to_end(tmp_path, monkeypatch):

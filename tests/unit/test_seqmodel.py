@@ -81,6 +81,32 @@ def test_deltas_are_bounded_and_zero_for_unknown_items():
     assert (norms[~known] == 0).all()
 
 
+def test_delta_dropout_zeroes_a_random_share_of_deltas_in_training_only():
+    model = random_model(dataclasses.replace(SMALL, delta_dropout=0.5))
+    with torch.no_grad():
+        full = model.delta().norm(dim=1).numpy()
+        model.train()
+        first, second = (model.delta().norm(dim=1).numpy() for _ in range(2))
+    assert (full > 0).all()
+    for drawn in (first, second):
+        dropped = drawn == 0
+        assert 0.2 < dropped.mean() < 0.8  # about half of the 20 items
+        np.testing.assert_array_equal(drawn[~dropped], full[~dropped])  # the others are not rescaled
+    assert not np.array_equal(first == 0, second == 0)  # a fresh draw per call
+
+
+def test_text_only_scorer_drops_the_deltas_of_the_given_items():
+    model = random_model(SMALL)
+    weights, text = model.export(SMALL), text_vectors()
+    scorer = SeqScorer.build(weights, text)
+    chosen = np.arange(N_ITEMS) % 3 == 0
+    cold = scorer.text_only(chosen)
+    a = weights.arrays
+    projected = text.astype(np.float64) @ a["project.weight"].T.astype(np.float64) + a["project.bias"]
+    np.testing.assert_allclose(cold.vectors[chosen], projected[chosen], atol=1e-12)
+    np.testing.assert_array_equal(cold.vectors[~chosen], scorer.vectors[~chosen])
+
+
 def test_a_new_item_vector_is_its_projected_text():
     known = np.arange(N_ITEMS) < N_ITEMS - 3  # the last three items were never seen in training
     model = random_model(SMALL, known)
