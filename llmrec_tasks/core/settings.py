@@ -771,6 +771,15 @@ TABLE: tuple[Setting, ...] = (
         maximum=1,
     ),
     Setting(
+        "seq_mask_unseen",
+        bool,
+        False,
+        "Leave unseen items out of training",
+        "In training, items without any training interaction are left out of the softmax (they "
+        "did not exist yet) instead of being negatives at every step, which teaches their text "
+        "to score low.",
+    ),
+    Setting(
         "seq_max_epochs",
         int,
         30,

@@ -62,6 +62,7 @@ class SeqParams:
     patience: int = 5
     delta_bound: float = 1.0
     delta_dropout: float = 0.0
+    mask_unseen: bool = False
     time_budget: float = 300.0
     seed: int = 0
     device: str = "cpu"
@@ -70,7 +71,15 @@ class SeqParams:
     def from_config(cls, cfg: SeqConfig, seed: int) -> SeqParams:
         """The run's ``seq_*`` settings and its seed."""
         names = ("hidden", "layers", "max_len", "dropout", "learning_rate", "batch_size")
-        names += ("max_epochs", "patience", "delta_bound", "delta_dropout", "time_budget", "device")
+        names += (
+            "max_epochs",
+            "patience",
+            "delta_bound",
+            "delta_dropout",
+            "mask_unseen",
+            "time_budget",
+            "device",
+        )
         return cls(**{name: getattr(cfg, name) for name in names}, seed=seed)
 
 
@@ -86,6 +95,7 @@ class TextSeqModel(NextItemModel):
         self.delta_raw = nn.Parameter(torch.zeros(n_items, params.hidden))
         self.bound = params.delta_bound
         self.delta_dropout = params.delta_dropout
+        self.mask_unseen = params.mask_unseen
         self.encoder = CausalEncoder(
             params.hidden, params.layers, params.heads, params.max_len, params.dropout
         )
@@ -107,6 +117,15 @@ class TextSeqModel(NextItemModel):
         if self.training and self.delta_dropout > 0:
             keep = keep * (torch.rand_like(keep) >= self.delta_dropout)
         return keep * self.delta_raw * (self.bound * torch.tanh(norm / self.bound) / norm)
+
+    def logits(self, hidden: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of every item; in training with ``mask_unseen``, the items without training
+        interactions score -inf: they did not exist yet, so they are not taught as negatives (a
+        new item's text would otherwise learn to score low)."""
+        logits = super().logits(hidden, table)
+        if self.training and self.mask_unseen:
+            logits = logits.masked_fill(self.known[:, 0] == 0, float("-inf"))
+        return logits
 
     def item_vectors(self) -> torch.Tensor:
         return self.project(self.text) + self.delta()
@@ -198,7 +217,7 @@ def seq_runs(
         **info,
         "params": {
             k: getattr(params, k)
-            for k in ("hidden", "layers", "max_len", "dropout", "delta_bound", "delta_dropout")
+            for k in ("hidden", "layers", "max_len", "dropout", "delta_bound", "delta_dropout", "mask_unseen")
         },
         "train_users": int((train.lengths >= 2).sum()),
         "train_events": int(train.lengths.sum()),

@@ -95,6 +95,19 @@ def test_delta_dropout_zeroes_a_random_share_of_deltas_in_training_only():
     assert not np.array_equal(first == 0, second == 0)  # a fresh draw per call
 
 
+def test_mask_unseen_leaves_unseen_items_out_of_the_training_softmax_only():
+    known = np.arange(N_ITEMS) % 4 != 0
+    model = random_model(dataclasses.replace(SMALL, mask_unseen=True), known)
+    hidden = torch.randn(3, SMALL.hidden)
+    with torch.no_grad():
+        scored = model.logits(hidden)
+        model.train()
+        masked = model.logits(hidden)
+    assert torch.isfinite(scored).all()
+    assert torch.isneginf(masked[:, ~known]).all()
+    torch.testing.assert_close(masked[:, known], scored[:, known])
+
+
 def test_text_only_scorer_drops_the_deltas_of_the_given_items():
     model = random_model(SMALL)
     weights, text = model.export(SMALL), text_vectors()
