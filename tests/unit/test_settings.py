@@ -155,12 +155,13 @@ def test_config_refuses_numbers_json_cannot_carry(value):
 def test_default_config_params_hash_is_pinned():
     """Version ids of published bundles depend on it: the defaults must not drift.
 
-    Changed on purpose three times: when the ranking core's fixed numbers became ``ranker_*`` settings,
-    when ``data_uri`` lost its default (``sample``): a run names its data, here a folder; and when the
-    text-aware sequence model (``seq_*``, ``ranker_seq_candidates``) joined the ranker."""
-    assert RunConfig(data_uri=DATA, store_uri=STORE).params_hash() == "788bcbb737"
+    Changed on purpose four times: when the ranking core's fixed numbers became ``ranker_*`` settings,
+    when ``data_uri`` lost its default (``sample``): a run names its data, here a folder; when the
+    text-aware sequence model (``seq_*``, ``ranker_seq_candidates``) joined the ranker; and when it
+    got ``seq_delta_dropout`` and ``seq_mask_unseen`` (off by default)."""
+    assert RunConfig(data_uri=DATA, store_uri=STORE).params_hash() == "b73dfbbb95"
     cfg = RunConfig.from_dict({"data_uri": DATA, "store_uri": STORE, "cutoff": "2026-01-02T00:00:00Z"})
-    assert cfg.params_hash() == "de30337956"
+    assert cfg.params_hash() == "618c439e8c"
 
 
 def test_dataclass_fields_and_defaults_are_the_table():
