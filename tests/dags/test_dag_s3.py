@@ -19,11 +19,11 @@ from llmrec_tasks.serving import api
 from llmrec_tasks.serving.recommender import Bundle, load_bundle
 from llmrec_tasks.storage.registry import bundle_prefix, run_prefix
 from llmrec_tasks.storage.store import BUNDLE_CACHE_ENV, open_store
-from tests.dags.test_dag_e2e import run_dag
+from tests.dags.test_dag_e2e import SHORT_SEQ, run_dag
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-CONF = {"ranker_n_estimators": 60, "ranker_train_windows": 2}
+CONF = {"ranker_n_estimators": 60, "ranker_train_windows": 2, **SHORT_SEQ}
 # Distinctive credentials (moto accepts any): none may appear in a log or a stored object.
 ACCESS_KEY, SECRET_KEY = "AKIALLMRECCANARY7Q2", "llmrec-canary-secret-5f0d9c"
 NS = C.DEFAULT_NAMESPACE

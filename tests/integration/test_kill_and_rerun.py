@@ -37,6 +37,8 @@ def llmrec(store_uri: str, data: Path) -> list[str]:
         "ranker_n_estimators=60",
         "--set",
         "ranker_train_windows=2",
+        "--set",
+        "seq_max_epochs=2",  # the sample's best epoch: patience would train 6 more for nothing
     ]
 
 
