@@ -29,7 +29,7 @@ import numpy as np
 from llmrec_tasks.core.errors import ConfigError
 from llmrec_tasks.ranking.context import RankContext, user_profile, weighted_sums
 from llmrec_tasks.ranking.events import DAY, Histories
-from llmrec_tasks.ranking.keys import lookup, weighted_row_sums
+from llmrec_tasks.ranking.keys import lookup, row_entries, weighted_row_sums
 from llmrec_tasks.ranking.sources import SOURCES, CandidateSet, rowwise_dot
 
 LAST_K = 5  # similarity to each of the last k items (one column each: part of the feature names)
@@ -173,10 +173,7 @@ def relation_rows(ctx: RankContext, name: str, rows: np.ndarray) -> tuple[np.nda
     in O(rows x neighbours) per call instead of searching the whole relation."""
     rel = ctx.relations[name]
     rows = np.unique(rows[rows >= 0]).astype(np.int64)
-    starts = rel.indptr[rows]
-    counts = rel.indptr[rows + 1] - starts
-    offsets = np.cumsum(counts) - counts
-    pos = np.repeat(starts - offsets, counts) + np.arange(int(counts.sum()))
+    pos, counts = row_entries(rel.indptr, rows)
     keys = np.repeat(rows, counts) * rel.shape[1] + rel.indices[pos]
     order = np.argsort(keys, kind="stable")  # rows sorted: only unsorted columns within a row move
     return keys[order], rel.data[pos][order].astype(np.float32)
@@ -248,9 +245,7 @@ def _categories(ctx: RankContext, hist: Histories, cands: CandidateSet) -> dict[
         return {"cat_affinity": zeros, "cat_affinity_recent": zeros, "sem_category": zeros}
     pos = hist.position_from_end()
     # The candidates' categories as (candidate row, category) pairs, in category order per row.
-    counts = _n_categories(ctx, cands.items)
-    offsets = np.cumsum(counts) - counts
-    at = np.repeat(cats.indptr[cands.items] - offsets, counts) + np.arange(int(counts.sum()))
+    at, counts = row_entries(cats.indptr, cands.items)
     row_of = np.repeat(np.arange(n_rows), counts)
     pair_keys = user_of[row_of] * n_cats + cats.indices[at]
     out = {}

@@ -42,6 +42,16 @@ def rank_lists(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int
     return out
 
 
+def row_entries(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in a CSR matrix's ``indices``/``data`` of the entries of ``rows`` (in that order,
+    each row's entries in storage order) and each row's entry count: O(entries read), not O(rows of
+    the matrix)."""
+    starts = indptr[rows]
+    counts = indptr[rows + 1] - starts
+    offsets = np.cumsum(counts) - counts
+    return np.repeat(starts - offsets, counts) + np.arange(int(counts.sum())), counts
+
+
 ACCUMULATOR_CELLS = 1 << 22  # dense (users x columns) float32 cells summed at once (16 MiB)
 
 
@@ -58,10 +68,7 @@ def weighted_row_sums(
     """
     n_cols = matrix.shape[1]
     dtype = np.result_type(weight.dtype, matrix.dtype)
-    starts = matrix.indptr[row]
-    counts = matrix.indptr[row + 1] - starts  # the rows' lengths: O(entries), not O(rows of the matrix)
-    offsets = np.cumsum(counts) - counts
-    pos = np.repeat(starts - offsets, counts) + np.arange(int(counts.sum()))
+    pos, counts = row_entries(matrix.indptr, row)
     entry_user = np.repeat(user, counts)
     cols = matrix.indices[pos].astype(np.int64)
     values = np.repeat(weight.astype(dtype), counts) * matrix.data[pos].astype(dtype)
