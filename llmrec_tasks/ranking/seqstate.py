@@ -19,7 +19,6 @@ computed in a bounded :class:`StateMemo` (by the exact items read): a returning 
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import threading
@@ -140,7 +139,7 @@ class SeqScorer:
         """This scorer with the deltas of ``items`` (bool per item) removed: they score from their
         text alone, as items the model never saw do (simulated new items of a training stage)."""
         delta = np.where(items[:, None], self.weights.arrays["delta"], 0.0)
-        return dataclasses.replace(self, vectors=self.vectors - delta)
+        return replace(self, vectors=self.vectors - delta)
 
 
 def _layer_norm(x: np.ndarray, gain: np.ndarray, bias: np.ndarray) -> np.ndarray:
